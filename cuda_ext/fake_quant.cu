@@ -1,0 +1,129 @@
+// Torch bindings of the fused fake-quant kernels in fake_quant.cuh. Inputs arrive as contiguous
+// [rows, cols] CUDA tensors (the Python side reshapes weights into groups and activations into tokens);
+// LWC logits arrive as contiguous float32 vectors with one entry per row.
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/extension.h>
+
+#include "fake_quant.cuh"
+
+namespace {
+
+void check_matrix(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
+  TORCH_CHECK(t.dim() == 2, name, " must be 2-D [rows, cols]");
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16,
+              name, " must be float32, float16 or bfloat16");
+}
+
+const float* logits_ptr(const c10::optional<torch::Tensor>& t, int64_t rows, const char* name) {
+  if (!t.has_value()) return nullptr;
+  TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows, name,
+              " must be a contiguous float32 CUDA tensor with one logit per row");
+  return t->data_ptr<float>();
+}
+
+omniq::QGrid make_grid(int64_t bits, bool symmetric) {
+  TORCH_CHECK(bits >= 2 && bits <= 8, "bits must be in 2..8, got ", bits);
+  return omniq::QGrid{static_cast<int>(bits), symmetric};
+}
+
+// Calls f(T*) with the CUDA element type matching the tensor's dtype.
+template <typename F>
+void dispatch(at::ScalarType st, F&& f) {
+  switch (st) {
+    case at::kFloat: f(static_cast<float*>(nullptr)); break;
+    case at::kHalf: f(static_cast<__half*>(nullptr)); break;
+    case at::kBFloat16: f(static_cast<__nv_bfloat16*>(nullptr)); break;
+    default: TORCH_CHECK(false, "unsupported dtype ", st);
+  }
+}
+
+template <typename T>
+T* ptr(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+torch::Tensor weight_forward(torch::Tensor w, c10::optional<torch::Tensor> gamma, c10::optional<torch::Tensor> beta,
+                             int64_t bits, bool symmetric) {
+  check_matrix(w, "weight");
+  const c10::cuda::CUDAGuard guard(w.device());
+  auto out = torch::empty_like(w);
+  const auto g = make_grid(bits, symmetric);
+  const float* gp = logits_ptr(gamma, w.size(0), "gamma");
+  const float* bp = logits_ptr(beta, w.size(0), "beta");
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(w.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    omniq::launch_weight_fq_forward<T>(ptr<T>(w), gp, bp, ptr<T>(out), w.size(0), w.size(1), g, stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+std::vector<torch::Tensor> weight_backward(torch::Tensor grad_out, torch::Tensor w, c10::optional<torch::Tensor> gamma,
+                                           c10::optional<torch::Tensor> beta, int64_t bits, bool symmetric) {
+  check_matrix(w, "weight");
+  check_matrix(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == w.sizes() && grad_out.scalar_type() == w.scalar_type(),
+              "grad_out must match the weight's shape and dtype");
+  const c10::cuda::CUDAGuard guard(w.device());
+  const auto g = make_grid(bits, symmetric);
+  const int64_t rows = w.size(0);
+  const float* gp = logits_ptr(gamma, rows, "gamma");
+  const float* bp = logits_ptr(beta, rows, "beta");
+  auto grad_w = torch::empty_like(w);
+  auto opts = w.options().dtype(at::kFloat);
+  auto grad_gamma = gamma.has_value() ? torch::empty({rows}, opts) : torch::Tensor();
+  auto grad_beta = beta.has_value() ? torch::empty({rows}, opts) : torch::Tensor();
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(w.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    omniq::launch_weight_fq_backward<T>(ptr<T>(grad_out), ptr<T>(w), gp, bp, ptr<T>(grad_w),
+                                        gamma.has_value() ? grad_gamma.data_ptr<float>() : nullptr,
+                                        beta.has_value() ? grad_beta.data_ptr<float>() : nullptr, rows, w.size(1), g,
+                                        stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {grad_w, grad_gamma, grad_beta};
+}
+
+torch::Tensor token_forward(torch::Tensor x, int64_t bits, bool symmetric) {
+  check_matrix(x, "activation");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto out = torch::empty_like(x);
+  const auto g = make_grid(bits, symmetric);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(x.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    omniq::launch_token_fq_forward<T>(ptr<T>(x), ptr<T>(out), x.size(0), x.size(1), g, stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+torch::Tensor token_backward(torch::Tensor grad_out, torch::Tensor x, int64_t bits, bool symmetric) {
+  check_matrix(x, "activation");
+  check_matrix(grad_out, "grad_out");
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
+              "grad_out must match the activation's shape and dtype");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto grad_x = torch::empty_like(x);
+  const auto g = make_grid(bits, symmetric);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch(x.scalar_type(), [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    omniq::launch_token_fq_backward<T>(ptr<T>(grad_out), ptr<T>(x), ptr<T>(grad_x), x.size(0), x.size(1), g, stream);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad_x;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "omniq-lightning fused fake-quant kernels";
+  m.def("weight_forward", &weight_forward, "weight fake-quant with LWC (forward)");
+  m.def("weight_backward", &weight_backward, "weight fake-quant with LWC (backward)");
+  m.def("token_forward", &token_forward, "per-token activation fake-quant (forward)");
+  m.def("token_backward", &token_backward, "per-token activation fake-quant (backward)");
+}

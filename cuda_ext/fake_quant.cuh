@@ -1,0 +1,258 @@
+// Fused fake-quantization kernels: weight fake-quant with Learnable Weight Clipping (forward and
+// backward) and dynamic per-token activation fake-quant (forward and backward).
+//
+// Torch-free on purpose: nvcc compiles this header alone (cuda_ext/compile_check.cu) in CI, and the
+// torch bindings (cuda_ext/fake_quant.cu) only launch these kernels. The numerics mirror the
+// pure-PyTorch reference in omniq_lightning/quant/functional.py, which documents the conventions:
+// float32 arithmetic, round half to even, scale clamped below at SCALE_EPS, straight-through rounding,
+// ranges taken from the (detached) values of each row.
+//
+// Layout: the input is a contiguous [rows, cols] matrix. A row is one quantization group (a group of
+// a weight row, a whole output channel, or one token). One warp owns one row: it reduces the row's
+// min and max with shuffles, then streams the row again to quantize (forward) or to form gradients
+// and their per-row sums (backward). Reads are coalesced (lane i takes columns i, i+32, ...).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+namespace omniq {
+
+constexpr float SCALE_EPS = 1e-5f;
+constexpr int WARP = 32;
+constexpr int WARPS_PER_BLOCK = 8;
+constexpr int THREADS = WARP * WARPS_PER_BLOCK;
+
+__device__ __forceinline__ float to_float(float x) { return x; }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T> __device__ __forceinline__ T from_float(float x);
+template <> __device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = WARP / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+__device__ __forceinline__ float warp_min(float v) {
+#pragma unroll
+  for (int o = WARP / 2; o > 0; o >>= 1) v = fminf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = WARP / 2; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Same expression as torch's CUDA sigmoid for float: 1 / (1 + exp(-x)).
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+struct QGrid {
+  int bits;
+  bool symmetric;
+  __device__ __forceinline__ float qmin() const { return symmetric ? -float(1 << (bits - 1)) : 0.0f; }
+  __device__ __forceinline__ float qmax() const {
+    return symmetric ? float((1 << (bits - 1)) - 1) : float((1 << bits) - 1);
+  }
+};
+
+// Scale and zero point of the grid covering [lo, hi]; `clamped` tells whether the scale hit SCALE_EPS
+// (its gradient is then zero), `lo_wins` (symmetric only) which bound set max(|hi|, |lo|).
+struct RowParams {
+  float scale, zero;
+  bool clamped;
+};
+
+__device__ __forceinline__ RowParams row_params(float lo, float hi, QGrid g) {
+  RowParams p;
+  float raw;
+  if (g.symmetric) {
+    raw = fmaxf(fabsf(hi), fabsf(lo)) / g.qmax();
+    p.scale = fmaxf(raw, SCALE_EPS);
+    p.zero = 0.0f;
+  } else {
+    raw = (hi - lo) / g.qmax();
+    p.scale = fmaxf(raw, SCALE_EPS);
+    p.zero = rintf(-lo / p.scale);
+  }
+  p.clamped = raw < SCALE_EPS;
+  return p;
+}
+
+template <typename T>
+__device__ __forceinline__ void row_min_max(const T* row, int64_t cols, int lane, float& lo, float& hi) {
+  float mn = INFINITY, mx = -INFINITY;
+  for (int64_t c = lane; c < cols; c += WARP) {
+    const float v = to_float(row[c]);
+    mn = fminf(mn, v);
+    mx = fmaxf(mx, v);
+  }
+  lo = warp_min(mn);
+  hi = warp_max(mx);
+}
+
+__device__ __forceinline__ float fake_quant_value(float x, const RowParams& p, QGrid g) {
+  const float q = fminf(fmaxf(rintf(x / p.scale) + p.zero, g.qmin()), g.qmax());
+  return (q - p.zero) * p.scale;
+}
+
+// Forward: out = fake_quant(w) per row, with LWC bounds when gamma/beta are given (one logit per row).
+template <typename T>
+__global__ void __launch_bounds__(THREADS) weight_fq_forward_kernel(const T* __restrict__ w,
+                                                                    const float* __restrict__ gamma,
+                                                                    const float* __restrict__ beta,
+                                                                    T* __restrict__ out, int64_t rows,
+                                                                    int64_t cols, QGrid g) {
+  const int lane = threadIdx.x % WARP;
+  const int64_t r = int64_t(blockIdx.x) * WARPS_PER_BLOCK + threadIdx.x / WARP;
+  if (r >= rows) return;
+  const T* row = w + r * cols;
+  float lo, hi;
+  row_min_max(row, cols, lane, lo, hi);
+  if (gamma != nullptr) hi = sigmoid(gamma[r]) * hi;
+  if (beta != nullptr) lo = sigmoid(beta[r]) * lo;
+  const RowParams p = row_params(lo, hi, g);
+  T* orow = out + r * cols;
+  for (int64_t c = lane; c < cols; c += WARP) orow[c] = from_float<T>(fake_quant_value(to_float(row[c]), p, g));
+}
+
+// Backward of the weight fake-quant. grad_w is straight-through (zero where the grid clamps);
+// grad_gamma and grad_beta are the exact gradients of the LWC bounds, reduced over the row.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) weight_fq_backward_kernel(
+    const T* __restrict__ grad_out, const T* __restrict__ w, const float* __restrict__ gamma,
+    const float* __restrict__ beta, T* __restrict__ grad_w, float* __restrict__ grad_gamma,
+    float* __restrict__ grad_beta, int64_t rows, int64_t cols, QGrid g) {
+  const int lane = threadIdx.x % WARP;
+  const int64_t r = int64_t(blockIdx.x) * WARPS_PER_BLOCK + threadIdx.x / WARP;
+  if (r >= rows) return;
+  const T* row = w + r * cols;
+  const T* grow = grad_out + r * cols;
+  float lo_raw, hi_raw;
+  row_min_max(row, cols, lane, lo_raw, hi_raw);
+  const float sg = gamma != nullptr ? sigmoid(gamma[r]) : 1.0f;
+  const float sb = beta != nullptr ? sigmoid(beta[r]) : 1.0f;
+  const float hi = gamma != nullptr ? sg * hi_raw : hi_raw;
+  const float lo = beta != nullptr ? sb * lo_raw : lo_raw;
+  const RowParams p = row_params(lo, hi, g);
+  const float qmin = g.qmin(), qmax = g.qmax();
+
+  float g_scale = 0.0f;  // sum of dL/dy * dy/dscale
+  float g_lo = 0.0f;     // sum of dL/dy * dy/dlo through the zero point (asymmetric, clamped entries)
+  T* gw = grad_w + r * cols;
+  for (int64_t c = lane; c < cols; c += WARP) {
+    const float x = to_float(row[c]);
+    const float dy = to_float(grow[c]);
+    const float u = x / p.scale;
+    const float t = rintf(u) + p.zero;
+    const bool inside = t >= qmin && t <= qmax;
+    gw[c] = from_float<T>(inside ? dy : 0.0f);
+    if (inside) {
+      g_scale += dy * (rintf(u) - u);
+    } else {
+      const float q = t < qmin ? qmin : qmax;
+      g_scale += g.symmetric ? dy * q : dy * ((q - p.zero) - lo / p.scale);
+      g_lo += dy;
+    }
+  }
+  if (grad_gamma == nullptr && grad_beta == nullptr) return;
+  g_scale = warp_sum(g_scale);
+  g_lo = warp_sum(g_lo);
+  if (lane != 0) return;
+
+  float d_hi = 0.0f, d_lo = 0.0f;
+  const float d_range = p.clamped ? 0.0f : g_scale / qmax;  // dL/d(range) where scale = range / qmax
+  if (g.symmetric) {
+    // range = max(|hi|, |lo|); ties share the gradient equally (as torch.maximum does).
+    const float ahi = fabsf(hi), alo = fabsf(lo);
+    const float w_hi = ahi > alo ? 1.0f : (ahi < alo ? 0.0f : 0.5f);
+    const float sgn_hi = hi > 0.0f ? 1.0f : (hi < 0.0f ? -1.0f : 0.0f);
+    const float sgn_lo = lo > 0.0f ? 1.0f : (lo < 0.0f ? -1.0f : 0.0f);
+    d_hi = d_range * w_hi * sgn_hi;
+    d_lo = d_range * (1.0f - w_hi) * sgn_lo;
+  } else {
+    d_hi = d_range;
+    d_lo = -d_range + g_lo;
+  }
+  if (grad_gamma != nullptr) grad_gamma[r] = d_hi * (1.0f - sg) * sg * hi_raw;
+  if (grad_beta != nullptr) grad_beta[r] = d_lo * (1.0f - sb) * sb * lo_raw;
+}
+
+// Dynamic per-token activation fake-quant: one row per token.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) token_fq_forward_kernel(const T* __restrict__ x, T* __restrict__ out,
+                                                                   int64_t rows, int64_t cols, QGrid g) {
+  const int lane = threadIdx.x % WARP;
+  const int64_t r = int64_t(blockIdx.x) * WARPS_PER_BLOCK + threadIdx.x / WARP;
+  if (r >= rows) return;
+  const T* row = x + r * cols;
+  float lo, hi;
+  row_min_max(row, cols, lane, lo, hi);
+  const RowParams p = row_params(lo, hi, g);
+  T* orow = out + r * cols;
+  for (int64_t c = lane; c < cols; c += WARP) orow[c] = from_float<T>(fake_quant_value(to_float(row[c]), p, g));
+}
+
+// Straight-through backward of the per-token fake-quant: pass the gradient where the value is on the grid.
+template <typename T>
+__global__ void __launch_bounds__(THREADS) token_fq_backward_kernel(const T* __restrict__ grad_out,
+                                                                    const T* __restrict__ x,
+                                                                    T* __restrict__ grad_x, int64_t rows,
+                                                                    int64_t cols, QGrid g) {
+  const int lane = threadIdx.x % WARP;
+  const int64_t r = int64_t(blockIdx.x) * WARPS_PER_BLOCK + threadIdx.x / WARP;
+  if (r >= rows) return;
+  const T* row = x + r * cols;
+  float lo, hi;
+  row_min_max(row, cols, lane, lo, hi);
+  const RowParams p = row_params(lo, hi, g);
+  const float qmin = g.qmin(), qmax = g.qmax();
+  const T* grow = grad_out + r * cols;
+  T* gx = grad_x + r * cols;
+  for (int64_t c = lane; c < cols; c += WARP) {
+    const float t = rintf(to_float(row[c]) / p.scale) + p.zero;
+    gx[c] = (t >= qmin && t <= qmax) ? grow[c] : from_float<T>(0.0f);
+  }
+}
+
+inline unsigned int blocks_for_rows(int64_t rows) {
+  return static_cast<unsigned int>((rows + WARPS_PER_BLOCK - 1) / WARPS_PER_BLOCK);
+}
+
+template <typename T>
+void launch_weight_fq_forward(const T* w, const float* gamma, const float* beta, T* out, int64_t rows,
+                              int64_t cols, QGrid g, cudaStream_t stream) {
+  if (rows == 0) return;
+  weight_fq_forward_kernel<T><<<blocks_for_rows(rows), THREADS, 0, stream>>>(w, gamma, beta, out, rows, cols, g);
+}
+
+template <typename T>
+void launch_weight_fq_backward(const T* grad_out, const T* w, const float* gamma, const float* beta, T* grad_w,
+                               float* grad_gamma, float* grad_beta, int64_t rows, int64_t cols, QGrid g,
+                               cudaStream_t stream) {
+  if (rows == 0) return;
+  weight_fq_backward_kernel<T><<<blocks_for_rows(rows), THREADS, 0, stream>>>(
+      grad_out, w, gamma, beta, grad_w, grad_gamma, grad_beta, rows, cols, g);
+}
+
+template <typename T>
+void launch_token_fq_forward(const T* x, T* out, int64_t rows, int64_t cols, QGrid g, cudaStream_t stream) {
+  if (rows == 0) return;
+  token_fq_forward_kernel<T><<<blocks_for_rows(rows), THREADS, 0, stream>>>(x, out, rows, cols, g);
+}
+
+template <typename T>
+void launch_token_fq_backward(const T* grad_out, const T* x, T* grad_x, int64_t rows, int64_t cols, QGrid g,
+                              cudaStream_t stream) {
+  if (rows == 0) return;
+  token_fq_backward_kernel<T><<<blocks_for_rows(rows), THREADS, 0, stream>>>(grad_out, x, grad_x, rows, cols, g);
+}
+
+}  // namespace omniq

@@ -1,0 +1,5 @@
+"""Evaluation: perplexity (zero-shot tasks come later)."""
+
+from omniq_lightning.eval.perplexity import PerplexityResult, perplexity
+
+__all__ = ["PerplexityResult", "perplexity"]

@@ -1,0 +1,46 @@
+"""Architecture adapters: the only code that knows a model family's internals."""
+
+from __future__ import annotations
+
+from omniq_lightning.models.base import BlockContext, ModelAdapter
+from omniq_lightning.models.llama import LlamaAdapter
+from omniq_lightning.models.loading import LoadedModel, ModelSource, resolve_source
+from omniq_lightning.models.loading import load_model as _load_model
+from omniq_lightning.models.opt import OPTAdapter
+
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, OPTAdapter)
+
+
+def supported_model_types() -> list[str]:
+    return [t for cls in ADAPTERS for t in cls.model_types]
+
+
+def adapter_for(model_type: str) -> ModelAdapter:
+    """The adapter of a Hugging Face ``model_type``; an unsupported one lists the supported types."""
+    for cls in ADAPTERS:
+        if cls.supports(model_type):
+            return cls()
+    raise ValueError(
+        f"unsupported architecture: model_type '{model_type}'. Supported model types: "
+        f"{', '.join(supported_model_types())}. Adding a family means adding an adapter in omniq_lightning/models/"
+    )
+
+
+def load_model(path: str, **kwargs) -> LoadedModel:
+    """Load a model, its tokenizer and its adapter (see :func:`omniq_lightning.models.loading.load_model`)."""
+    return _load_model(path, adapter_for=adapter_for, **kwargs)
+
+
+__all__ = [
+    "ADAPTERS",
+    "BlockContext",
+    "LlamaAdapter",
+    "LoadedModel",
+    "ModelAdapter",
+    "ModelSource",
+    "OPTAdapter",
+    "adapter_for",
+    "load_model",
+    "resolve_source",
+    "supported_model_types",
+]

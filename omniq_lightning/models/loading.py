@@ -1,0 +1,98 @@
+"""Loading models and tokenizers from a local folder, a GGUF file or a Hugging Face hub id."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from omniq_lightning.models.base import ModelAdapter
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    location: str  # a local folder or a hub id
+    gguf_file: str | None
+    local: bool
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object
+    adapter: ModelAdapter
+    source: ModelSource
+
+
+def resolve_source(path: str, gguf_file: str | None = None, models_dir: str | None = None) -> ModelSource:
+    """Find a model: an existing folder (as given, or under ``models_dir``) first, else a hub id."""
+    if not path:
+        raise ValueError("model.path is empty: set it to a local folder, a name under OMNIQ_MODELS_DIR or a hub id")
+    p = Path(path).expanduser()
+    candidates = [p] if p.is_absolute() else [Path.cwd() / p] + ([Path(models_dir) / p] if models_dir else [])
+    for folder in candidates:
+        if not folder.is_dir():
+            continue
+        needed = gguf_file or "config.json"
+        if not (folder / needed).is_file():
+            raise FileNotFoundError(
+                f"model folder {folder} has no {needed}: put the model files there"
+                + (" (model.gguf_file names the GGUF file)" if gguf_file else " (a Hugging Face model folder)")
+            )
+        return ModelSource(str(folder), gguf_file, local=True)
+    if not p.is_absolute() and _HUB_ID.match(path):
+        return ModelSource(path, gguf_file, local=False)
+    looked = ", ".join(str(c) for c in candidates)
+    raise FileNotFoundError(
+        f"model files for '{path}' not found (looked in: {looked}). Set OMNIQ_MODELS_DIR (or paths.models_dir) "
+        "to the folder that holds it, set model.path to its folder, or use a Hugging Face hub id like org/name"
+    )
+
+
+def model_type_of(source: ModelSource, trust_remote_code: bool = False) -> str:
+    from transformers import AutoConfig
+
+    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    try:
+        config = AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code, **kw)
+    except OSError as exc:
+        where = "local folder" if source.local else "Hugging Face hub (is the machine online and the id right?)"
+        raise FileNotFoundError(f"could not read the model config of '{source.location}' from the {where}: {exc}") from exc
+    return config.model_type
+
+
+def load_model(
+    path: str,
+    *,
+    adapter_for,
+    gguf_file: str | None = None,
+    models_dir: str | None = None,
+    dtype: str = "float32",
+    attn_implementation: str | None = "sdpa",
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load model, tokenizer and the adapter of its family; unsupported families fail before any weights load."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    source = resolve_source(path, gguf_file, models_dir)
+    adapter = adapter_for(model_type_of(source, trust_remote_code))
+    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        source.location,
+        dtype=DTYPES[dtype],
+        attn_implementation=attn_implementation,
+        trust_remote_code=trust_remote_code,
+        **kw,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code, **kw)
+    model.eval()
+    model.config.use_cache = False
+    return LoadedModel(model, tokenizer, adapter, source)

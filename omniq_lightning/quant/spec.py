@@ -1,0 +1,125 @@
+"""`QuantSpec`: the frozen, validated description of how a model is quantized.
+
+Bits of 16 mean "not quantized" (W16 keeps fp weights, A16 keeps fp activations). Weight groups run
+along the input dimension of a linear layer; ``w_group_size=None`` means one range per output channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+NO_QUANT_BITS = 16
+MIN_BITS, MAX_BITS = 2, 8
+A_GRANULARITIES = ("token", "tensor")
+
+
+def check_bits(field: str, bits: int) -> int:
+    """Return ``bits`` if it is an allowed bit width (2..8, or 16 for "keep full precision")."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise ValueError(f"{field} must be an integer in {MIN_BITS}..{MAX_BITS} or {NO_QUANT_BITS}, got {bits!r}")
+    if not (MIN_BITS <= bits <= MAX_BITS or bits == NO_QUANT_BITS):
+        raise ValueError(
+            f"{field}={bits} is out of range: allowed values are {MIN_BITS}..{MAX_BITS}, "
+            f"or {NO_QUANT_BITS} to leave that tensor in full precision"
+        )
+    return bits
+
+
+def check_group_size(group_size: int | None, in_features: int | None = None) -> int | None:
+    """Validate a weight group size; with ``in_features``, also that it divides the input width."""
+    if group_size is None or group_size == -1 or group_size == 0:
+        return None
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(
+            f"w_group_size must be a positive integer (e.g. 64 or 128) or null for per-channel, got {group_size!r}"
+        )
+    if in_features is not None and in_features % group_size != 0:
+        raise ValueError(
+            f"w_group_size={group_size} does not divide the input width {in_features}: choose a group size "
+            f"that divides {in_features} (e.g. {largest_divisor_at_most(in_features, group_size)}) or null for "
+            "per-channel quantization"
+        )
+    return group_size
+
+
+def largest_divisor_at_most(n: int, limit: int) -> int:
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How weights, activations and the KV cache are quantized.
+
+    Attributes:
+        w_bits: weight bits, 2..8, or 16 for full-precision weights.
+        w_group_size: group length along the input dimension, or None for per-output-channel ranges.
+        w_symmetric: symmetric (zero point fixed at 0) instead of asymmetric (min/max) weight grid.
+        lwc: learnable weight clipping (OmniQuant LWC) on the weight ranges.
+        lwc_init: initial value of the clipping logits (sigmoid(4.0) ~ 0.982 keeps almost the full range).
+        a_bits: activation bits (inputs of linear layers and attention matmuls), or 16 for none.
+        a_granularity: "token" (dynamic range per token) or "tensor" (one static range).
+        a_symmetric: symmetric activation grid.
+        kv_bits: bits of the key/value cache, or 16 for none.
+    """
+
+    w_bits: int = 4
+    w_group_size: int | None = None
+    w_symmetric: bool = False
+    lwc: bool = True
+    lwc_init: float = 4.0
+    a_bits: int = NO_QUANT_BITS
+    a_granularity: str = "token"
+    a_symmetric: bool = False
+    kv_bits: int = NO_QUANT_BITS
+
+    def __post_init__(self) -> None:
+        check_bits("w_bits", self.w_bits)
+        check_bits("a_bits", self.a_bits)
+        check_bits("kv_bits", self.kv_bits)
+        object.__setattr__(self, "w_group_size", check_group_size(self.w_group_size))
+        if self.a_granularity not in A_GRANULARITIES:
+            raise ValueError(f"a_granularity must be one of {A_GRANULARITIES}, got {self.a_granularity!r}")
+        for name in ("w_symmetric", "lwc", "a_symmetric"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def quantizes_weights(self) -> bool:
+        return self.w_bits != NO_QUANT_BITS
+
+    @property
+    def quantizes_activations(self) -> bool:
+        return self.a_bits != NO_QUANT_BITS
+
+    @property
+    def quantizes_kv(self) -> bool:
+        return self.kv_bits != NO_QUANT_BITS
+
+    @property
+    def weight_only(self) -> bool:
+        return not self.quantizes_activations and not self.quantizes_kv
+
+    @property
+    def name(self) -> str:
+        """Short conventional name, e.g. ``w4a16g128`` or ``w4a4``."""
+        group = f"g{self.w_group_size}" if self.w_group_size else ""
+        kv = f"kv{self.kv_bits}" if self.quantizes_kv and self.kv_bits != self.a_bits else ""
+        return f"w{self.w_bits}a{self.a_bits}{group}{kv}"
+
+    def validate_linear(self, in_features: int) -> None:
+        """Check that this spec can quantize a linear layer with ``in_features`` inputs."""
+        check_group_size(self.w_group_size, in_features)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any]) -> "QuantSpec":
+        """Build from a mapping (a Hydra/OmegaConf ``quant`` node); unknown keys are an error."""
+        known = set(cls.__dataclass_fields__)
+        data = {k: v for k, v in dict(cfg).items() if k != "name"}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown quant setting(s) {unknown}; allowed keys are {sorted(known)}")
+        return cls(**data)
