@@ -8,8 +8,8 @@ a file (``torch.from_file``), so models whose calibration activations do not fit
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 

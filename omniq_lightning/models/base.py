@@ -9,8 +9,9 @@ forward pass, so the rest of the model is never run.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,7 @@ class BlockContext:
 
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def to(self, device: torch.device | str) -> "BlockContext":
+    def to(self, device: torch.device | str) -> BlockContext:
         return BlockContext({k: _move(v, device) for k, v in self.kwargs.items()})
 
 

@@ -6,8 +6,9 @@ along the input dimension of a linear layer; ``w_group_size=None`` means one ran
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Mapping
+from typing import Any
 
 NO_QUANT_BITS = 16
 MIN_BITS, MAX_BITS = 2, 8
@@ -115,7 +116,7 @@ class QuantSpec:
         return asdict(self)
 
     @classmethod
-    def from_config(cls, cfg: Mapping[str, Any]) -> "QuantSpec":
+    def from_config(cls, cfg: Mapping[str, Any]) -> QuantSpec:
         """Build from a mapping (a Hydra/OmegaConf ``quant`` node); unknown keys are an error."""
         known = set(cls.__dataclass_fields__)
         data = {k: v for k, v in dict(cfg).items() if k != "name"}

@@ -1,0 +1,66 @@
+"""The entry point: config composition, the fp baseline run, results.json and clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from omniq_lightning.config import compose
+from omniq_lightning.pipeline import run
+from tests.conftest import REPO
+
+
+def test_every_model_and_quant_config_composes():
+    for model in ["stories260k", "smollm2-135m", "llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b", "mistral-7b",
+                  "qwen2.5-7b", "opt-125m", "opt-6.7b"]:
+        cfg = compose([f"model={model}"])
+        assert cfg.model.name == model and cfg.eval.seqlen == cfg.model.seqlen
+        assert cfg.model.trust_remote_code is False
+    from omniq_lightning.quant import QuantSpec
+
+    for preset in ["w4a16", "w4a16g128", "w3a16", "w3a16g128", "w2a16", "w2a16g128", "w2a16g64", "w8a8", "w6a6",
+                   "w4a4"]:
+        assert QuantSpec.from_config(compose([f"quant={preset}"]).quant).name == preset
+
+
+def test_fp_run_writes_results(tmp_path):
+    cfg = compose(["model=stories260k", "method=fp", f"output_dir={tmp_path}", "eval.max_windows=5"])
+    results = run(cfg)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["perplexity"] == results["perplexity"]
+    ts = saved["perplexity"]["tinystories"]
+    assert ts["windows"] == 5 and ts["seqlen"] == 256 and ts["windows_available"] >= 5
+    assert 3.0 < ts["perplexity"] < 9.0
+    assert saved["method"] == "fp" and saved["quant"] is None
+    assert set(saved["wall_seconds"]) == {"load", "quantize", "evaluate", "total"}
+    assert saved["memory"]["cpu_peak_rss_gib"] > 0
+    assert saved["environment"]["versions"]["torch"]
+    assert "git_commit" in saved["environment"]
+
+
+def test_seqlen_longer_than_context_is_rejected(tmp_path):
+    cfg = compose(["model=stories260k", f"output_dir={tmp_path}", "eval.seqlen=1024"])
+    with pytest.raises(ValueError, match="eval.seqlen=1024 is longer than the model's context of 512"):
+        run(cfg)
+
+
+def test_bad_quant_settings_fail_before_loading(tmp_path):
+    cfg = compose(["model=stories260k", f"output_dir={tmp_path}", "quant.w_bits=12"])
+    with pytest.raises(ValueError, match="w_bits=12 is out of range"):
+        run(cfg)
+
+
+def test_cli_runs_fp_and_rejects_unknown_model(tmp_path):
+    ok = subprocess.run(
+        [sys.executable, "train.py", "model=stories260k", "method=fp", f"output_dir={tmp_path}", "eval.max_windows=3"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "tinystories" in ok.stdout and (tmp_path / "results.json").is_file()
+    bad = subprocess.run([sys.executable, "train.py", "model=llama9-1t"], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert bad.returncode != 0
+    assert "llama9-1t" in bad.stderr and "stories260k" in bad.stderr  # Hydra lists the available model configs
