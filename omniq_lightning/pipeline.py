@@ -1,7 +1,8 @@
-"""The run: load, (quantize), evaluate, write ``results.json``. The only place that knows the order of things."""
+"""The run: load, capture, the loop over blocks, evaluation, export. The only place that knows the order of things."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import resource
@@ -13,16 +14,23 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
 
-from omniq_lightning.data import load_corpus, tokenize
+from omniq_lightning.calib import ActivationCache, BlockDataModule, BlockRun, RunState, observe_linear_inputs
+from omniq_lightning.data import calibration_windows, load_corpus, tokenize
 from omniq_lightning.eval import perplexity
+from omniq_lightning.export import save_fake_quant
 from omniq_lightning.io import write_json
-from omniq_lightning.models import LoadedModel, load_model
+from omniq_lightning.methods import METHODS, Method, build_method
+from omniq_lightning.models import BlockContext, LoadedModel, ModelAdapter, load_model
+from omniq_lightning.nn import ActQuantizer, QuantLinear
 from omniq_lightning.quant import QuantSpec
+from omniq_lightning.tracking import build_logger, log_summary
 
 log = logging.getLogger(__name__)
 
-AVAILABLE_METHODS = ("fp",)
+AVAILABLE_METHODS = ("fp", *METHODS)
+CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -32,6 +40,20 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={name} was requested but CUDA is not available: use device=cpu or device=auto")
     return device
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """Lightning precision for block calibration; ``auto`` avoids fp16 overflow (bf16 where it exists)."""
+    allowed = ("auto", "32", "32-true", "bf16-mixed", "16-mixed")
+    if setting not in allowed:
+        raise ValueError(f"trainer.precision must be one of {allowed}, got {setting!r}")
+    if setting == "auto":
+        if device.type != "cuda":
+            return "32-true"
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if setting in ("bf16-mixed", "16-mixed") and device.type != "cuda":
+        raise ValueError(f"trainer.precision={setting} needs a CUDA device; on CPU use 32 (or auto)")
+    return "32-true" if setting == "32" else setting
 
 
 def load(cfg: DictConfig) -> LoadedModel:
@@ -65,18 +87,135 @@ def evaluate(cfg: DictConfig, loaded: LoadedModel, device: torch.device) -> dict
         corpus = load_corpus(name, "eval", cfg.paths.data_dir)
         ids = tokenize(corpus, loaded.tokenizer)
         t0 = time.perf_counter()
-        res = perplexity(
-            loaded.model,
-            ids,
-            seqlen,
-            corpus=name,
-            max_windows=cfg.eval.max_windows,
-            batch_size=int(cfg.eval.batch_size),
-            device=device,
-        )
+        res = perplexity(loaded.model, ids, seqlen, corpus=name, max_windows=cfg.eval.max_windows,
+                         batch_size=int(cfg.eval.batch_size), device=device)
         results[name] = {**res.to_dict(), "source": corpus.origin, "seconds": round(time.perf_counter() - t0, 3)}
         log.info("%s perplexity %.4f (%d windows of %d tokens)", name, res.perplexity, res.windows, seqlen)
     return results
+
+
+# --- the block loop -----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def run_over(fn, src: ActivationCache, dst: ActivationCache, target: ActivationCache | None = None) -> float | None:
+    """``dst[j] = fn(src[j])`` for every sample (``dst`` may be ``src``); returns the MSE to ``target``."""
+    err, count = 0.0, 0
+    for j in range(len(src)):
+        out = fn(src[j].unsqueeze(0).float())[0]
+        if target is not None:
+            err += torch.mean((out.float() - target[j].float()) ** 2).item()
+            count += 1
+        dst[j] = out
+    return err / count if count else None
+
+
+@torch.no_grad()
+def observe_static_ranges(qblock, inputs: ActivationCache, ctx: BlockContext) -> None:
+    """Record the ranges of per-tensor (static) activation quantizers on the block's calibration inputs."""
+    static = [m for m in qblock.modules() if isinstance(m, ActQuantizer) and m.granularity == "tensor" and m.active]
+    if not static:
+        return
+    for m in static:
+        m.observing = True
+    for j in range(len(inputs)):
+        qblock(inputs[j].unsqueeze(0).float(), ctx)
+    for m in static:
+        m.observing = False
+
+
+def learned_state(qblock) -> dict[str, torch.Tensor]:
+    trainable = {id(p) for p in qblock.quant_parameters()}
+    return {f"learned.{n}": p.detach().clone() for n, p in qblock.named_parameters() if id(p) in trainable}
+
+
+def clip_let_stats(qblock) -> dict[str, float]:
+    """Summary statistics of the learned clipping (sigmoid of the logits) and LET scales."""
+    stats: dict[str, float] = {}
+    gammas = [torch.sigmoid(m.lwc_gamma).flatten() for m in qblock.quant_linears() if m.lwc_gamma is not None]
+    betas = [torch.sigmoid(m.lwc_beta).flatten() for m in qblock.quant_linears() if m.lwc_beta is not None]
+    if gammas:
+        stats["clip_max_mean"] = torch.cat(gammas).mean().item()
+        stats["clip_min_mean"] = torch.cat(betas).mean().item()
+    for name, pair in qblock.let.items():
+        stats[f"let_{name}_scale_mean"] = pair.scale.detach().mean().item()
+        stats[f"let_{name}_scale_max"] = pair.scale.detach().max().item()
+    return stats
+
+
+def quantize(cfg: DictConfig, loaded: LoadedModel, spec: QuantSpec, method: Method, device: torch.device,
+             state: RunState, logger) -> list[dict[str, Any]]:
+    """Quantize every block in order, resuming finished blocks from ``state``; returns per-block records."""
+    model, adapter = loaded.model, loaded.adapter
+    seqlen, n = int(cfg.calib.seqlen), int(cfg.calib.nsamples)
+    check_seqlen(seqlen, loaded, "calib")
+    corpus = load_corpus(cfg.calib.corpus, "calib", cfg.paths.data_dir)
+    windows = calibration_windows(tokenize(corpus, loaded.tokenizer), n, seqlen, int(cfg.calib.seed))
+    if cfg.calib.cache_dtype not in CACHE_DTYPES:
+        raise ValueError(f"calib.cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {cfg.calib.cache_dtype!r}")
+    cache_dir = Path(cfg.calib.cache_dir)
+
+    def new_cache(tag: str) -> ActivationCache:
+        return ActivationCache(n, (seqlen, model.config.hidden_size), CACHE_DTYPES[cfg.calib.cache_dtype], device,
+                               where=cfg.calib.cache, path=cache_dir / f"{tag}.bin")
+
+    model.to("cpu")
+    for m in adapter.pre_block_modules(model):
+        m.to(device)
+    fp_in = new_cache("fp_in")
+    ctx = adapter.capture(model, (windows[i : i + 1] for i in range(n)), fp_in, device)
+    q_in, fp_out = new_cache("q_in"), new_cache("fp_out")
+    q_in.data.copy_(fp_in.data)
+    aug = new_cache("aug") if getattr(method, "aug_loss", False) else None
+    precision = resolve_precision(str(cfg.trainer.precision), device)
+    batch_size = int(cfg.method.get("batch_size", 1))
+    plan = method.plan(spec, adapter.let_for_weight_only)
+    blocks = adapter.blocks(model)
+    records = []
+    progress = bool(cfg.trainer.enable_progress_bar)
+    for i in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
+        t0 = time.perf_counter()
+        model_dtype = next(blocks[i].parameters()).dtype
+        block = blocks[i].to(device=device, dtype=torch.float32)
+        finished = state.is_finished(i)
+        gather = plan.let and not finished
+        with observe_linear_inputs(block) if gather else contextlib.nullcontext({}) as stats:
+            run_over(lambda x, b=block: adapter.call_block(b, x, ctx), fp_in, fp_out)
+        if aug is not None and not finished:
+            run_over(lambda x, b=block: adapter.call_block(b, x, ctx), q_in, aug)
+        if finished:
+            qblock = adapter.quantize_block(block, plan.spec)
+            folded = qblock.fold()
+            saved = state.load_block(i)
+            folded.load_state_dict({k[len("block."):]: v for k, v in saved.items() if k.startswith("block.")})
+            block_stats: dict[str, float] = {"resumed": 1.0}
+        else:
+            qblock = adapter.quantize_block(block, plan.spec, plan.let, stats, plan.let_alpha)
+            observe_static_ranges(qblock, q_in, ctx)
+            run = BlockRun(index=i, n_blocks=len(blocks), ctx=ctx, device=device, precision=precision,
+                           checkpoint_dir=state.checkpoint_dir(i), resume_checkpoint=state.resume_checkpoint(i),
+                           logger=logger, progress_bar=progress)
+            method.calibrate(qblock, BlockDataModule(q_in, fp_out, batch_size, aug), run)
+            qblock.to(device)
+            block_stats = clip_let_stats(qblock)
+            learned = learned_state(qblock)
+            folded = method.finalize(qblock)
+            state.save_block(i, {**{f"block.{k}": v for k, v in folded.state_dict().items()}, **learned})
+        mse = run_over(lambda x, b=folded: adapter.call_block(b, x, ctx), q_in, q_in, target=fp_out)
+        fp_in, fp_out = fp_out, fp_in
+        blocks[i] = folded.to(dtype=model_dtype)
+        record = {"block": i, "output_mse": mse, "seconds": round(time.perf_counter() - t0, 3), **block_stats}
+        records.append(record)
+        if logger is not None:
+            logger.log_metrics({f"block_{i}/{k}": v for k, v in record.items() if k != "block" and v is not None})
+        log.info("block %d/%d: output MSE %.3e (%.1f s)", i + 1, len(blocks), mse, record["seconds"])
+    for c in (fp_in, fp_out, q_in, aug):
+        if c is not None:
+            c.close()
+    return records
+
+
+# --- results --------------------------------------------------------------------------------------------
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
@@ -117,49 +256,94 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def bits_per_weight(model, adapter: ModelAdapter, spec: QuantSpec) -> float:
+    """Average storage bits per weight of the quantized linears, counting a 16-bit scale per group and,
+    for asymmetric grids, a zero point of ``w_bits`` bits per group."""
+    if not spec.quantizes_weights:
+        return 16.0
+    total_bits = total_weights = 0
+    for block in adapter.blocks(model):
+        for m in block.modules():
+            if isinstance(m, (torch.nn.Linear, QuantLinear)):
+                group = spec.w_group_size or m.in_features
+                per_group = 16 + (0 if spec.w_symmetric else spec.w_bits)
+                n = m.weight.numel()
+                total_bits += n * spec.w_bits + (n // group) * per_group
+                total_weights += n
+    return total_bits / max(total_weights, 1)
+
+
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the job the config describes and return (and write) its results."""
     t_start = time.perf_counter()
-    method = cfg.method.name
-    if method not in AVAILABLE_METHODS:
-        raise ValueError(f"method '{method}' is not available yet; available methods: {', '.join(AVAILABLE_METHODS)}")
+    name = cfg.method.name
+    if name not in AVAILABLE_METHODS:
+        raise ValueError(f"unknown method '{name}'; available methods: {', '.join(AVAILABLE_METHODS)}")
     spec = QuantSpec.from_config(cfg.quant)  # validated up front, before any model loads
+    method = None if name == "fp" else build_method(name, OmegaConf.to_container(cfg.method, resolve=True))
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.device)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    state = None if method is None else RunState.open(out_dir, config)
 
     loaded = load(cfg)
     t_loaded = time.perf_counter()
-    evaluation = evaluate(cfg, loaded, device)
-    t_done = time.perf_counter()
-
-    results = {
+    results: dict[str, Any] = {
         "model": {"name": cfg.model.name, "path": loaded.source.location, "gguf_file": loaded.source.gguf_file,
                   "dtype": cfg.model.dtype},
-        "method": method,
-        "quant": None if method == "fp" else {"name": spec.name, **spec.to_dict()},
-        "perplexity": evaluation,
+        "method": name,
+        "quant": None if method is None else {"name": spec.name, **spec.to_dict()},
+    }
+    t_q0 = t_quant = t_loaded
+    if method is None:
+        results["perplexity"] = evaluate(cfg, loaded, device)
+    else:
+        if cfg.eval.fp_baseline:
+            results["perplexity_fp"] = evaluate(cfg, loaded, device)
+        t_q0 = time.perf_counter()
+        logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), out_dir,
+                              f"{cfg.model.name}-{cfg.method.tag}", config)
+        results["blocks"] = quantize(cfg, loaded, spec, method, device, state, logger)
+        t_quant = time.perf_counter()
+        results["bits_per_weight"] = round(bits_per_weight(loaded.model, loaded.adapter, spec), 4)
+        results["perplexity"] = evaluate(cfg, loaded, device)
+        results["export"] = str(save_fake_quant(loaded.model, loaded.tokenizer, spec, out_dir / "model",
+                                                {"method": name, "model": cfg.model.name}))
+        table = [{"corpus": c, "fp": results.get("perplexity_fp", {}).get(c, {}).get("perplexity"),
+                  name: r["perplexity"]} for c, r in results["perplexity"].items()]
+        log_summary(logger, {f"ppl/{c}": r["perplexity"] for c, r in results["perplexity"].items()}, table)
+    t_done = time.perf_counter()
+    results.update({
         "wall_seconds": {
             "load": round(t_loaded - t_start, 3),
-            "quantize": 0.0,
-            "evaluate": round(t_done - t_loaded, 3),
+            "evaluate_fp": round(t_q0 - t_loaded, 3),
+            "quantize": round(t_quant - t_q0, 3),
+            "evaluate": round(t_done - t_quant, 3),
             "total": round(t_done - t_start, 3),
         },
         "memory": peak_memory(device),
         "device": str(device),
         "environment": environment(),
-        "config": OmegaConf.to_container(cfg, resolve=True),
-    }
+        "config": config,
+    })
     write_json(out_dir / "results.json", results)
     print(summary(results, out_dir))
     return results
 
 
 def summary(results: dict[str, Any], out_dir: Path) -> str:
-    lines = [f"omniq-lightning: {results['model']['name']} / {results['method']}"
-             + (f" {results['quant']['name']}" if results["quant"] else "")]
+    quant = results["quant"]
+    head = f"omniq-lightning: {results['model']['name']} / {results['method']}"
+    if quant:
+        head += f" {quant['name']} ({results['bits_per_weight']:.2f} bits per weight)"
+    lines = [head]
     for name, r in results["perplexity"].items():
-        lines.append(f"  {name:<12} perplexity {r['perplexity']:.4f}  ({r['windows']} windows x {r['seqlen']} tokens)")
-    lines.append(f"  time {results['wall_seconds']['total']:.1f} s; results in {out_dir / 'results.json'}")
+        fp = results.get("perplexity_fp", {}).get(name)
+        fp_txt = f"full precision {fp['perplexity']:.4f} -> " if fp else ""
+        label = "quantized " if quant else ""
+        lines.append(f"  {name:<12} perplexity {fp_txt}{label}{r['perplexity']:.4f}  "
+                     f"({r['windows']} windows x {r['seqlen']} tokens)")
+    lines.append(f"  time {results['wall_seconds']['total']:.1f} s; output folder {out_dir}")
     return "\n".join(lines)

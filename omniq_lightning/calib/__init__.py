@@ -1,5 +1,20 @@
-"""Block-wise calibration: activation cache (and, with the OmniQuant issue, the Lightning modules)."""
+"""Block-wise calibration: activation cache, Lightning module and data module, run state and resume."""
 
 from omniq_lightning.calib.cache import ActivationCache
+from omniq_lightning.calib.checkpoint import AtomicCheckpointIO, CorruptCheckpointError
+from omniq_lightning.calib.datamodule import BlockDataModule
+from omniq_lightning.calib.lightning import BlockLightningModule
+from omniq_lightning.calib.run import BlockRun
+from omniq_lightning.calib.state import RunState
+from omniq_lightning.calib.stats import observe_linear_inputs
 
-__all__ = ["ActivationCache"]
+__all__ = [
+    "ActivationCache",
+    "AtomicCheckpointIO",
+    "BlockDataModule",
+    "BlockLightningModule",
+    "BlockRun",
+    "CorruptCheckpointError",
+    "RunState",
+    "observe_linear_inputs",
+]

@@ -9,12 +9,21 @@ forward pass, so the rest of the model is never run.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import copy
+import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
+
+from omniq_lightning.nn import QuantLinear, QuantMatMul, register_attention, swap_linears
+from omniq_lightning.quant import QuantSpec
+from omniq_lightning.transforms import LETNorm, LETPair, LETPairSpec, QuantBlock, smoothquant_scale
+
+# Per-channel input ranges of a block's linears, by module name within the block: name -> (min, max).
+InputStats = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 # Keyword arguments of a decoder layer that belong to generation, not to a standalone block call.
 _GENERATION_KWARGS = {"past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions"}
@@ -128,7 +137,72 @@ class ModelAdapter:
             out.append(h[0])
         return torch.stack(out)
 
+    # --- quantization -------------------------------------------------------------------------------
+    # Whether LET is used for weight-only settings when the method leaves it to the family (let: auto).
+    let_for_weight_only: bool = False
+
+    def attention_modules(self, block: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def let_pair_specs(self, block: nn.Module, stats: InputStats, alpha: float) -> list[LETPairSpec]:
+        """The LET pairs of ``block`` with their initial factors (SmoothQuant scales, OS+ shifts)."""
+        raise NotImplementedError
+
+    def base_attention(self, attn: nn.Module) -> Callable:
+        """The attention function the module runs now (eager: its family's own implementation)."""
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        impl = attn.config._attn_implementation
+        if impl in (None, "eager"):
+            return sys.modules[type(attn).__module__].eager_attention_forward
+        return ALL_ATTENTION_FUNCTIONS[impl]
+
+    def quantize_block(
+        self, block: nn.Module, spec: QuantSpec, let: bool = False, stats: InputStats | None = None, alpha: float = 0.5
+    ) -> QuantBlock:
+        """Swap in ``QuantLinear``s (and ``QuantMatMul``s), register LET pairs; returns a ``QuantBlock``.
+
+        ``stats`` (per-channel input ranges of the fp block) initialises the LET factors; it is
+        required when ``let`` is true.
+        """
+        specs: list[LETPairSpec] = []
+        if let:
+            if stats is None:
+                raise ValueError("LET needs the block's input statistics to initialise its scales")
+            specs = self.let_pair_specs(block, stats, alpha)  # from the fp weights, before any swap
+        swap_linears(block, lambda _name, lin: QuantLinear(lin, spec, quantize_input=spec.quantizes_activations))
+        if spec.quantizes_activations or spec.quantizes_kv:
+            name = register_attention()
+            for attn in self.attention_modules(block):
+                attn.omniq_matmul = QuantMatMul(spec.a_bits, spec.kv_bits, spec.a_symmetric, self.base_attention(attn))
+                attn.config = copy.copy(attn.config)  # this module alone switches to the quantized attention
+                attn.config._attn_implementation = name
+        for s in specs:
+            if s.kind == "norm" and not isinstance(block.get_submodule(s.source), LETNorm):
+                block.set_submodule(s.source, LETNorm(block.get_submodule(s.source)))
+        return QuantBlock(block, {s.name: LETPair(s) for s in specs}, self.call_block)
+
     # --- helpers for subclasses ------------------------------------------------------------------------
     @classmethod
     def supports(cls, model_type: str) -> bool:
         return model_type in cls.model_types
+
+    @staticmethod
+    def input_absmax(stats: InputStats, name: str, shift: torch.Tensor | None = None) -> torch.Tensor:
+        lo, hi = stats[name]
+        if shift is not None:
+            lo, hi = lo - shift, hi - shift
+        return torch.maximum(lo.abs(), hi.abs())
+
+    @staticmethod
+    def weight_absmax(block: nn.Module, names: list[str]) -> torch.Tensor:
+        """Per input column: the largest |w| over the rows of all named linears."""
+        return torch.cat([block.get_submodule(n).weight.detach().float() for n in names]).abs().amax(0)
+
+    @staticmethod
+    def norm_pair(block, name, norm, targets, stats, alpha, use_shift) -> LETPairSpec:
+        lo, hi = stats[targets[0]]
+        shift = ((lo + hi) / 2).float() if use_shift else None
+        act = ModelAdapter.input_absmax(stats, targets[0], shift)
+        scale = smoothquant_scale(act, ModelAdapter.weight_absmax(block, targets), alpha)
+        return LETPairSpec(name, "norm", norm, targets, scale, shift)

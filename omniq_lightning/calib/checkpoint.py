@@ -1,0 +1,30 @@
+"""Lightning checkpoint IO with atomic writes and safe loading (``weights_only=True``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+
+from omniq_lightning.io import atomic_write
+
+
+class CorruptCheckpointError(RuntimeError):
+    pass
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes to a temporary file, fsyncs and renames, so a kill never leaves a half-written checkpoint."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options=None) -> None:
+        atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None) -> dict[str, Any]:
+        try:
+            return torch.load(path, map_location=map_location or "cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+            raise CorruptCheckpointError(
+                f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}). Delete it to recalibrate "
+                "this block from the start"
+            ) from exc

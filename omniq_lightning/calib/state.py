@@ -1,0 +1,131 @@
+"""Run state on disk: what a run is, which blocks are finished, and where the block in progress stands.
+
+``output_dir/`` holds ``config.yaml`` (the settings that decide the result), ``state.json`` (finished
+blocks with the SHA-256 of their files), ``blocks/block_NNN.safetensors`` per finished block and
+``checkpoints/block_NNN/last.ckpt`` for the block in progress. Every write is atomic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from omniq_lightning.calib.checkpoint import CorruptCheckpointError
+from omniq_lightning.io import atomic_write, write_json
+
+# The settings that decide a run's result; anything else (evaluation, logging, paths) may change on resume.
+RESULT_KEYS = ("model", "quant", "method", "calib", "seed", "trainer.precision")
+IGNORED_KEYS = ("calib.cache", "calib.cache_dir")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The flattened subset of a resolved config that decides the result."""
+    flat = flatten(cfg)
+    return {
+        k: v for k, v in flat.items()
+        if any(k == p or k.startswith(p + ".") for p in RESULT_KEYS) and k not in IGNORED_KEYS
+    }
+
+
+def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    return sorted(k for k in set(old) | set(new) if old.get(k, "<unset>") != new.get(k, "<unset>"))
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class RunState:
+    def __init__(self, out_dir: str | Path, settings: dict[str, Any], finished: dict[str, dict] | None = None):
+        self.dir = Path(out_dir)
+        self.settings = settings
+        self.finished: dict[str, dict] = finished or {}
+
+    @property
+    def state_path(self) -> Path:
+        return self.dir / "state.json"
+
+    @classmethod
+    def open(cls, out_dir: str | Path, cfg: dict[str, Any]) -> RunState:
+        """Start a run in ``out_dir`` or continue the one there; a different configuration is refused."""
+        out_dir = Path(out_dir)
+        settings = result_settings(cfg)
+        state_path, config_path = out_dir / "state.json", out_dir / "config.yaml"
+        if state_path.is_file() and config_path.is_file():
+            old = yaml.safe_load(config_path.read_text())
+            diff = differing_keys(old, settings)
+            if diff:
+                details = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {settings.get(k, '<unset>')!r}" for k in diff)
+                raise ValueError(
+                    f"{out_dir} holds a run with a different configuration, so it cannot be resumed. Differing "
+                    f"keys: {details}. Use the original settings to resume, or another output_dir for a new run"
+                )
+            finished = json.loads(state_path.read_text()).get("finished", {})
+            return cls(out_dir, settings, finished)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(config_path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(settings, sort_keys=True)))
+        state = cls(out_dir, settings)
+        state._write()
+        return state
+
+    def _write(self) -> None:
+        write_json(self.state_path, {"finished": self.finished})
+
+    def block_path(self, i: int) -> Path:
+        return self.dir / "blocks" / f"block_{i:03d}.safetensors"
+
+    def checkpoint_dir(self, i: int) -> Path:
+        return self.dir / "checkpoints" / f"block_{i:03d}"
+
+    def resume_checkpoint(self, i: int) -> Path | None:
+        ckpt = self.checkpoint_dir(i) / "last.ckpt"
+        return ckpt if ckpt.is_file() else None
+
+    def is_finished(self, i: int) -> bool:
+        return str(i) in self.finished
+
+    def save_block(self, i: int, tensors: dict[str, torch.Tensor]) -> Path:
+        """Store a finished block, record it, and drop its in-progress checkpoints."""
+        path = self.block_path(i)
+        data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        atomic_write(path, lambda tmp: save_file(data, tmp))
+        self.finished[str(i)] = {"file": str(path.relative_to(self.dir)), "sha256": sha256(path)}
+        self._write()
+        shutil.rmtree(self.checkpoint_dir(i), ignore_errors=True)
+        return path
+
+    def load_block(self, i: int) -> dict[str, torch.Tensor]:
+        path = self.block_path(i)
+        entry = self.finished[str(i)]
+        if not path.is_file() or sha256(path) != entry["sha256"]:
+            raise CorruptCheckpointError(
+                f"finished block file {path} is missing or does not match its recorded hash: delete it and its "
+                f"entry in {self.state_path} (or the whole output_dir) to recalibrate that block"
+            )
+        try:
+            return load_file(str(path))
+        except SafetensorError as exc:
+            raise CorruptCheckpointError(f"block file {path} cannot be read ({exc}); delete it to recalibrate") from exc

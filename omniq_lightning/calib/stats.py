@@ -1,0 +1,36 @@
+"""Per-channel input ranges of a block's linear layers, gathered while the block runs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+@contextmanager
+def observe_linear_inputs(block: nn.Module) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """While active, every forward of a linear inside ``block`` updates ``stats[name] = (min, max)``
+    over all tokens seen, per input channel (float32)."""
+    stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    handles = []
+
+    def make_hook(name: str):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            lo, hi = x.amin(0), x.amax(0)
+            if name in stats:
+                lo, hi = torch.minimum(stats[name][0], lo), torch.maximum(stats[name][1], hi)
+            stats[name] = (lo, hi)
+
+        return hook
+
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear):
+            handles.append(module.register_forward_pre_hook(make_hook(name)))
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,38 @@
+"""The method interface: how a block is prepared, calibrated and finalized."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from omniq_lightning.calib import BlockDataModule, BlockRun
+from omniq_lightning.quant import QuantSpec
+from omniq_lightning.transforms import QuantBlock
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How to build a block's ``QuantBlock``: the spec its layers use and whether it gets LET pairs."""
+
+    spec: QuantSpec
+    let: bool
+    let_alpha: float = 0.5
+
+
+class Method:
+    """One algorithm. ``plan`` decides the quantized block's shape; ``calibrate`` fits its parameters;
+    ``finalize`` folds them into plain weights and returns the block to put back into the model."""
+
+    name: str = ""
+    needs_stats: bool = False  # whether ``plan`` asks for LET (so the block's input statistics are gathered)
+    needs_training_data: bool = False  # whether ``calibrate`` reads the BlockDataModule
+
+    def plan(self, spec: QuantSpec, let_default_weight_only: bool) -> BlockPlan:
+        raise NotImplementedError
+
+    def calibrate(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> None:
+        raise NotImplementedError
+
+    def finalize(self, qblock: QuantBlock) -> nn.Module:
+        return qblock.fold()

@@ -1,0 +1,17 @@
+"""Round-to-nearest: min/max ranges, no clipping, no transforms. The floor every method must beat."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from omniq_lightning.methods.base import BlockPlan, Method
+
+
+class RTN(Method):
+    name = "rtn"
+
+    def plan(self, spec, let_default_weight_only: bool) -> BlockPlan:
+        return BlockPlan(replace(spec, lwc=False), let=False)
+
+    def calibrate(self, qblock, data, run) -> None:
+        return None

@@ -1,0 +1,75 @@
+"""`QuantBlock`: a transformer block with quantized layers, its LWC and LET parameters, and folding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import torch
+from torch import nn
+
+from omniq_lightning.nn.linear import QuantLinear
+from omniq_lightning.transforms.let import LETNorm, LETPair
+
+
+class QuantBlock(nn.Module):
+    """The original block with ``QuantLinear``/``QuantMatMul`` in place and LET pairs registered.
+
+    ``quant_parameters()`` yields exactly the trainable tensors (LWC logits and LET factors);
+    ``fold()`` writes the learned transforms and clipping into plain weights and returns the block.
+    """
+
+    def __init__(self, block: nn.Module, let_pairs: dict[str, LETPair], call: Callable) -> None:
+        super().__init__()
+        self.block = block
+        self.let = nn.ModuleDict(let_pairs)
+        self._call = call
+
+    def quant_linears(self) -> list[QuantLinear]:
+        return [m for m in self.block.modules() if isinstance(m, QuantLinear)]
+
+    def lwc_parameters(self) -> Iterator[nn.Parameter]:
+        for m in self.quant_linears():
+            for p in (m.lwc_gamma, m.lwc_beta):
+                if p is not None:
+                    yield p
+
+    def let_parameters(self) -> Iterator[nn.Parameter]:
+        return iter(list(self.let.parameters()))
+
+    def quant_parameters(self) -> Iterator[nn.Parameter]:
+        yield from self.lwc_parameters()
+        yield from self.let_parameters()
+
+    def apply_let(self) -> None:
+        """Recompute every transformed weight from the current LET factors (clears stale ones first)."""
+        for m in self.block.modules():
+            if isinstance(m, QuantLinear):
+                m.let_weight = m.let_bias = None
+            elif isinstance(m, LETNorm):
+                m.let_scale = m.let_shift = None
+        for pair in self.let.values():
+            pair.apply(self.block)
+
+    def forward(self, hidden: torch.Tensor, ctx) -> torch.Tensor:
+        if len(self.let):
+            self.apply_let()
+        return self._call(self.block, hidden, ctx)
+
+    @torch.no_grad()
+    def fold(self) -> nn.Module:
+        """Fold LET and LWC into the weights; returns the block with plain norms, and plain linears
+        wherever the input is not quantized (layers that quantize their input keep a folded QuantLinear)."""
+        if len(self.let):
+            self.apply_let()
+        for name, m in list(self.block.named_modules()):
+            if isinstance(m, QuantLinear):
+                m.fold()
+                if m.act_quant is None:
+                    self.block.set_submodule(name, m.to_linear())
+            elif isinstance(m, LETNorm):
+                self.block.set_submodule(name, m.fold())
+        self.let = nn.ModuleDict()
+        return self.block
+
+    def extra_repr(self) -> str:
+        return f"LET pairs: {list(self.let.keys()) or 'none'}"
