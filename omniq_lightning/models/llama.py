@@ -8,7 +8,7 @@ from torch import nn
 from omniq_lightning.models.base import InputStats, ModelAdapter
 from omniq_lightning.transforms import LETPairSpec, smoothquant_scale
 
-Q, K, V, O = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
+Q, K, V, O_PROJ = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
 GATE, UP = "mlp.gate_proj", "mlp.up_proj"
 
 
@@ -53,12 +53,12 @@ class LlamaAdapter(ModelAdapter):
             return to_query_heads(rotary_k(p))
 
         vo_scale = smoothquant_scale(
-            per_kv_head(self.input_absmax(stats, O)), per_kv_head(self.weight_absmax(block, [O])), alpha
+            per_kv_head(self.input_absmax(stats, O_PROJ)), per_kv_head(self.weight_absmax(block, [O_PROJ])), alpha
         )
         return [
             self.norm_pair(block, "attn_in", "input_layernorm", [Q, K, V], stats, alpha, use_shift=False),
             self.norm_pair(block, "mlp_in", "post_attention_layernorm", [GATE, UP], stats, alpha, use_shift=False),
-            LETPairSpec("vo", "linear", V, [O], vo_scale, expand_target=to_query_heads),
+            LETPairSpec("vo", "linear", V, [O_PROJ], vo_scale, expand_target=to_query_heads),
             LETPairSpec("qk", "qk", Q, [K], torch.ones(n_kv, head_dim // 2),
                         expand_source=rotary_q, expand_target=rotary_k),
         ]

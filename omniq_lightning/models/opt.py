@@ -8,7 +8,7 @@ from torch import nn
 from omniq_lightning.models.base import InputStats, ModelAdapter
 from omniq_lightning.transforms import LETPairSpec, midpoint_shift, smoothquant_scale
 
-Q, K, V, O = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"
+Q, K, V, O_PROJ = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"
 
 
 class OPTAdapter(ModelAdapter):
@@ -38,12 +38,12 @@ class OPTAdapter(ModelAdapter):
         a shift (v's bias absorbs it; attention rows sum to one, so the shift passes through); q/k per channel."""
         if not block.do_layer_norm_before:
             raise ValueError("LET needs pre-LayerNorm OPT blocks (do_layer_norm_before=True); this model is post-LN")
-        lo, hi = stats[O]
+        lo, hi = stats[O_PROJ]
         vo_shift = midpoint_shift(lo, hi)
-        vo_scale = smoothquant_scale(self.input_absmax(stats, O, vo_shift), self.weight_absmax(block, [O]), alpha)
+        vo_scale = smoothquant_scale(self.input_absmax(stats, O_PROJ, vo_shift), self.weight_absmax(block, [O_PROJ]), alpha)
         return [
             self.norm_pair(block, "attn_in", "self_attn_layer_norm", [Q, K, V], stats, alpha, use_shift=True),
             self.norm_pair(block, "mlp_in", "final_layer_norm", ["fc1"], stats, alpha, use_shift=True),
-            LETPairSpec("vo", "linear", V, [O], vo_scale, vo_shift),
+            LETPairSpec("vo", "linear", V, [O_PROJ], vo_scale, vo_shift),
             LETPairSpec("qk", "qk", Q, [K], torch.ones(block.self_attn.k_proj.out_features)),
         ]
