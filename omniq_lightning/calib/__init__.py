@@ -1,7 +1,7 @@
 """Block-wise calibration: activation cache, Lightning module and data module, run state and resume."""
 
 from omniq_lightning.calib.cache import ActivationCache
-from omniq_lightning.calib.checkpoint import AtomicCheckpointIO, CorruptCheckpointError
+from omniq_lightning.calib.checkpoint import AtomicCheckpointIO, CorruptCheckpointError, EpochCheckpoint
 from omniq_lightning.calib.datamodule import BlockDataModule
 from omniq_lightning.calib.lightning import BlockLightningModule
 from omniq_lightning.calib.run import BlockRun
@@ -15,6 +15,7 @@ __all__ = [
     "BlockLightningModule",
     "BlockRun",
     "CorruptCheckpointError",
+    "EpochCheckpoint",
     "RunState",
     "observe_linear_inputs",
 ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -28,3 +30,13 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"checkpoint {path} cannot be read ({type(exc).__name__}: {exc}). Delete it to recalibrate "
                 "this block from the start"
             ) from exc
+
+
+class EpochCheckpoint(L.Callback):
+    """Saves ``dirpath/last.ckpt`` at the end of every epoch (through the trainer's checkpoint IO)."""
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.path = Path(dirpath) / "last.ckpt"
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trainer.save_checkpoint(self.path)

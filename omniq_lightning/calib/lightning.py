@@ -32,6 +32,10 @@ class BlockLightningModule(L.LightningModule):
         for p in self.qblock.quant_parameters():
             p.requires_grad_(True)
 
+    def train(self, mode: bool = True) -> BlockLightningModule:
+        """Always evaluation mode: calibration must not switch on the model's dropout."""
+        return super().train(False)
+
     def trainable_names(self) -> set[str]:
         return {name for name, p in self.named_parameters() if p.requires_grad}
 

@@ -4,9 +4,8 @@ block by block with AdamW to match the full-precision block's outputs; one ``Tra
 from __future__ import annotations
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
 
-from omniq_lightning.calib import AtomicCheckpointIO, BlockDataModule, BlockLightningModule, BlockRun
+from omniq_lightning.calib import AtomicCheckpointIO, BlockDataModule, BlockLightningModule, BlockRun, EpochCheckpoint
 from omniq_lightning.methods.base import BlockPlan, Method
 from omniq_lightning.quant import QuantSpec
 from omniq_lightning.transforms import QuantBlock
@@ -45,14 +44,14 @@ class OmniQuant(Method):
         if self.epochs == 0 or not any(True for _ in qblock.quant_parameters()):
             return
         module = BlockLightningModule(qblock, run.ctx, run.index, self.lwc_lr, self.let_lr, self.weight_decay)
-        checkpoint = ModelCheckpoint(dirpath=run.checkpoint_dir, save_last=True, save_top_k=0, every_n_epochs=1)
         trainer = L.Trainer(
             max_epochs=self.epochs,
             accelerator="gpu" if run.device.type == "cuda" else "cpu",
             devices=[run.device.index or 0] if run.device.type == "cuda" else 1,
             precision=run.precision,
             logger=run.logger if run.logger is not None else False,
-            callbacks=[checkpoint],
+            callbacks=[EpochCheckpoint(run.checkpoint_dir)],
+            enable_checkpointing=False,
             plugins=[AtomicCheckpointIO()],
             enable_progress_bar=run.progress_bar,
             enable_model_summary=False,

@@ -14,8 +14,8 @@ class QuantLinear(nn.Module):
     """Replaces an ``nn.Linear``. The original weight and bias are frozen; the only trainable tensors
     are the LWC logits ``lwc_gamma`` and ``lwc_beta`` (one per output channel or group).
 
-    An equivalent transform (LET) may set ``let_weight`` / ``let_bias`` before a forward pass: the
-    transformed tensors are then quantized instead of the stored ones. :meth:`fold` writes the
+    An equivalent transform (LET) may :meth:`set_let` a transformed weight and bias before a forward
+    pass: those are then quantized instead of the stored ones. :meth:`fold` writes the
     quantized effective weight into ``weight`` for good.
     """
 
@@ -41,14 +41,17 @@ class QuantLinear(nn.Module):
             if quantize_input and spec.quantizes_activations
             else None
         )
-        self.let_weight: torch.Tensor | None = None
-        self.let_bias: torch.Tensor | None = None
+        self._let: tuple[torch.Tensor, torch.Tensor | None] | None = None  # a tuple: never registered as parameters
+
+    def set_let(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self._let = (weight, bias)
+
+    def clear_let(self) -> None:
+        self._let = None
 
     def effective(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The weight and bias before quantization: LET-transformed when a transform is active."""
-        w = self.weight if self.let_weight is None else self.let_weight
-        b = self.bias if self.let_weight is None else self.let_bias
-        return w, b
+        return (self.weight, self.bias) if self._let is None else self._let
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         w, b = self.effective()
@@ -74,7 +77,7 @@ class QuantLinear(nn.Module):
                 self.bias.data = b.to(self.bias.dtype)
         self.weight_quant = False
         self.lwc_gamma = self.lwc_beta = None
-        self.let_weight = self.let_bias = None
+        self._let = None
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with this layer's (folded) weight; only valid without an input quantizer."""

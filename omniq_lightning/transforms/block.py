@@ -43,10 +43,8 @@ class QuantBlock(nn.Module):
     def apply_let(self) -> None:
         """Recompute every transformed weight from the current LET factors (clears stale ones first)."""
         for m in self.block.modules():
-            if isinstance(m, QuantLinear):
-                m.let_weight = m.let_bias = None
-            elif isinstance(m, LETNorm):
-                m.let_scale = m.let_shift = None
+            if isinstance(m, (QuantLinear, LETNorm)):
+                m.clear_let()
         for pair in self.let.values():
             pair.apply(self.block)
 

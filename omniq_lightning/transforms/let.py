@@ -52,31 +52,38 @@ class LETNorm(nn.Module):
     def __init__(self, norm: nn.Module) -> None:
         super().__init__()
         self.norm = norm
-        self.let_scale: torch.Tensor | None = None
-        self.let_shift: torch.Tensor | None = None
+        self._let: tuple[torch.Tensor, torch.Tensor | None] | None = None  # a tuple: never registered
+
+    def set_let(self, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
+        self._let = (scale, shift)
+
+    def clear_let(self) -> None:
+        self._let = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(x)
-        if self.let_scale is None:
+        if self._let is None:
             return y
-        if self.let_shift is not None:
-            y = y - self.let_shift.to(y.dtype)
-        return y / self.let_scale.to(y.dtype)
+        scale, shift = self._let
+        if shift is not None:
+            y = y - shift.to(y.dtype)
+        return y / scale.to(y.dtype)
 
     @torch.no_grad()
     def fold(self) -> nn.Module:
         """The wrapped norm with the transform written into its affine weight (and bias)."""
         norm = self.norm
-        if self.let_scale is not None:
-            s = self.let_scale.to(norm.weight.dtype)
+        if self._let is not None:
+            scale, shift = self._let
+            s = scale.to(norm.weight.dtype)
             bias = getattr(norm, "bias", None)
-            if self.let_shift is not None:
+            if shift is not None:
                 assert bias is not None, "a shift needs a norm with a bias to absorb it"
-                bias.data = (bias - self.let_shift.to(bias.dtype)) / s
+                bias.data = (bias - shift.to(bias.dtype)) / s
             elif bias is not None:
                 bias.data = bias / s
             norm.weight.data = norm.weight / s
-        self.let_scale = self.let_shift = None
+        self._let = None
         return norm
 
 
@@ -115,26 +122,26 @@ class LETPair(nn.Module):
         self.shift = None if spec.shift_init is None else nn.Parameter(spec.shift_init.detach().float().clone())
 
     def apply(self, block: nn.Module) -> None:
-        """Set the transformed tensors (``let_weight`` / ``let_scale``) on the modules of ``block``."""
+        """Set the transformed tensors on the modules of ``block`` (``set_let``)."""
         s_src, s_tgt = self.expand_source(self.scale), self.expand_target(self.scale)
         d_src = None if self.shift is None else self.expand_source(self.shift)
         d_tgt = None if self.shift is None else self.expand_target(self.shift)
         src = block.get_submodule(self.source)
         if self.kind == "norm":
-            src.let_scale, src.let_shift = s_src, d_src
+            src.set_let(s_src, d_src)
             for name in self.targets:
                 lin = block.get_submodule(name)
-                lin.let_weight, lin.let_bias = scale_input_columns(*lin.effective(), s_tgt, d_tgt)
+                lin.set_let(*scale_input_columns(*lin.effective(), s_tgt, d_tgt))
         elif self.kind == "linear":
-            src.let_weight, src.let_bias = scale_output_rows(*src.effective(), s_src, d_src)
+            src.set_let(*scale_output_rows(*src.effective(), s_src, d_src))
             for name in self.targets:
                 lin = block.get_submodule(name)
-                lin.let_weight, lin.let_bias = scale_input_columns(*lin.effective(), s_tgt, d_tgt)
+                lin.set_let(*scale_input_columns(*lin.effective(), s_tgt, d_tgt))
         else:  # qk: q / s, k * s keeps every q.k product
-            src.let_weight, src.let_bias = scale_output_rows(*src.effective(), s_src)
+            src.set_let(*scale_output_rows(*src.effective(), s_src))
             for name in self.targets:
                 lin = block.get_submodule(name)
-                lin.let_weight, lin.let_bias = scale_output_rows(*lin.effective(), 1.0 / s_tgt)
+                lin.set_let(*scale_output_rows(*lin.effective(), 1.0 / s_tgt))
 
     def extra_repr(self) -> str:
         return f"{self.kind}: {self.source} -> {', '.join(self.targets)}, shift={self.shift is not None}"

@@ -1,0 +1,174 @@
+"""OmniQuant calibration on the real tiny model: trainable state, checkpoints, errors, quality, export."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from omniq_lightning.calib import (
+    ActivationCache,
+    AtomicCheckpointIO,
+    BlockDataModule,
+    BlockLightningModule,
+    BlockRun,
+    CorruptCheckpointError,
+    RunState,
+    observe_linear_inputs,
+)
+from omniq_lightning.config import compose
+from omniq_lightning.data import load_corpus, tokenize
+from omniq_lightning.eval import perplexity
+from omniq_lightning.export import load_fake_quant
+from omniq_lightning.methods import OmniQuant, build_method
+from omniq_lightning.pipeline import run
+from omniq_lightning.quant import QuantSpec
+
+QUICK = ["calib.nsamples=16", "eval.max_windows=20", "eval.fp_baseline=false",
+         "trainer.enable_progress_bar=false"]
+
+
+W4A4 = QuantSpec(w_bits=4, a_bits=4, kv_bits=4)
+
+
+def tiny_block_setup(stories, n=4, seqlen=32, spec=W4A4, let=True):
+    model, adapter = stories.model, stories.adapter
+    ids = torch.randint(0, 512, (n, seqlen), generator=torch.Generator().manual_seed(0))
+    inputs = ActivationCache(n, (seqlen, 64), torch.float32, "cpu")
+    ctx = adapter.capture(model, (ids[i : i + 1] for i in range(n)), inputs, "cpu")
+    targets = ActivationCache(n, (seqlen, 64), torch.float32, "cpu")
+    block = copy.deepcopy(adapter.blocks(model)[0])
+    with torch.no_grad(), observe_linear_inputs(block) as stats:
+        for i in range(n):
+            targets[i] = adapter.call_block(block, inputs[i].unsqueeze(0), ctx)[0]
+    qblock = adapter.quantize_block(block, spec, let=let, stats=stats)
+    return qblock, ctx, BlockDataModule(inputs, targets, batch_size=2)
+
+
+def test_only_clipping_logits_and_transform_factors_are_trainable(stories):
+    qblock, ctx, _ = tiny_block_setup(stories)
+    module = BlockLightningModule(qblock, ctx, 0, lwc_lr=1e-2, let_lr=5e-3)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    expected = {f"qblock.{n}" for n, p in qblock.named_parameters() if any(p is q for q in qblock.quant_parameters())}
+    assert trainable == expected
+    assert all(n.endswith(("lwc_gamma", "lwc_beta", ".scale", ".shift")) for n in trainable)
+    assert {n.split(".")[-1] for n in trainable} == {"lwc_gamma", "lwc_beta", "scale"}  # RMSNorm: no shifts
+    frozen = [n for n, p in module.named_parameters() if not p.requires_grad]
+    assert any(n.endswith("q_proj.weight") for n in frozen)
+    opt = module.configure_optimizers()
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 5e-3] and all(g["weight_decay"] == 0 for g in opt.param_groups)
+
+
+def test_calibration_checkpoint_holds_only_trainable_state_and_loads_safely(stories, tmp_path):
+    qblock, ctx, data = tiny_block_setup(stories)
+    before = {n: p.detach().clone() for n, p in qblock.named_parameters()}
+    run_info = BlockRun(index=0, n_blocks=5, ctx=ctx, device=torch.device("cpu"), precision="32-true",
+                        checkpoint_dir=tmp_path / "ckpt", resume_checkpoint=None, progress_bar=False)
+    OmniQuant(epochs=2).calibrate(qblock, data, run_info)
+    ckpt = AtomicCheckpointIO().load_checkpoint(tmp_path / "ckpt" / "last.ckpt")
+    trainable = {f"qblock.{n}" for n, p in qblock.named_parameters() if p.requires_grad}
+    assert set(ckpt["state_dict"]) == trainable
+    changed = [n for n, p in qblock.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all(f"qblock.{n}" in trainable for n in changed)  # training moved only trainable tensors
+    (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CorruptCheckpointError, match="Delete it"):
+        AtomicCheckpointIO().load_checkpoint(tmp_path / "bad.ckpt")
+
+
+def test_non_finite_loss_stops_with_the_block_and_a_remedy(stories):
+    qblock, ctx, data = tiny_block_setup(stories)
+    module = BlockLightningModule(qblock, ctx, 3, lwc_lr=1e-2, let_lr=5e-3)
+    x, y = data._gather([0, 1])
+    x[0, 0, 0] = float("nan")
+    with pytest.raises(FloatingPointError, match="block 3: .*trainer.precision=32"):
+        module.training_step((x, y), 0)
+
+
+def test_method_settings_are_validated():
+    with pytest.raises(ValueError, match="method.let"):
+        build_method("omniquant", {"let": "maybe"})
+    with pytest.raises(ValueError, match="bad settings for method 'omniquant'"):
+        build_method("omniquant", {"lwc_learning_rate": 1.0})
+    with pytest.raises(ValueError, match="unknown method 'awq'"):
+        build_method("awq", {})
+
+
+def test_resume_with_a_different_configuration_is_refused(tmp_path):
+    cfg = compose(["method=rtn", "quant=w4a16", f"output_dir={tmp_path}"])
+    from omegaconf import OmegaConf
+
+    RunState.open(tmp_path, OmegaConf.to_container(cfg, resolve=True))
+    other = compose(["method=rtn", "quant=w3a16", f"output_dir={tmp_path}", "seed=5"])
+    with pytest.raises(ValueError, match=r"different configuration.*quant.w_bits: 4 -> 3.*seed: 0 -> 5"):
+        RunState.open(tmp_path, OmegaConf.to_container(other, resolve=True))
+    # evaluation settings may change on resume
+    same = compose(["method=rtn", "quant=w4a16", f"output_dir={tmp_path}", "eval.max_windows=3"])
+    RunState.open(tmp_path, OmegaConf.to_container(same, resolve=True))
+
+
+def test_corrupt_finished_block_is_reported(tmp_path):
+    state = RunState.open(tmp_path, {"seed": 0})
+    state.save_block(0, {"block.w": torch.ones(3)})
+    assert torch.equal(RunState.open(tmp_path, {"seed": 0}).load_block(0)["block.w"], torch.ones(3))
+    state.block_path(0).write_bytes(b"garbage")
+    with pytest.raises(CorruptCheckpointError, match="does not match its recorded hash"):
+        RunState.open(tmp_path, {"seed": 0}).load_block(0)
+
+
+@pytest.fixture(scope="module")
+def quality(tmp_path_factory):
+    """One quick calibration per setting on stories260K (TinyStories perplexity, 20 windows of 256)."""
+    runs = {
+        "rtn-w3a16": ["method=rtn", "quant=w3a16"],
+        "omniquant-w3a16": ["method=omniquant", "quant=w3a16", "method.epochs=10"],
+        "rtn-w4a4": ["method=rtn", "quant=w4a4"],
+        "omniquant-w4a4": ["method=omniquant", "quant=w4a4", "method.epochs=10"],
+        "lwc-only-w4a4": ["method=omniquant", "quant=w4a4", "method.epochs=10", "method.let=false"],
+    }
+    out = {}
+    for name, overrides in runs.items():
+        d = tmp_path_factory.mktemp(name)
+        res = run(compose([*overrides, *QUICK, f"output_dir={d}", "logger=csv"]))
+        out[name] = (res["perplexity"]["tinystories"]["perplexity"], res, d)
+    return out
+
+
+def test_omniquant_beats_rtn_and_let_helps(quality):
+    ppl = {k: v[0] for k, v in quality.items()}
+    assert ppl["omniquant-w3a16"] < ppl["rtn-w3a16"]
+    assert ppl["omniquant-w4a4"] < ppl["rtn-w4a4"]
+    assert ppl["omniquant-w4a4"] < ppl["lwc-only-w4a4"]
+
+
+def test_results_and_tracking_outputs(quality):
+    _, res, d = quality["omniquant-w4a4"]
+    saved = json.loads((d / "results.json").read_text())
+    assert saved["quant"]["name"] == "w4a4" and saved["method"] == "omniquant"
+    assert len(saved["blocks"]) == 5 and all(b["output_mse"] > 0 for b in saved["blocks"])
+    assert "let_attn_in_scale_mean" in saved["blocks"][0] and "clip_max_mean" in saved["blocks"][0]
+    assert 4.0 < saved["bits_per_weight"] < 4.6
+    metrics = (d / "logs" / "metrics.csv").read_text()
+    assert "block_0/loss" in metrics and "ppl/tinystories" in metrics
+    assert sorted(p.name for p in (d / "blocks").iterdir()) == [f"block_{i:03d}.safetensors" for i in range(5)]
+    assert not any((d / "checkpoints").glob("*/last.ckpt"))  # finished blocks leave no in-progress checkpoints
+
+
+def test_weight_only_export_loads_in_transformers_with_the_same_perplexity(quality, data_dir):
+    ppl, res, d = quality["omniquant-w3a16"]
+    model = AutoModelForCausalLM.from_pretrained(d / "model", dtype=torch.float32)
+    tok = load_fake_quant(d / "model").tokenizer
+    ids = tokenize(load_corpus("tinystories", "eval", data_dir), tok)
+    again = perplexity(model, ids, 256, max_windows=20)
+    assert again.perplexity == pytest.approx(ppl, rel=1e-5)
+
+
+def test_weight_activation_export_reloads_with_its_runtime_quantizers(quality, data_dir):
+    ppl, res, d = quality["omniquant-w4a4"]
+    loaded = load_fake_quant(d / "model")
+    ids = tokenize(load_corpus("tinystories", "eval", data_dir), loaded.tokenizer)
+    assert perplexity(loaded.model, ids, 256, max_windows=20).perplexity == pytest.approx(ppl, rel=1e-5)
+    plain = AutoModelForCausalLM.from_pretrained(d / "model", dtype=torch.float32)
+    assert perplexity(plain, ids, 256, max_windows=20).perplexity < ppl  # weights alone: activations not quantized

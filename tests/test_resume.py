@@ -1,0 +1,57 @@
+"""Kill a calibration with SIGKILL in the middle of a block, run the same command again, get the same result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import REPO
+
+ARGS = ["method=omniquant", "quant=w4a4", "calib.nsamples=8", "method.epochs=8", "eval.max_windows=5",
+        "eval.fp_baseline=false", "trainer.enable_progress_bar=false"]
+
+
+def command(out_dir):
+    return [sys.executable, "train.py", *ARGS, f"output_dir={out_dir}"]
+
+
+def run_to_end(out_dir):
+    done = subprocess.run(command(out_dir), cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out_dir / "results.json").read_text())
+
+
+def test_sigkill_mid_block_then_resume_matches_an_uninterrupted_run(tmp_path):
+    reference = run_to_end(tmp_path / "reference")
+
+    out = tmp_path / "killed"
+    in_progress = out / "checkpoints" / "block_001" / "last.ckpt"
+    proc = subprocess.Popen(command(out), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    while not in_progress.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed mid-block"
+    assert (out / "blocks" / "block_000.safetensors").exists()
+    assert not (out / "blocks" / "block_001.safetensors").exists(), "block 1 was not in progress"
+    assert not (out / "results.json").exists()
+
+    resumed = run_to_end(out)
+    assert resumed["blocks"][0].get("resumed") == 1.0
+    assert resumed["perplexity"] == {k: {**v, "seconds": resumed["perplexity"][k]["seconds"],
+                                         "source": resumed["perplexity"][k]["source"]}
+                                     for k, v in reference["perplexity"].items()}
+    for i in range(5):
+        a = load_file(str(tmp_path / "reference" / "blocks" / f"block_{i:03d}.safetensors"))
+        b = load_file(str(out / "blocks" / f"block_{i:03d}.safetensors"))
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), f"block {i}: {k} differs after resume"
