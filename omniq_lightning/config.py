@@ -6,12 +6,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = PROJECT_ROOT / "configs"
 
 
 def existing_dir(path: str) -> str | None:
-    """Resolver ``${existing_dir:PATH}``: PATH made absolute if it is an existing folder, else null."""
+    """Resolver ``${existing_dir:PATH}``: PATH (relative to the project root) as an absolute path if it is
+    an existing folder, else null. Independent of the working directory, so notebooks and tests agree."""
     p = Path(path).expanduser()
+    p = p if p.is_absolute() else PROJECT_ROOT / p
     return str(p.resolve()) if p.is_dir() else None
 
 

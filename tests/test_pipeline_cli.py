@@ -64,3 +64,19 @@ def test_cli_runs_fp_and_rejects_unknown_model(tmp_path):
                          timeout=300)
     assert bad.returncode != 0
     assert "llama9-1t" in bad.stderr and "stories260k" in bad.stderr  # Hydra lists the available model configs
+
+
+def test_wandb_without_an_api_key_goes_offline_and_says_so(tmp_path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB")}
+    env["HOME"] = str(tmp_path / "home")  # no ~/.netrc credentials either
+    out = tmp_path / "run"
+    done = subprocess.run(
+        [sys.executable, "train.py", "logger=wandb", "quant=w4a16", "calib.nsamples=2", "method.epochs=1",
+         "eval.max_windows=2", "eval.fp_baseline=false", "trainer.enable_progress_bar=false", f"output_dir={out}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no API key found" in done.stdout
+    assert list((out / "wandb").glob("offline-run-*"))

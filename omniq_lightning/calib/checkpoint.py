@@ -39,4 +39,4 @@ class EpochCheckpoint(L.Callback):
         self.path = Path(dirpath) / "last.ckpt"
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimizer and loops too

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,3 +20,4 @@ class BlockRun:
     resume_checkpoint: Path | None
     logger: Any = None  # a Lightning logger, or None
     progress_bar: bool = True
+    callbacks: list[Any] = field(default_factory=list)  # extra Lightning callbacks (timers, profilers)

@@ -50,7 +50,7 @@ class OmniQuant(Method):
             devices=[run.device.index or 0] if run.device.type == "cuda" else 1,
             precision=run.precision,
             logger=run.logger if run.logger is not None else False,
-            callbacks=[EpochCheckpoint(run.checkpoint_dir)],
+            callbacks=[EpochCheckpoint(run.checkpoint_dir), *run.callbacks],
             enable_checkpointing=False,
             plugins=[AtomicCheckpointIO()],
             enable_progress_bar=run.progress_bar,

@@ -1,0 +1,123 @@
+"""Seconds per block-epoch and peak memory of OmniQuant block calibration, fused kernels vs the reference.
+
+    python benchmarks/calibration.py                       # CUDA: a LLaMA-2-7B-shaped block, 2048-token samples
+    python benchmarks/calibration.py --shape small         # CPU-sized block (hidden 512), 256-token samples
+
+The block has random weights (timing does not depend on them). One calibration = ``Trainer.fit`` of a
+``BlockLightningModule`` over ``--nsamples`` cached samples, as the pipeline runs it; the reported time
+is the median epoch after the first (warm-up) epoch. On CUDA it runs twice, with the fused extension
+and with ``OMNIQ_DISABLE_CUDA_EXT=1`` (the reference); on CPU only the reference exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+from omniq_lightning.calib import ActivationCache, BlockDataModule, BlockRun, observe_linear_inputs
+from omniq_lightning.methods import OmniQuant
+from omniq_lightning.models import BlockContext, LlamaAdapter
+from omniq_lightning.quant import QuantSpec
+from omniq_lightning.quant import cuda as cuda_ext
+
+SHAPES = {
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
+    "small": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_key_value_heads=8),
+}
+PRESETS = {"w4a4": QuantSpec(w_bits=4, a_bits=4, kv_bits=4), "w4a16g128": QuantSpec(w_bits=4, w_group_size=128)}
+
+
+class EpochTimer(L.Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.times.append(time.perf_counter() - self.t0)
+
+
+def build(shape: str, seqlen: int, nsamples: int, device: torch.device, spec: QuantSpec):
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seqlen, 2048), attn_implementation="sdpa")
+    torch.manual_seed(0)
+    block = LlamaDecoderLayer(cfg, layer_idx=0).to(device).eval()
+    rope = LlamaRotaryEmbedding(cfg).to(device)
+    x = torch.randn(nsamples, seqlen, cfg.hidden_size, device=device)
+    pos = torch.arange(seqlen, device=device)[None]
+    ctx = BlockContext({"position_embeddings": rope(x[:1], pos), "position_ids": pos, "attention_mask": None})
+    adapter = LlamaAdapter()
+    inputs = ActivationCache(nsamples, (seqlen, cfg.hidden_size), torch.float16, device, where="auto")
+    targets = ActivationCache(nsamples, (seqlen, cfg.hidden_size), torch.float16, device, where="auto")
+    with torch.no_grad(), observe_linear_inputs(block) as stats:
+        for i in range(nsamples):
+            inputs[i] = x[i]
+            targets[i] = adapter.call_block(block, x[i : i + 1], ctx)[0]
+    qblock = adapter.quantize_block(block, spec, let=not spec.weight_only, stats=stats)
+    return qblock, ctx, BlockDataModule(inputs, targets, batch_size=1)
+
+
+def measure(args, device: torch.device, fused: bool) -> dict:
+    os.environ["OMNIQ_DISABLE_CUDA_EXT"] = "0" if fused else "1"
+    cuda_ext.load_extension.cache_clear()
+    spec = PRESETS[args.quant]
+    qblock, ctx, data = build(args.shape, args.seqlen, args.nsamples, device, spec)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timer = EpochTimer()
+    precision = ("bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed") if device.type == "cuda" else "32-true"
+    with tempfile.TemporaryDirectory() as tmp:
+        run = BlockRun(index=0, n_blocks=1, ctx=ctx, device=device, precision=precision, checkpoint_dir=Path(tmp),
+                       resume_checkpoint=None, progress_bar=False, callbacks=[timer])
+        OmniQuant(epochs=args.epochs).calibrate(qblock, data, run)
+    peak = (torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    steady = timer.times[1:] or timer.times
+    return {"epoch_s": statistics.median(steady), "peak_gib": peak, "path": "fused" if fused else "reference",
+            "extension": cuda_ext.load_extension() is not None}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None)
+    ap.add_argument("--quant", choices=sorted(PRESETS), default="w4a4")
+    ap.add_argument("--seqlen", type=int, default=None)
+    ap.add_argument("--nsamples", type=int, default=None)
+    ap.add_argument("--epochs", type=int, default=3)
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    gpu = device.type == "cuda"
+    args.shape = args.shape or ("llama2-7b" if gpu else "small")
+    args.seqlen = args.seqlen or (2048 if gpu else 256)
+    args.nsamples = args.nsamples or (32 if gpu else 8)
+    name = torch.cuda.get_device_name(device) if gpu else f"CPU ({os.cpu_count()} cores)"
+    print(f"device: {name}; block {args.shape}; {args.quant}; {args.nsamples} samples x {args.seqlen} tokens; "
+          f"batch 1; {args.epochs} epochs; torch {torch.__version__}")
+    rows = [measure(args, device, fused=True)] if gpu else []
+    rows.append(measure(args, device, fused=False))
+    print("| path | s / block-epoch | s / sample | peak memory GiB |")
+    print("|---|---|---|---|")
+    for r in rows:
+        label = r["path"] + ("" if r["path"] == "reference" or r["extension"] else " (extension did not load)")
+        print(f"| {label} | {r['epoch_s']:.3f} | {r['epoch_s'] / args.nsamples:.4f} | {r['peak_gib']:.2f} |")
+    if len(rows) == 2:
+        print(f"speedup of the fused path: {rows[1]['epoch_s'] / rows[0]['epoch_s']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
