@@ -190,7 +190,8 @@ def quantize(cfg: DictConfig, loaded: LoadedModel, spec: QuantSpec, method: Meth
             folded.load_state_dict({k[len("block."):]: v for k, v in saved.items() if k.startswith("block.")})
             block_stats: dict[str, float] = {"resumed": 1.0}
         else:
-            qblock = adapter.quantize_block(block, plan.spec, plan.let, stats, plan.let_alpha)
+            qblock = adapter.quantize_block(block, plan.spec, plan.let, stats, plan.let_alpha, plan.let_kinds,
+                                            plan.let_shift)
             observe_static_ranges(qblock, q_in, ctx)
             run = BlockRun(index=i, n_blocks=len(blocks), ctx=ctx, device=device, precision=precision,
                            checkpoint_dir=state.checkpoint_dir(i), resume_checkpoint=state.resume_checkpoint(i),

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from typing import Any
 
+from omniq_lightning.methods.awq import AWQ
 from omniq_lightning.methods.base import BlockPlan, Method
+from omniq_lightning.methods.gptq import GPTQ
 from omniq_lightning.methods.omniquant import OmniQuant
 from omniq_lightning.methods.rtn import RTN
+from omniq_lightning.methods.smoothquant import SmoothQuant
 
 # Keys of a method config that the pipeline reads rather than the method.
 NON_METHOD_KEYS = ("name", "tag", "batch_size")
 
-METHODS: dict[str, type[Method]] = {"rtn": RTN, "omniquant": OmniQuant}
+METHODS: dict[str, type[Method]] = {
+    "rtn": RTN, "gptq": GPTQ, "awq": AWQ, "smoothquant": SmoothQuant, "omniquant": OmniQuant,
+}
 
 
 def build_method(name: str, settings: dict[str, Any]) -> Method:
@@ -25,4 +30,4 @@ def build_method(name: str, settings: dict[str, Any]) -> Method:
         raise ValueError(f"bad settings for method '{name}' ({exc}); given: {sorted(params)}") from exc
 
 
-__all__ = ["METHODS", "BlockPlan", "Method", "OmniQuant", "RTN", "build_method"]
+__all__ = ["AWQ", "GPTQ", "SmoothQuant", "METHODS", "BlockPlan", "Method", "OmniQuant", "RTN", "build_method"]

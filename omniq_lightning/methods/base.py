@@ -18,6 +18,8 @@ class BlockPlan:
     spec: QuantSpec
     let: bool
     let_alpha: float = 0.5
+    let_kinds: tuple[str, ...] = ("norm", "linear", "qk")  # which of the adapter's LET pairs to build
+    let_shift: bool = True  # shifts where the preceding op can absorb them (OPT), never where it cannot
 
 
 class Method:

@@ -144,8 +144,9 @@ class ModelAdapter:
     def attention_modules(self, block: nn.Module) -> list[nn.Module]:
         raise NotImplementedError
 
-    def let_pair_specs(self, block: nn.Module, stats: InputStats, alpha: float) -> list[LETPairSpec]:
-        """The LET pairs of ``block`` with their initial factors (SmoothQuant scales, OS+ shifts)."""
+    def let_pair_specs(self, block: nn.Module, stats: InputStats, alpha: float, shift: bool = True) -> list[LETPairSpec]:
+        """The LET pairs of ``block`` with their initial factors (SmoothQuant scales, OS+ shifts where
+        ``shift`` allows and the family can absorb them)."""
         raise NotImplementedError
 
     def base_attention(self, attn: nn.Module) -> Callable:
@@ -158,18 +159,25 @@ class ModelAdapter:
         return ALL_ATTENTION_FUNCTIONS[impl]
 
     def quantize_block(
-        self, block: nn.Module, spec: QuantSpec, let: bool = False, stats: InputStats | None = None, alpha: float = 0.5
+        self,
+        block: nn.Module,
+        spec: QuantSpec,
+        let: bool = False,
+        stats: InputStats | None = None,
+        alpha: float = 0.5,
+        let_kinds: tuple[str, ...] = ("norm", "linear", "qk"),
+        let_shift: bool = True,
     ) -> QuantBlock:
         """Swap in ``QuantLinear``s (and ``QuantMatMul``s), register LET pairs; returns a ``QuantBlock``.
 
         ``stats`` (per-channel input ranges of the fp block) initialises the LET factors; it is
-        required when ``let`` is true.
+        required when ``let`` is true. ``let_kinds`` selects pair kinds (norm, linear, qk).
         """
         specs: list[LETPairSpec] = []
         if let:
             if stats is None:
                 raise ValueError("LET needs the block's input statistics to initialise its scales")
-            specs = self.let_pair_specs(block, stats, alpha)  # from the fp weights, before any swap
+            specs = [s for s in self.let_pair_specs(block, stats, alpha, let_shift) if s.kind in let_kinds]
         swap_linears(block, lambda _name, lin: QuantLinear(lin, spec, quantize_input=spec.quantizes_activations))
         if spec.quantizes_activations or spec.quantizes_kv:
             name = register_attention()

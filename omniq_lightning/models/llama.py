@@ -31,7 +31,7 @@ class LlamaAdapter(ModelAdapter):
     def attention_modules(self, block: nn.Module) -> list[nn.Module]:
         return [block.self_attn]
 
-    def let_pair_specs(self, block: nn.Module, stats: InputStats, alpha: float) -> list[LETPairSpec]:
+    def let_pair_specs(self, block: nn.Module, stats: InputStats, alpha: float, shift: bool = True) -> list[LETPairSpec]:
         """RMSNorm -> q/k/v and -> gate/up (no shifts: RMSNorm has no bias to absorb them); v -> o with
         one scale per value channel shared by the query heads of its group; q/k with one scale per
         rotary pair of each key head, so the rotation commutes with it and QK^T stays exact."""

@@ -67,6 +67,17 @@ def model_type_of(source: ModelSource, trust_remote_code: bool = False) -> str:
     return config.model_type
 
 
+def forget_gguf_quantizer(model: nn.Module) -> None:
+    """``transformers`` dequantizes GGUF tensors into ordinary ones but keeps a record of the GGUF
+    quantizer, which makes ``save_pretrained`` refuse; the loaded weights are plain, so drop the record."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+
+
 def load_model(
     path: str,
     *,
@@ -93,6 +104,8 @@ def load_model(
         **kw,
     )
     tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code, **kw)
+    if source.gguf_file:
+        forget_gguf_quantizer(model)
     model.eval()
     model.config.use_cache = False
     return LoadedModel(model, tokenizer, adapter, source)

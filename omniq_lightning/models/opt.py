@@ -33,17 +33,17 @@ class OPTAdapter(ModelAdapter):
     def attention_modules(self, block: nn.Module) -> list[nn.Module]:
         return [block.self_attn]
 
-    def let_pair_specs(self, block: nn.Module, stats: InputStats, alpha: float) -> list[LETPairSpec]:
+    def let_pair_specs(self, block: nn.Module, stats: InputStats, alpha: float, shift: bool = True) -> list[LETPairSpec]:
         """LayerNorm -> q/k/v and -> fc1 with shifts (the LayerNorm bias absorbs them); v -> out_proj with
         a shift (v's bias absorbs it; attention rows sum to one, so the shift passes through); q/k per channel."""
         if not block.do_layer_norm_before:
             raise ValueError("LET needs pre-LayerNorm OPT blocks (do_layer_norm_before=True); this model is post-LN")
         lo, hi = stats[O_PROJ]
-        vo_shift = midpoint_shift(lo, hi)
+        vo_shift = midpoint_shift(lo, hi) if shift else None
         vo_scale = smoothquant_scale(self.input_absmax(stats, O_PROJ, vo_shift), self.weight_absmax(block, [O_PROJ]), alpha)
         return [
-            self.norm_pair(block, "attn_in", "self_attn_layer_norm", [Q, K, V], stats, alpha, use_shift=True),
-            self.norm_pair(block, "mlp_in", "final_layer_norm", ["fc1"], stats, alpha, use_shift=True),
+            self.norm_pair(block, "attn_in", "self_attn_layer_norm", [Q, K, V], stats, alpha, use_shift=shift),
+            self.norm_pair(block, "mlp_in", "final_layer_norm", ["fc1"], stats, alpha, use_shift=shift),
             LETPairSpec("vo", "linear", V, [O_PROJ], vo_scale, vo_shift),
             LETPairSpec("qk", "qk", Q, [K], torch.ones(block.self_attn.k_proj.out_features)),
         ]

@@ -66,18 +66,32 @@ class QuantLinear(nn.Module):
         return F.linear(x, w.to(x.dtype), None if b is None else b.to(x.dtype))
 
     @torch.no_grad()
-    def fold(self) -> None:
-        """Write the quantized (clipped, transformed) weight into ``weight``; drop LWC and LET state."""
-        w, b = self.quantized_weight()
+    def fold_transform(self) -> None:
+        """Write the LET-transformed (not yet quantized) weight and bias into ``weight`` and ``bias``."""
+        if self._let is None:
+            return
+        w, b = self._let
         self.weight.data = w.to(self.weight.dtype).contiguous()
         if b is not None:
             if self.bias is None:
                 self.bias = nn.Parameter(b.to(self.weight.dtype), requires_grad=False)
             else:
                 self.bias.data = b.to(self.bias.dtype)
+        self._let = None
+
+    @torch.no_grad()
+    def set_quantized_weight(self, w: torch.Tensor) -> None:
+        """Store a weight that is already on its grid (e.g. from GPTQ): no further weight quantization."""
+        self.weight.data = w.to(self.weight.dtype).contiguous()
         self.weight_quant = False
         self.lwc_gamma = self.lwc_beta = None
-        self._let = None
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """Write the quantized (clipped, transformed) weight into ``weight``; drop LWC and LET state."""
+        self.fold_transform()
+        if self.weight_quant:
+            self.set_quantized_weight(self.quantized_weight()[0])
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with this layer's (folded) weight; only valid without an input quantizer."""

@@ -11,6 +11,7 @@ from omniq_lightning.quant.functional import (
     scale_zero,
     tensor_range_params,
     validate_weight,
+    weight_scale_zero,
 )
 from omniq_lightning.quant.ops import fake_quant_per_token, fake_quant_weight
 from omniq_lightning.quant.spec import QuantSpec
@@ -29,4 +30,5 @@ __all__ = [
     "scale_zero",
     "tensor_range_params",
     "validate_weight",
+    "weight_scale_zero",
 ]

@@ -170,6 +170,26 @@ def tensor_range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric
     return scale.detach(), zero.detach()
 
 
+def weight_scale_zero(
+    w: torch.Tensor,
+    bits: int,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    gamma: torch.Tensor | None = None,
+    beta: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales and zero points ``[n_groups, 1]`` (groups in row-major order) of a weight's grid, LWC included."""
+    validate_weight(w, group_size)
+    with torch.no_grad():
+        dt = compute_dtype(w)
+        g = group_view(w, group_size).to(dt)
+        lo, hi = g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True)
+        gam = _logits_view("gamma", gamma, g.shape[0])
+        bet = _logits_view("beta", beta, g.shape[0])
+        lo, hi = lwc_bounds(lo, hi, None if gam is None else gam.to(dt), None if bet is None else bet.to(dt))
+        return scale_zero(lo, hi, bits, symmetric)
+
+
 def quantize_weight_int(
     w: torch.Tensor,
     bits: int,
@@ -182,15 +202,9 @@ def quantize_weight_int(
 
     ``(codes - zero) * scale`` per group reproduces :func:`fake_quant_weight` exactly.
     """
-    validate_weight(w, group_size)
+    scale, zero = weight_scale_zero(w, bits, group_size, symmetric, gamma, beta)
     with torch.no_grad():
-        dt = compute_dtype(w)
-        g = group_view(w, group_size).to(dt)
-        lo, hi = g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True)
-        gam = _logits_view("gamma", gamma, g.shape[0])
-        bet = _logits_view("beta", beta, g.shape[0])
-        lo, hi = lwc_bounds(lo, hi, None if gam is None else gam.to(dt), None if bet is None else bet.to(dt))
-        scale, zero = scale_zero(lo, hi, bits, symmetric)
+        g = group_view(w, group_size).to(scale.dtype)
         qmin, qmax = grid(bits, symmetric)
         codes = torch.clamp(torch.round(g / scale) + zero, qmin, qmax)
     return codes.reshape(w.shape).to(torch.int32), scale, zero

@@ -54,19 +54,27 @@ class QuantBlock(nn.Module):
         return self._call(self.block, hidden, ctx)
 
     @torch.no_grad()
+    def fold_transforms(self) -> None:
+        """Write the LET transforms into the (still unquantized) weights and norms; no LET pairs remain."""
+        if len(self.let):
+            self.apply_let()
+        for name, m in list(self.block.named_modules()):
+            if isinstance(m, QuantLinear):
+                m.fold_transform()
+            elif isinstance(m, LETNorm):
+                self.block.set_submodule(name, m.fold())
+        self.let = nn.ModuleDict()
+
+    @torch.no_grad()
     def fold(self) -> nn.Module:
         """Fold LET and LWC into the weights; returns the block with plain norms, and plain linears
         wherever the input is not quantized (layers that quantize their input keep a folded QuantLinear)."""
-        if len(self.let):
-            self.apply_let()
+        self.fold_transforms()
         for name, m in list(self.block.named_modules()):
             if isinstance(m, QuantLinear):
                 m.fold()
                 if m.act_quant is None:
                     self.block.set_submodule(name, m.to_linear())
-            elif isinstance(m, LETNorm):
-                self.block.set_submodule(name, m.fold())
-        self.let = nn.ModuleDict()
         return self.block
 
     def extra_repr(self) -> str:

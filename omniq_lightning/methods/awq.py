@@ -1,0 +1,152 @@
+"""AWQ on the block rails: activation-aware scale search over the adapter's LET pairs, then clipping search.
+
+Scales: for each pair (norm -> linears, v -> o), ``s = mean|x|^r`` normalised by ``sqrt(max(s) min(s))``,
+with ``r`` on a grid in [0, 1); the ``r`` that minimises the quantized block's output error wins.
+Clipping: for each linear, output channel and group, the range is shrunk on a grid (1.0 down to
+``1 - max_shrink``) to minimise that group's output error on sampled inputs; the chosen ratio is
+stored as LWC logits, so folding is the same as for OmniQuant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from omniq_lightning.calib import ActivationCache
+from omniq_lightning.methods.base import BlockPlan, Method
+from omniq_lightning.nn import QuantLinear
+from omniq_lightning.quant import fake_quant_weight
+from omniq_lightning.transforms import QuantBlock
+
+MAX_CLIP_ROWS = 2048  # tokens sampled per linear for the clipping search
+
+
+@torch.no_grad()
+def block_error(qblock: QuantBlock, inputs: ActivationCache, targets: ActivationCache, ctx) -> float:
+    err = 0.0
+    for j in range(len(inputs)):
+        out = qblock(inputs[j].unsqueeze(0).float(), ctx)[0]
+        err += torch.mean((out.float() - targets[j].float()) ** 2).item()
+    return err / len(inputs)
+
+
+@torch.no_grad()
+def linear_inputs(qblock: QuantBlock, inputs: ActivationCache, ctx, max_rows: int) -> dict[str, torch.Tensor]:
+    """Per weight-quantized linear: its inputs (as transformed by the current LET), up to ``max_rows`` tokens
+    spread evenly over the calibration samples."""
+    rows: dict[str, list[torch.Tensor]] = {}
+    per_sample = max(1, max_rows // len(inputs))
+    linears = {n: m for n, m in qblock.block.named_modules() if isinstance(m, QuantLinear) and m.weight_quant}
+
+    def hook(name):
+        def fn(_m, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            step = max(1, x.shape[0] // per_sample)
+            rows.setdefault(name, []).append(x[::step][:per_sample])
+
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
+    try:
+        for j in range(len(inputs)):
+            qblock(inputs[j].unsqueeze(0).float(), ctx)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in rows.items()}
+
+
+def logit(r: float) -> float:
+    r = min(max(r, 1e-4), 1 - 1e-4)
+    return math.log(r / (1 - r))
+
+
+@torch.no_grad()
+def search_scales(qblock: QuantBlock, inputs: ActivationCache, targets: ActivationCache, ctx, n_grid: int) -> dict:
+    """Grid-search each norm/linear pair's scale exponent; pairs AWQ does not use are removed."""
+    for name in [n for n, p in qblock.let.items() if p.kind == "qk"]:
+        del qblock.let[name]
+    for pair in qblock.let.values():
+        pair.scale.fill_(1.0)
+        pair.shift = None
+    x = linear_inputs(qblock, inputs, ctx, MAX_CLIP_ROWS)
+    chosen = {}
+    for name, pair in list(qblock.let.items()):
+        mean_abs = x[pair.targets[0]].abs().mean(0)
+        if mean_abs.numel() != pair.scale.numel():  # e.g. v -> o under grouped-query attention: not searched
+            del qblock.let[name]
+            continue
+        best = (float("inf"), 0.0, torch.ones_like(pair.scale))
+        for r in range(n_grid):
+            ratio = r / n_grid
+            s = mean_abs.pow(ratio).clamp(min=1e-4)
+            s = s / (s.max() * s.min()).sqrt()
+            pair.scale.copy_(s)
+            err = block_error(qblock, inputs, targets, ctx)
+            if err < best[0]:
+                best = (err, ratio, s.clone())
+        pair.scale.copy_(best[2])
+        chosen[name] = best[1]
+    return chosen
+
+
+@torch.no_grad()
+def search_clipping(qblock: QuantBlock, inputs: ActivationCache, ctx, n_grid: int, max_shrink: float) -> None:
+    """Per output channel and group, the clip ratio minimising ``|| (Q(W) - W) x ||^2`` on sampled inputs."""
+    if len(qblock.let):
+        qblock.apply_let()
+    x = linear_inputs(qblock, inputs, ctx, MAX_CLIP_ROWS)
+    ratios = [1.0 - max_shrink * i / n_grid for i in range(n_grid + 1)]
+    for name, lin in qblock.block.named_modules():
+        if not isinstance(lin, QuantLinear) or lin.lwc_gamma is None or name not in x:
+            continue
+        w = lin.effective()[0].detach().float()
+        group = lin.group_size or lin.in_features
+        xs = x[name].T.reshape(lin.in_features // group, group, -1)  # [groups, group, tokens]
+        best_err = torch.full(lin.lwc_gamma.shape, float("inf"), device=w.device)
+        best_logit = torch.empty_like(best_err)
+        for r in ratios:
+            lg = torch.full_like(best_err, logit(r))
+            q = fake_quant_weight(w, lin.w_bits, lin.group_size, lin.symmetric, lg, lg)
+            diff = (q - w).reshape(lin.out_features, -1, group)  # [out, groups, group]
+            err = torch.einsum("ogk,gkt->ogt", diff, xs).pow(2).sum(-1)  # [out, groups]
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_logit = torch.where(better, lg, best_logit)
+        lin.lwc_gamma.copy_(best_logit)
+        lin.lwc_beta.copy_(best_logit)
+
+
+def awq_block(qblock: QuantBlock, inputs, targets, ctx, n_grid: int, clip: bool, max_shrink: float) -> dict:
+    chosen = search_scales(qblock, inputs, targets, ctx, n_grid)
+    if clip:
+        search_clipping(qblock, inputs, ctx, n_grid, max_shrink)
+    return chosen
+
+
+class AWQ(Method):
+    name = "awq"
+    needs_training_data = True
+
+    def __init__(self, n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5) -> None:
+        if n_grid < 1:
+            raise ValueError(f"method.n_grid must be positive, got {n_grid}")
+        if not 0.0 <= max_shrink < 1.0:
+            raise ValueError(f"method.max_shrink must be in [0, 1), got {max_shrink}")
+        self.n_grid, self.clip, self.max_shrink = n_grid, clip, max_shrink
+
+    @property
+    def needs_stats(self) -> bool:  # type: ignore[override]
+        return True
+
+    def plan(self, spec, let_default_weight_only: bool) -> BlockPlan:
+        if not spec.quantizes_weights:
+            raise ValueError("AWQ quantizes weights: choose a setting with w_bits < 16")
+        return BlockPlan(spec, let=True, let_kinds=("norm", "linear"), let_shift=False)
+
+    def calibrate(self, qblock, data, run) -> None:
+        if not self.clip:
+            for lin in qblock.quant_linears():
+                lin.lwc_gamma = lin.lwc_beta = None  # no clipping: plain min/max ranges
+        awq_block(qblock, data.inputs, data.targets, run.ctx, self.n_grid, self.clip, self.max_shrink)

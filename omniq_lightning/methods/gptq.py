@@ -1,0 +1,79 @@
+"""GPTQ on the block rails: Hessians from the block's calibration inputs, then column-wise quantization."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from omniq_lightning.calib import ActivationCache
+from omniq_lightning.methods.base import BlockPlan, Method
+from omniq_lightning.nn import QuantLinear
+from omniq_lightning.quant import grid, weight_scale_zero
+from omniq_lightning.quant.gptq import ColumnQuantizer, HessianAccumulator, check_damp, gptq_quantize
+from omniq_lightning.transforms import QuantBlock
+
+
+def weight_linears(qblock: QuantBlock) -> dict[str, QuantLinear]:
+    return {n: m for n, m in qblock.block.named_modules() if isinstance(m, QuantLinear) and m.weight_quant}
+
+
+@torch.no_grad()
+def collect_hessians(qblock: QuantBlock, inputs: ActivationCache, ctx) -> dict[str, torch.Tensor]:
+    """Each weight-quantized linear's input Hessian over all calibration samples, with the block's
+    weights in full precision (one pass, as GPTQ gathers a block's sub-layer inputs)."""
+    linears = weight_linears(qblock)
+    accs = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in linears.items()}
+    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: accs[n].add(args[0])) for n, m in linears.items()]
+    for m in linears.values():
+        m.weight_quant = False
+    try:
+        for j in range(len(inputs)):
+            qblock(inputs[j].unsqueeze(0).float(), ctx)
+    finally:
+        for h in hooks:
+            h.remove()
+        for m in linears.values():
+            m.weight_quant = True
+    return {n: a.H for n, a in accs.items()}
+
+
+def column_quantizer(lin: QuantLinear) -> ColumnQuantizer:
+    """Rounds a column onto the static grid of its original group (LWC clipping included when present)."""
+    scale, zero = weight_scale_zero(lin.weight, lin.w_bits, lin.group_size, lin.symmetric, lin.lwc_gamma, lin.lwc_beta)
+    n_groups = lin.in_features // (lin.group_size or lin.in_features)
+    S, Z = scale.view(lin.out_features, n_groups), zero.view(lin.out_features, n_groups)
+    qmin, qmax = grid(lin.w_bits, lin.symmetric)
+    group = lin.group_size or lin.in_features
+
+    def quantize(w: torch.Tensor, j: int) -> torch.Tensor:
+        s, z = S[:, j // group].to(w.dtype), Z[:, j // group].to(w.dtype)
+        return (torch.clamp(torch.round(w / s) + z, qmin, qmax) - z) * s
+
+    return quantize
+
+
+def gptq_block(qblock: QuantBlock, inputs: ActivationCache, ctx, damp: float, act_order: bool, blocksize: int) -> None:
+    """Fold any LET transforms, then replace every weight-quantized linear's weight by its GPTQ solution."""
+    qblock.fold_transforms()
+    hessians = collect_hessians(qblock, inputs, ctx)
+    for name, lin in weight_linears(qblock).items():
+        q = gptq_quantize(lin.weight, hessians[name], column_quantizer(lin), blocksize, damp, act_order)
+        lin.set_quantized_weight(q)
+
+
+class GPTQ(Method):
+    name = "gptq"
+    needs_training_data = True
+
+    def __init__(self, damp: float = 0.01, act_order: bool = False, blocksize: int = 128) -> None:
+        self.damp = check_damp(damp)
+        if blocksize < 1:
+            raise ValueError(f"method.blocksize must be positive, got {blocksize}")
+        self.act_order, self.blocksize = act_order, blocksize
+
+    def plan(self, spec, let_default_weight_only: bool) -> BlockPlan:
+        return BlockPlan(replace(spec, lwc=False), let=False)
+
+    def calibrate(self, qblock, data, run) -> None:
+        gptq_block(qblock, data.inputs, run.ctx, self.damp, self.act_order, self.blocksize)

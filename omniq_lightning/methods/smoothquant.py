@@ -1,0 +1,32 @@
+"""SmoothQuant: migrate activation outliers into the weights with ``s = max|X|^alpha / max|W|^(1-alpha)``
+on the norm -> linear pairs, then round to nearest. For weight-activation settings only."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from omniq_lightning.methods.base import BlockPlan, Method
+
+
+class SmoothQuant(Method):
+    name = "smoothquant"
+
+    def __init__(self, alpha: float = 0.5) -> None:
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"method.alpha (migration strength) must be in [0, 1], got {alpha}")
+        self.alpha = alpha
+
+    @property
+    def needs_stats(self) -> bool:  # type: ignore[override]
+        return True
+
+    def plan(self, spec, let_default_weight_only: bool) -> BlockPlan:
+        if not spec.quantizes_activations:
+            raise ValueError(
+                f"SmoothQuant migrates activation outliers, so it needs a weight-activation setting "
+                f"(quant=w8a8, w6a6 or w4a4), not {spec.name}; for weight-only settings use rtn, gptq, awq or omniquant"
+            )
+        return BlockPlan(replace(spec, lwc=False), let=True, let_alpha=self.alpha, let_kinds=("norm",), let_shift=False)
+
+    def calibrate(self, qblock, data, run) -> None:
+        return None  # the scales are SmoothQuant's statistics, set when the block was built
