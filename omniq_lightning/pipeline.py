@@ -77,6 +77,19 @@ def check_seqlen(seqlen: int, loaded: LoadedModel, what: str) -> None:
         )
 
 
+def check_spec_fits(loaded: LoadedModel, spec: QuantSpec) -> None:
+    """Every linear layer of every block can take the spec (group size divides its input width)."""
+    if not spec.quantizes_weights:
+        return
+    for i, block in enumerate(loaded.adapter.blocks(loaded.model)):
+        for name, m in block.named_modules():
+            if isinstance(m, torch.nn.Linear):
+                try:
+                    spec.validate_linear(m.in_features)
+                except ValueError as exc:
+                    raise ValueError(f"block {i} {name}: {exc}") from None
+
+
 def evaluate(cfg: DictConfig, loaded: LoadedModel, device: torch.device) -> dict[str, dict[str, Any]]:
     """Perplexity on every configured corpus."""
     seqlen = int(cfg.eval.seqlen)
@@ -282,6 +295,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"unknown method '{name}'; available methods: {', '.join(AVAILABLE_METHODS)}")
     spec = QuantSpec.from_config(cfg.quant)  # validated up front, before any model loads
     method = None if name == "fp" else build_method(name, OmegaConf.to_container(cfg.method, resolve=True))
+    if method is not None:
+        method.validate(spec)
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.device)
     out_dir = Path(cfg.output_dir)
@@ -290,6 +305,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     state = None if method is None else RunState.open(out_dir, config)
 
     loaded = load(cfg)
+    if method is not None:
+        check_spec_fits(loaded, spec)
     t_loaded = time.perf_counter()
     results: dict[str, Any] = {
         "model": {"name": cfg.model.name, "path": loaded.source.location, "gguf_file": loaded.source.gguf_file,

@@ -40,3 +40,27 @@ def stories(stories_dir):
     from omniq_lightning.models import load_model
 
     return load_model(str(stories_dir), dtype="float32")
+
+
+QUICK = ["calib.nsamples=16", "eval.max_windows=20", "eval.fp_baseline=false", "trainer.enable_progress_bar=false"]
+
+
+@pytest.fixture(scope="session")
+def quick_run(tmp_path_factory):
+    """``quick_run(method, quant, *overrides)``: a quick stories260K run (16 calibration windows, 20
+    evaluation windows of 256 tokens), memoized for the session; returns (perplexity, results, output_dir)."""
+    from omniq_lightning.config import compose
+    from omniq_lightning.pipeline import run
+
+    done: dict[tuple, tuple] = {}
+
+    def get(method: str, quant: str, *overrides: str):
+        key = (method, quant, *overrides)
+        if key not in done:
+            out = tmp_path_factory.mktemp(f"{method}-{quant}")
+            res = run(compose([f"method={method}", f"quant={quant}", *overrides, *QUICK, f"output_dir={out}",
+                               "logger=csv"]))
+            done[key] = (res["perplexity"]["tinystories"]["perplexity"], res, out)
+        return done[key]
+
+    return get

@@ -24,12 +24,7 @@ from omniq_lightning.data import load_corpus, tokenize
 from omniq_lightning.eval import perplexity
 from omniq_lightning.export import load_fake_quant
 from omniq_lightning.methods import OmniQuant, build_method
-from omniq_lightning.pipeline import run
 from omniq_lightning.quant import QuantSpec
-
-QUICK = ["calib.nsamples=16", "eval.max_windows=20", "eval.fp_baseline=false",
-         "trainer.enable_progress_bar=false"]
-
 
 W4A4 = QuantSpec(w_bits=4, a_bits=4, kv_bits=4)
 
@@ -119,21 +114,15 @@ def test_corrupt_finished_block_is_reported(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def quality(tmp_path_factory):
+def quality(quick_run):
     """One quick calibration per setting on stories260K (TinyStories perplexity, 20 windows of 256)."""
-    runs = {
-        "rtn-w3a16": ["method=rtn", "quant=w3a16"],
-        "omniquant-w3a16": ["method=omniquant", "quant=w3a16", "method.epochs=10"],
-        "rtn-w4a4": ["method=rtn", "quant=w4a4"],
-        "omniquant-w4a4": ["method=omniquant", "quant=w4a4", "method.epochs=10"],
-        "lwc-only-w4a4": ["method=omniquant", "quant=w4a4", "method.epochs=10", "method.let=false"],
+    return {
+        "rtn-w3a16": quick_run("rtn", "w3a16"),
+        "omniquant-w3a16": quick_run("omniquant", "w3a16", "method.epochs=10"),
+        "rtn-w4a4": quick_run("rtn", "w4a4"),
+        "omniquant-w4a4": quick_run("omniquant", "w4a4", "method.epochs=10"),
+        "lwc-only-w4a4": quick_run("omniquant", "w4a4", "method.epochs=10", "method.let=false"),
     }
-    out = {}
-    for name, overrides in runs.items():
-        d = tmp_path_factory.mktemp(name)
-        res = run(compose([*overrides, *QUICK, f"output_dir={d}", "logger=csv"]))
-        out[name] = (res["perplexity"]["tinystories"]["perplexity"], res, d)
-    return out
 
 
 def test_omniquant_beats_rtn_and_let_helps(quality):

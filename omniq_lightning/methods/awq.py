@@ -140,9 +140,12 @@ class AWQ(Method):
     def needs_stats(self) -> bool:  # type: ignore[override]
         return True
 
-    def plan(self, spec, let_default_weight_only: bool) -> BlockPlan:
+    def validate(self, spec) -> None:
         if not spec.quantizes_weights:
-            raise ValueError("AWQ quantizes weights: choose a setting with w_bits < 16")
+            raise ValueError(f"AWQ quantizes weights, but {spec.name} keeps them in 16 bits: choose w_bits in 2..8")
+
+    def plan(self, spec, let_default_weight_only: bool) -> BlockPlan:
+        self.validate(spec)
         return BlockPlan(spec, let=True, let_kinds=("norm", "linear"), let_shift=False)
 
     def calibrate(self, qblock, data, run) -> None:

@@ -30,6 +30,9 @@ class Method:
     needs_stats: bool = False  # whether ``plan`` asks for LET (so the block's input statistics are gathered)
     needs_training_data: bool = False  # whether ``calibrate`` reads the BlockDataModule
 
+    def validate(self, spec: QuantSpec) -> None:
+        """Refuse quantization settings this method cannot handle (called before any model loads)."""
+
     def plan(self, spec: QuantSpec, let_default_weight_only: bool) -> BlockPlan:
         raise NotImplementedError
 

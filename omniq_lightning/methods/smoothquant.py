@@ -20,12 +20,15 @@ class SmoothQuant(Method):
     def needs_stats(self) -> bool:  # type: ignore[override]
         return True
 
-    def plan(self, spec, let_default_weight_only: bool) -> BlockPlan:
+    def validate(self, spec) -> None:
         if not spec.quantizes_activations:
             raise ValueError(
                 f"SmoothQuant migrates activation outliers, so it needs a weight-activation setting "
                 f"(quant=w8a8, w6a6 or w4a4), not {spec.name}; for weight-only settings use rtn, gptq, awq or omniquant"
             )
+
+    def plan(self, spec, let_default_weight_only: bool) -> BlockPlan:
+        self.validate(spec)
         return BlockPlan(replace(spec, lwc=False), let=True, let_alpha=self.alpha, let_kinds=("norm",), let_shift=False)
 
     def calibrate(self, qblock, data, run) -> None:
