@@ -114,3 +114,15 @@ def test_gptq_dampening_out_of_range():
 def test_group_size_that_does_not_divide_a_layer_is_refused_naming_the_layer(tmp_path):
     with pytest.raises(ValueError, match="block 0 mlp.down_proj: w_group_size=8 does not divide the input width 172"):
         run(compose(["method=gptq", "quant=w4a16", "quant.w_group_size=8", f"output_dir={tmp_path}"]))
+
+
+@pytest.mark.parametrize("composition", ["method.init=awq", "method.rounding=gptq"])
+def test_omniquant_compositions_run_and_beat_rtn(quick_run, composition):
+    assert quick_run("omniquant", "w3a16", "method.epochs=10", composition)[0] < quick_run("rtn", "w3a16")[0]
+
+
+def test_composition_settings_are_validated():
+    with pytest.raises(ValueError, match="method.init"):
+        build_method("omniquant", {"init": "gptq"})
+    with pytest.raises(ValueError, match="method.rounding"):
+        build_method("omniquant", {"rounding": "stochastic"})

@@ -87,8 +87,8 @@ def test_method_settings_are_validated():
         build_method("omniquant", {"let": "maybe"})
     with pytest.raises(ValueError, match="bad settings for method 'omniquant'"):
         build_method("omniquant", {"lwc_learning_rate": 1.0})
-    with pytest.raises(ValueError, match="unknown method 'awq'"):
-        build_method("awq", {})
+    with pytest.raises(ValueError, match="unknown method 'quip'.*available methods: fp, rtn, gptq, awq"):
+        build_method("quip", {})
 
 
 def test_resume_with_a_different_configuration_is_refused(tmp_path):
@@ -161,3 +161,21 @@ def test_weight_activation_export_reloads_with_its_runtime_quantizers(quality, d
     assert perplexity(loaded.model, ids, 256, max_windows=20).perplexity == pytest.approx(ppl, rel=1e-5)
     plain = AutoModelForCausalLM.from_pretrained(d / "model", dtype=torch.float32)
     assert perplexity(plain, ids, 256, max_windows=20).perplexity < ppl  # weights alone: activations not quantized
+
+
+def test_static_per_tensor_activation_ranges_are_observed_then_fixed(stories):
+    from omniq_lightning.nn import ActQuantizer
+    from omniq_lightning.pipeline import observe_static_ranges
+
+    spec = QuantSpec(w_bits=8, a_bits=8, a_granularity="tensor")
+    qblock, ctx, data = tiny_block_setup(stories, spec=spec, let=False)
+    static = [m for m in qblock.modules() if isinstance(m, ActQuantizer) and m.granularity == "tensor"]
+    assert len(static) == 7
+    with pytest.raises(RuntimeError, match="before its range was observed"):
+        qblock(data.inputs[0].unsqueeze(0), ctx)
+    observe_static_ranges(qblock, data.inputs, ctx)
+    assert all(torch.isfinite(m.lo) and m.hi > m.lo for m in static)
+    with torch.no_grad():
+        out = qblock(data.inputs[0].unsqueeze(0), ctx)[0]
+    ref = data.targets[0]
+    assert ((out - ref).norm() / ref.norm()).item() < 0.05

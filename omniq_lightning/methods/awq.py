@@ -127,7 +127,6 @@ def awq_block(qblock: QuantBlock, inputs, targets, ctx, n_grid: int, clip: bool,
 
 class AWQ(Method):
     name = "awq"
-    needs_training_data = True
 
     def __init__(self, n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5) -> None:
         if n_grid < 1:
@@ -135,10 +134,6 @@ class AWQ(Method):
         if not 0.0 <= max_shrink < 1.0:
             raise ValueError(f"method.max_shrink must be in [0, 1), got {max_shrink}")
         self.n_grid, self.clip, self.max_shrink = n_grid, clip, max_shrink
-
-    @property
-    def needs_stats(self) -> bool:  # type: ignore[override]
-        return True
 
     def validate(self, spec) -> None:
         if not spec.quantizes_weights:

@@ -27,8 +27,6 @@ class Method:
     ``finalize`` folds them into plain weights and returns the block to put back into the model."""
 
     name: str = ""
-    needs_stats: bool = False  # whether ``plan`` asks for LET (so the block's input statistics are gathered)
-    needs_training_data: bool = False  # whether ``calibrate`` reads the BlockDataModule
 
     def validate(self, spec: QuantSpec) -> None:
         """Refuse quantization settings this method cannot handle (called before any model loads)."""

@@ -64,7 +64,6 @@ def gptq_block(qblock: QuantBlock, inputs: ActivationCache, ctx, damp: float, ac
 
 class GPTQ(Method):
     name = "gptq"
-    needs_training_data = True
 
     def __init__(self, damp: float = 0.01, act_order: bool = False, blocksize: int = 128) -> None:
         self.damp = check_damp(damp)

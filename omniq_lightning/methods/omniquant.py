@@ -1,24 +1,35 @@
 """OmniQuant: learnable weight clipping (LWC) and learnable equivalent transformation (LET), trained
-block by block with AdamW to match the full-precision block's outputs; one ``Trainer.fit`` per block."""
+block by block with AdamW to match the full-precision block's outputs; one ``Trainer.fit`` per block.
+
+Compositions (config): ``init: awq`` starts LET scales and clipping from AWQ's searches instead of
+SmoothQuant/OS+ statistics; ``rounding: gptq`` replaces round-to-nearest by GPTQ on the grid of the
+learned clipping, after the learned transforms are folded.
+"""
 
 from __future__ import annotations
 
 import lightning as L
 
 from omniq_lightning.calib import AtomicCheckpointIO, BlockDataModule, BlockLightningModule, BlockRun, EpochCheckpoint
+from omniq_lightning.methods.awq import awq_block
 from omniq_lightning.methods.base import BlockPlan, Method
+from omniq_lightning.methods.gptq import gptq_block
 from omniq_lightning.quant import QuantSpec
+from omniq_lightning.quant.gptq import check_damp
 from omniq_lightning.transforms import QuantBlock
 
 LET_CHOICES = ("auto", True, False)
+INITS = ("statistics", "awq")
+ROUNDINGS = ("nearest", "gptq")
 
 
 class OmniQuant(Method):
     name = "omniquant"
-    needs_training_data = True
 
     def __init__(self, epochs: int = 20, lwc_lr: float = 1e-2, let_lr: float = 5e-3, weight_decay: float = 0.0,
-                 let: str | bool = "auto", let_alpha: float = 0.5, aug_loss: bool = False) -> None:
+                 let: str | bool = "auto", let_alpha: float = 0.5, aug_loss: bool = False,
+                 init: str = "statistics", rounding: str = "nearest", gptq_damp: float = 0.01,
+                 gptq_act_order: bool = False) -> None:
         if let not in LET_CHOICES:
             raise ValueError(f"method.let must be one of auto, true, false; got {let!r}")
         if epochs < 0:
@@ -29,18 +40,30 @@ class OmniQuant(Method):
             raise ValueError(f"method.let_alpha must be in [0, 1], got {let_alpha}")
         self.epochs, self.lwc_lr, self.let_lr, self.weight_decay = epochs, lwc_lr, let_lr, weight_decay
         self.let, self.let_alpha, self.aug_loss = let, let_alpha, aug_loss
-
-    @property
-    def needs_stats(self) -> bool:  # type: ignore[override]
-        return self.let is not False
+        if init not in INITS:
+            raise ValueError(f"method.init must be one of {INITS}, got {init!r}")
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"method.rounding must be one of {ROUNDINGS}, got {rounding!r}")
+        self.init, self.rounding = init, rounding
+        self.gptq_damp, self.gptq_act_order = check_damp(gptq_damp), gptq_act_order
 
     def plan(self, spec: QuantSpec, let_default_weight_only: bool) -> BlockPlan:
+        if self.init == "awq":  # AWQ's scales live on the norm and v -> o pairs, without shifts
+            return BlockPlan(spec, let=True, let_alpha=self.let_alpha, let_kinds=("norm", "linear"), let_shift=False)
         let = self.let
         if let == "auto":
             let = (not spec.weight_only) or let_default_weight_only
         return BlockPlan(spec, let=bool(let), let_alpha=self.let_alpha)
 
     def calibrate(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> None:
+        if self.init == "awq":
+            awq_block(qblock, data.inputs, data.targets, run.ctx, n_grid=20, clip=qblock_has_lwc(qblock),
+                      max_shrink=0.5)
+        self.train(qblock, data, run)
+        if self.rounding == "gptq":
+            gptq_block(qblock, data.inputs, run.ctx, self.gptq_damp, self.gptq_act_order, blocksize=128)
+
+    def train(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> None:
         if self.epochs == 0 or not any(True for _ in qblock.quant_parameters()):
             return
         module = BlockLightningModule(qblock, run.ctx, run.index, self.lwc_lr, self.let_lr, self.weight_decay)
@@ -60,3 +83,7 @@ class OmniQuant(Method):
             default_root_dir=str(run.checkpoint_dir),
         )
         trainer.fit(module, datamodule=data, ckpt_path=run.resume_checkpoint, weights_only=True)
+
+
+def qblock_has_lwc(qblock: QuantBlock) -> bool:
+    return any(True for _ in qblock.lwc_parameters())

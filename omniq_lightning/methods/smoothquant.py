@@ -16,10 +16,6 @@ class SmoothQuant(Method):
             raise ValueError(f"method.alpha (migration strength) must be in [0, 1], got {alpha}")
         self.alpha = alpha
 
-    @property
-    def needs_stats(self) -> bool:  # type: ignore[override]
-        return True
-
     def validate(self, spec) -> None:
         if not spec.quantizes_activations:
             raise ValueError(

@@ -1,0 +1,178 @@
+"""The quality table: every method x quantization setting on one model, like for like.
+
+    python benchmarks/quality.py                      # SmolLM2-135M, the CPU protocol below, all cells
+    python benchmarks/quality.py --methods rtn gptq --quants w3a16   # a subset (the table keeps other cells)
+
+Each cell is one ``python train.py`` run in its own output folder under ``--out``; a finished cell
+(``results.json`` with this protocol's evaluation) is reused, an interrupted one resumes where it
+stopped (the pipeline's own block-level resume), so the command can be run again until the table is
+full. The table (perplexity, bits per weight counting scales and zero points, calibration wall time,
+peak memory) replaces the section between the ``quality`` markers in ``benchmarks/RESULTS.md``; a PNG
+plots perplexity against bits per weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant"]
+QUANTS = ["w4a16", "w4a16g128", "w3a16", "w3a16g128", "w2a16g64", "w6a6", "w4a4"]
+WEIGHT_ACTIVATION = {"w8a8", "w6a6", "w4a4"}
+BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
+
+# The CPU protocol (2 cores): small calibration, few epochs, a fixed number of evaluation windows.
+PROTOCOL = {
+    "calib.nsamples": 16,
+    "calib.seqlen": 512,
+    "eval.corpora": "[wikitext2,ptb]",
+    "eval.seqlen": 2048,
+    "eval.max_windows": 16,
+    "eval.fp_baseline": "false",
+    "trainer.enable_progress_bar": "false",
+}
+METHOD_SETTINGS = {"omniquant": {"method.epochs": 5}}
+
+
+def cell_overrides(model: str, method: str, quant: str, out: Path) -> list[str]:
+    settings = {**PROTOCOL, **METHOD_SETTINGS.get(method, {})}
+    quant_arg = [] if method == "fp" else [f"quant={quant}"]
+    return [f"model={model}", f"method={method}", *quant_arg, f"output_dir={out}",
+            *[f"{k}={v}" for k, v in settings.items()]]
+
+
+def skip_reason(method: str, quant: str) -> str | None:
+    if method == "smoothquant" and quant not in WEIGHT_ACTIVATION:
+        return "n/a: SmoothQuant needs activation quantization"
+    return None
+
+
+def finished(out: Path) -> dict | None:
+    f = out / "results.json"
+    if not f.is_file():
+        return None
+    res = json.loads(f.read_text())
+    ev = res["config"]["eval"]
+    if sorted(ev["corpora"]) != ["ptb", "wikitext2"] or ev["max_windows"] != PROTOCOL["eval.max_windows"]:
+        return None  # evaluated under another protocol: run again (calibrated blocks are reused)
+    return res
+
+
+def run_cell(model: str, method: str, quant: str, out: Path, log_dir: Path) -> dict | str:
+    res = finished(out)
+    if res is not None:
+        return res
+    log = log_dir / f"{out.name}.log"
+    t0 = time.time()
+    with open(log, "w") as f:
+        done = subprocess.run([sys.executable, "train.py", *cell_overrides(model, method, quant, out)], cwd=REPO,
+                              stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        last = [line for line in log.read_text().splitlines() if line.strip()][-1:] or ["(no output)"]
+        return f"failed after {time.time() - t0:.0f} s: {last[0][:160]} (log: {log})"
+    return finished(out) or "finished without results.json"
+
+
+def cell_text(res: dict | str | None, corpus: str) -> str:
+    if res is None:
+        return "not run yet"
+    if isinstance(res, str):
+        return res
+    return f"{res['perplexity'][corpus]['perplexity']:.2f}"
+
+
+def table(model: str, grid: dict[tuple[str, str], dict | str | None], quants: list[str]) -> str:
+    lines = [f"Model: {model}. Protocol (CPU): calibration {PROTOCOL['calib.nsamples']} windows x "
+             f"{PROTOCOL['calib.seqlen']} tokens of the model's calibration corpus (WikiText-2), OmniQuant "
+             f"{METHOD_SETTINGS['omniquant']['method.epochs']} epochs (released defaults otherwise); perplexity on the first "
+             f"{PROTOCOL['eval.max_windows']} windows of {PROTOCOL['eval.seqlen']} tokens of WikiText-2 raw test and PTB test. "
+             "Regenerate: `python benchmarks/quality.py`.", ""]
+    for corpus, title in (("wikitext2", "WikiText-2"), ("ptb", "PTB")):
+        lines += [f"**{title} perplexity**", "", "| method | " + " | ".join(quants) + " |",
+                  "|---|" + "---|" * len(quants)]
+        for method in METHODS:
+            cells = [cell_text(grid.get((method, "fp" if method == "fp" else q)), corpus) for q in quants]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["**Bits per weight / calibration wall time (s) / peak CPU memory (GiB)**", "",
+              "| method | " + " | ".join(quants) + " |", "|---|" + "---|" * len(quants)]
+    for method in METHODS[1:]:
+        cells = []
+        for q in quants:
+            r = grid.get((method, q))
+            cells.append(f"{r['bits_per_weight']:.2f} / {r['wall_seconds']['quantize']:.0f} / "
+                         f"{r['memory']['cpu_peak_rss_gib']:.1f}" if isinstance(r, dict) else "-")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(grid: dict, path: Path, model: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method in METHODS[1:]:
+        pts = sorted((r["bits_per_weight"], r["perplexity"]["wikitext2"]["perplexity"], q)
+                     for (m, q), r in grid.items() if m == method and isinstance(r, dict) and q not in WEIGHT_ACTIVATION)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+    fp = grid.get(("fp", "fp"))
+    if isinstance(fp, dict):
+        ax.axhline(fp["perplexity"]["wikitext2"]["perplexity"], color="gray", linestyle="--", label="fp")
+    ax.set_xlabel("bits per weight (scales and zero points included)")
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_yscale("log")
+    ax.set_title(f"{model}: weight-only quantization")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def write_results(section: str, path: Path) -> None:
+    text = path.read_text() if path.exists() else "# Benchmark results\n"
+    block = f"{BEGIN}\n{section}\n{END}"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## Quality: methods x settings\n\n" + block + "\n"
+    path.write_text(text)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--quants", nargs="+", default=QUANTS)
+    ap.add_argument("--out", type=Path, default=REPO / "outputs" / "quality")
+    ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    args = ap.parse_args()
+    out_root = args.out / args.model
+    out_root.mkdir(parents=True, exist_ok=True)
+    grid: dict[tuple[str, str], dict | str | None] = {}
+    for method in METHODS:  # existing cells are read even when not selected, so the table stays whole
+        for q in ["fp"] if method == "fp" else QUANTS:
+            out = out_root / ("fp" if method == "fp" else f"{method}-{q}")
+            reason = skip_reason(method, q)
+            if reason:
+                grid[(method, q)] = reason
+            elif method in args.methods and (method == "fp" or q in args.quants):
+                print(f"cell {method} {q} ...", flush=True)
+                grid[(method, q)] = run_cell(args.model, method, q, out, out_root)
+                r = grid[(method, q)]
+                print(f"  {cell_text(r, 'wikitext2') if not isinstance(r, str) else r}", flush=True)
+            else:
+                grid[(method, q)] = finished(out)
+    write_results(table(args.model, grid, QUANTS), args.results)
+    plot(grid, REPO / "benchmarks" / f"quality_{args.model}.png", args.model)
+    print(f"table written to {args.results}")
+
+
+if __name__ == "__main__":
+    main()
