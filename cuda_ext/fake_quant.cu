@@ -17,8 +17,10 @@ void check_matrix(const torch::Tensor& t, const char* name) {
               name, " must be float32, float16 or bfloat16");
 }
 
-const float* logits_ptr(const c10::optional<torch::Tensor>& t, int64_t rows, const char* name) {
+const float* logits_ptr(const c10::optional<torch::Tensor>& t, const torch::Tensor& w, const char* name) {
   if (!t.has_value()) return nullptr;
+  const int64_t rows = w.size(0);
+  TORCH_CHECK(t->device() == w.device(), name, " must be on the same device as the weight");
   TORCH_CHECK(t->is_cuda() && t->scalar_type() == at::kFloat && t->is_contiguous() && t->numel() == rows, name,
               " must be a contiguous float32 CUDA tensor with one logit per row");
   return t->data_ptr<float>();
@@ -49,8 +51,8 @@ torch::Tensor weight_forward(torch::Tensor w, c10::optional<torch::Tensor> gamma
   const c10::cuda::CUDAGuard guard(w.device());
   auto out = torch::empty_like(w);
   const auto g = make_grid(bits, symmetric);
-  const float* gp = logits_ptr(gamma, w.size(0), "gamma");
-  const float* bp = logits_ptr(beta, w.size(0), "beta");
+  const float* gp = logits_ptr(gamma, w, "gamma");
+  const float* bp = logits_ptr(beta, w, "beta");
   auto stream = at::cuda::getCurrentCUDAStream();
   dispatch(w.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
@@ -69,8 +71,8 @@ std::vector<torch::Tensor> weight_backward(torch::Tensor grad_out, torch::Tensor
   const c10::cuda::CUDAGuard guard(w.device());
   const auto g = make_grid(bits, symmetric);
   const int64_t rows = w.size(0);
-  const float* gp = logits_ptr(gamma, rows, "gamma");
-  const float* bp = logits_ptr(beta, rows, "beta");
+  const float* gp = logits_ptr(gamma, w, "gamma");
+  const float* bp = logits_ptr(beta, w, "beta");
   auto grad_w = torch::empty_like(w);
   auto opts = w.options().dtype(at::kFloat);
   auto grad_gamma = gamma.has_value() ? torch::empty({rows}, opts) : torch::Tensor();

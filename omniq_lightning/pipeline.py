@@ -33,6 +33,22 @@ AVAILABLE_METHODS = ("fp", *METHODS)
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
+def resolve_cache_dtype(setting: str, model_dtype: torch.dtype) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if model_dtype == torch.bfloat16 else torch.float16
+    if setting not in CACHE_DTYPES:
+        raise ValueError(f"calib.cache_dtype must be auto or one of {sorted(CACHE_DTYPES)}, got {setting!r}")
+    return CACHE_DTYPES[setting]
+
+
+def check_finite(cache: ActivationCache, what: str) -> None:
+    if not torch.isfinite(cache.data).all():
+        raise FloatingPointError(
+            f"{what} contain NaN or Inf in the {cache.dtype} activation cache: the hidden states overflow it. "
+            "Use calib.cache_dtype=bfloat16 or float32"
+        )
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -130,6 +146,7 @@ def observe_static_ranges(qblock, inputs: ActivationCache, ctx: BlockContext) ->
     if not static:
         return
     for m in static:
+        m.reset_range()
         m.observing = True
     for j in range(len(inputs)):
         qblock(inputs[j].unsqueeze(0).float(), ctx)
@@ -164,12 +181,11 @@ def quantize(cfg: DictConfig, loaded: LoadedModel, spec: QuantSpec, method: Meth
     check_seqlen(seqlen, loaded, "calib")
     corpus = load_corpus(cfg.calib.corpus, "calib", cfg.paths.data_dir)
     windows = calibration_windows(tokenize(corpus, loaded.tokenizer), n, seqlen, int(cfg.calib.seed))
-    if cfg.calib.cache_dtype not in CACHE_DTYPES:
-        raise ValueError(f"calib.cache_dtype must be one of {sorted(CACHE_DTYPES)}, got {cfg.calib.cache_dtype!r}")
+    cache_dtype = resolve_cache_dtype(str(cfg.calib.cache_dtype), next(model.parameters()).dtype)
     cache_dir = Path(cfg.calib.cache_dir)
 
     def new_cache(tag: str) -> ActivationCache:
-        return ActivationCache(n, (seqlen, model.config.hidden_size), CACHE_DTYPES[cfg.calib.cache_dtype], device,
+        return ActivationCache(n, (seqlen, model.config.hidden_size), cache_dtype, device,
                                where=cfg.calib.cache, path=cache_dir / f"{tag}.bin")
 
     model.to("cpu")
@@ -177,6 +193,7 @@ def quantize(cfg: DictConfig, loaded: LoadedModel, spec: QuantSpec, method: Meth
         m.to(device)
     fp_in = new_cache("fp_in")
     ctx = adapter.capture(model, (windows[i : i + 1] for i in range(n)), fp_in, device)
+    check_finite(fp_in, "block 0 inputs")
     q_in, fp_out = new_cache("q_in"), new_cache("fp_out")
     q_in.data.copy_(fp_in.data)
     aug = new_cache("aug") if getattr(method, "aug_loss", False) else None
@@ -194,6 +211,7 @@ def quantize(cfg: DictConfig, loaded: LoadedModel, spec: QuantSpec, method: Meth
         gather = plan.let and not finished
         with observe_linear_inputs(block) if gather else contextlib.nullcontext({}) as stats:
             run_over(lambda x, b=block: adapter.call_block(b, x, ctx), fp_in, fp_out)
+        check_finite(fp_out, f"block {i} full-precision outputs")
         if aug is not None and not finished:
             run_over(lambda x, b=block: adapter.call_block(b, x, ctx), q_in, aug)
         if finished:
@@ -204,20 +222,23 @@ def quantize(cfg: DictConfig, loaded: LoadedModel, spec: QuantSpec, method: Meth
             block_stats: dict[str, float] = {"resumed": 1.0}
         else:
             qblock = adapter.quantize_block(block, plan.spec, plan.let, stats, plan.let_alpha, plan.let_kinds,
-                                            plan.let_shift)
+                                            plan.let_shift).to(device)
             observe_static_ranges(qblock, q_in, ctx)
             run = BlockRun(index=i, n_blocks=len(blocks), ctx=ctx, device=device, precision=precision,
                            checkpoint_dir=state.checkpoint_dir(i), resume_checkpoint=state.resume_checkpoint(i),
                            logger=logger, progress_bar=progress)
             method.calibrate(qblock, BlockDataModule(q_in, fp_out, batch_size, aug), run)
             qblock.to(device)
+            observe_static_ranges(qblock, q_in, ctx)  # again: the learned transforms moved the ranges
             block_stats = clip_let_stats(qblock)
             learned = learned_state(qblock)
             folded = method.finalize(qblock)
             state.save_block(i, {**{f"block.{k}": v for k, v in folded.state_dict().items()}, **learned})
         mse = run_over(lambda x, b=folded: adapter.call_block(b, x, ctx), q_in, q_in, target=fp_out)
         fp_in, fp_out = fp_out, fp_in
-        blocks[i] = folded.to(dtype=model_dtype)
+        for p in folded.parameters():  # parameters only: static activation ranges stay float32
+            p.data = p.data.to(model_dtype)
+        blocks[i] = folded.to("cpu") if device.type != "cpu" else folded  # offload: one block on the device
         record = {"block": i, "output_mse": mse, "seconds": round(time.perf_counter() - t0, 3), **block_stats}
         records.append(record)
         if logger is not None:
@@ -302,6 +323,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = OmegaConf.to_container(cfg, resolve=True)
+    # what "auto" settings became on this machine: a resume elsewhere must not silently change them
+    config["resolved"] = {"device_type": device.type, "precision": resolve_precision(str(cfg.trainer.precision), device)}
     state = None if method is None else RunState.open(out_dir, config)
 
     loaded = load(cfg)

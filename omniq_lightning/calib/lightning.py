@@ -46,7 +46,7 @@ class BlockLightningModule(L.LightningModule):
         return self.qblock(x, self.ctx)
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
-        x, targets = batch[0], batch[1:]
+        x, targets = batch[0].float(), batch[1:]  # caches may hold fp16; the block computes in float32
         out = self(x).float()
         loss = sum(F.mse_loss(out, t.float()) for t in targets)
         if not torch.isfinite(loss):

@@ -22,7 +22,7 @@ from omniq_lightning.calib.checkpoint import CorruptCheckpointError
 from omniq_lightning.io import atomic_write, write_json
 
 # The settings that decide a run's result; anything else (evaluation, logging, paths) may change on resume.
-RESULT_KEYS = ("model", "quant", "method", "calib", "seed", "trainer.precision")
+RESULT_KEYS = ("model", "quant", "method", "calib", "seed", "trainer.precision", "resolved")
 IGNORED_KEYS = ("calib.cache", "calib.cache_dir")
 
 

@@ -20,6 +20,7 @@ from omniq_lightning.quant import fake_quant_weight
 from omniq_lightning.transforms import QuantBlock
 
 MAX_CLIP_ROWS = 2048  # tokens sampled per linear for the clipping search
+NO_CLIP_LOGIT = 30.0  # sigmoid(30) == 1.0 in float32: the full range
 
 
 @torch.no_grad()
@@ -70,6 +71,10 @@ def search_scales(qblock: QuantBlock, inputs: ActivationCache, targets: Activati
     for pair in qblock.let.values():
         pair.scale.fill_(1.0)
         pair.shift = None
+    for lin in qblock.quant_linears():  # scales are searched on plain min/max ranges; clipping comes after
+        for logits in (lin.lwc_gamma, lin.lwc_beta):
+            if logits is not None:
+                logits.fill_(NO_CLIP_LOGIT)
     x = linear_inputs(qblock, inputs, ctx, MAX_CLIP_ROWS)
     chosen = {}
     for name, pair in list(qblock.let.items()):

@@ -24,7 +24,10 @@ def collect_hessians(qblock: QuantBlock, inputs: ActivationCache, ctx) -> dict[s
     weights in full precision (one pass, as GPTQ gathers a block's sub-layer inputs)."""
     linears = weight_linears(qblock)
     accs = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in linears.items()}
-    hooks = [m.register_forward_pre_hook(lambda _m, args, n=n: accs[n].add(args[0])) for n, m in linears.items()]
+    def record(name: str, lin: QuantLinear):  # the input the weight multiplies: activation-quantized if configured
+        return lambda _m, args: accs[name].add(lin.act_quant(args[0]) if lin.act_quant is not None else args[0])
+
+    hooks = [m.register_forward_pre_hook(record(n, m)) for n, m in linears.items()]
     for m in linears.values():
         m.weight_quant = False
     try:

@@ -59,6 +59,6 @@ class LlamaAdapter(ModelAdapter):
             self.norm_pair(block, "attn_in", "input_layernorm", [Q, K, V], stats, alpha, use_shift=False),
             self.norm_pair(block, "mlp_in", "post_attention_layernorm", [GATE, UP], stats, alpha, use_shift=False),
             LETPairSpec("vo", "linear", V, [O_PROJ], vo_scale, expand_target=to_query_heads),
-            LETPairSpec("qk", "qk", Q, [K], torch.ones(n_kv, head_dim // 2),
+            LETPairSpec("qk", "qk", Q, [K], torch.ones(n_kv, head_dim // 2, device=block.self_attn.q_proj.weight.device),
                         expand_source=rotary_q, expand_target=rotary_k),
         ]

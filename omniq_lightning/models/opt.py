@@ -45,5 +45,6 @@ class OPTAdapter(ModelAdapter):
             self.norm_pair(block, "attn_in", "self_attn_layer_norm", [Q, K, V], stats, alpha, use_shift=shift),
             self.norm_pair(block, "mlp_in", "final_layer_norm", ["fc1"], stats, alpha, use_shift=shift),
             LETPairSpec("vo", "linear", V, [O_PROJ], vo_scale, vo_shift),
-            LETPairSpec("qk", "qk", Q, [K], torch.ones(block.self_attn.k_proj.out_features)),
+            LETPairSpec("qk", "qk", Q, [K], torch.ones(block.self_attn.k_proj.out_features,
+                                                        device=block.self_attn.k_proj.weight.device)),
         ]

@@ -24,6 +24,12 @@ class ActQuantizer(nn.Module):
             self.register_buffer("lo", torch.tensor(float("inf")))
             self.register_buffer("hi", torch.tensor(float("-inf")))
 
+    def reset_range(self) -> None:
+        """Forget the observed range (a static quantizer must be observed again before use)."""
+        if self.granularity == "tensor":
+            self.lo.fill_(float("inf"))
+            self.hi.fill_(float("-inf"))
+
     @property
     def active(self) -> bool:
         return self.bits != NO_QUANT_BITS
