@@ -1,7 +1,8 @@
 // Torch bindings of the fused fake-quant kernels in fake_quant.cuh. Inputs arrive as contiguous
 // [rows, cols] CUDA tensors (the Python side reshapes weights into groups and activations into tokens);
 // LWC logits arrive as contiguous float32 vectors with one entry per row.
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/extension.h>
 
@@ -53,7 +54,7 @@ torch::Tensor weight_forward(torch::Tensor w, c10::optional<torch::Tensor> gamma
   const auto g = make_grid(bits, symmetric);
   const float* gp = logits_ptr(gamma, w, "gamma");
   const float* bp = logits_ptr(beta, w, "beta");
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch(w.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     omniq::launch_weight_fq_forward<T>(ptr<T>(w), gp, bp, ptr<T>(out), w.size(0), w.size(1), g, stream);
@@ -77,7 +78,7 @@ std::vector<torch::Tensor> weight_backward(torch::Tensor grad_out, torch::Tensor
   auto opts = w.options().dtype(at::kFloat);
   auto grad_gamma = gamma.has_value() ? torch::empty({rows}, opts) : torch::Tensor();
   auto grad_beta = beta.has_value() ? torch::empty({rows}, opts) : torch::Tensor();
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch(w.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     omniq::launch_weight_fq_backward<T>(ptr<T>(grad_out), ptr<T>(w), gp, bp, ptr<T>(grad_w),
@@ -94,7 +95,7 @@ torch::Tensor token_forward(torch::Tensor x, int64_t bits, bool symmetric) {
   const c10::cuda::CUDAGuard guard(x.device());
   auto out = torch::empty_like(x);
   const auto g = make_grid(bits, symmetric);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     omniq::launch_token_fq_forward<T>(ptr<T>(x), ptr<T>(out), x.size(0), x.size(1), g, stream);
@@ -111,7 +112,7 @@ torch::Tensor token_backward(torch::Tensor grad_out, torch::Tensor x, int64_t bi
   const c10::cuda::CUDAGuard guard(x.device());
   auto grad_x = torch::empty_like(x);
   const auto g = make_grid(bits, symmetric);
-  auto stream = at::cuda::getCurrentCUDAStream();
+  auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     omniq::launch_token_fq_backward<T>(ptr<T>(grad_out), ptr<T>(x), ptr<T>(grad_x), x.size(0), x.size(1), g, stream);
