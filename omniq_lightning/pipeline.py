@@ -199,7 +199,7 @@ def quantize(cfg: DictConfig, loaded: LoadedModel, spec: QuantSpec, method: Meth
     aug = new_cache("aug") if getattr(method, "aug_loss", False) else None
     precision = resolve_precision(str(cfg.trainer.precision), device)
     batch_size = int(cfg.method.get("batch_size", 1))
-    plan = method.plan(spec, adapter.let_for_weight_only)
+    plan = method.plan(spec, adapter.family, adapter.let_for_weight_only)
     blocks = adapter.blocks(model)
     records = []
     progress = bool(cfg.trainer.enable_progress_bar)

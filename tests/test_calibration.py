@@ -179,3 +179,13 @@ def test_static_per_tensor_activation_ranges_are_observed_then_fixed(stories):
         out = qblock(data.inputs[0].unsqueeze(0), ctx)[0]
     ref = data.targets[0]
     assert ((out - ref).norm() / ref.norm()).item() < 0.05
+
+
+def test_let_recipe_follows_the_released_w4a4_llama_settings():
+    w4a4, w8a8 = QuantSpec(w_bits=4, a_bits=4, kv_bits=4), QuantSpec(w_bits=8, a_bits=8)
+    assert OmniQuant().recipe(w4a4, "llama") == (1e-3, 0.75)
+    assert OmniQuant().recipe(w8a8, "llama") == (5e-3, 0.5)
+    assert OmniQuant().recipe(w4a4, "opt") == (5e-3, 0.5)
+    assert OmniQuant(let_lr=2e-3, let_alpha=0.6).recipe(w4a4, "llama") == (2e-3, 0.6)
+    with pytest.raises(ValueError, match="let_alpha"):
+        OmniQuant(let_alpha=1.5)

@@ -144,7 +144,7 @@ class AWQ(Method):
         if not spec.quantizes_weights:
             raise ValueError(f"AWQ quantizes weights, but {spec.name} keeps them in 16 bits: choose w_bits in 2..8")
 
-    def plan(self, spec, let_default_weight_only: bool) -> BlockPlan:
+    def plan(self, spec, family: str, let_for_weight_only: bool) -> BlockPlan:
         self.validate(spec)
         return BlockPlan(spec, let=True, let_kinds=("norm", "linear"), let_shift=False)
 

@@ -31,7 +31,8 @@ class Method:
     def validate(self, spec: QuantSpec) -> None:
         """Refuse quantization settings this method cannot handle (called before any model loads)."""
 
-    def plan(self, spec: QuantSpec, let_default_weight_only: bool) -> BlockPlan:
+    def plan(self, spec: QuantSpec, family: str, let_for_weight_only: bool) -> BlockPlan:
+        """``family`` and ``let_for_weight_only`` are the adapter's answers (recipe family, LET default)."""
         raise NotImplementedError
 
     def calibrate(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> None:

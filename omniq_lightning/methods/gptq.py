@@ -74,7 +74,7 @@ class GPTQ(Method):
             raise ValueError(f"method.blocksize must be positive, got {blocksize}")
         self.act_order, self.blocksize = act_order, blocksize
 
-    def plan(self, spec, let_default_weight_only: bool) -> BlockPlan:
+    def plan(self, spec, family: str, let_for_weight_only: bool) -> BlockPlan:
         return BlockPlan(replace(spec, lwc=False), let=False)
 
     def calibrate(self, qblock, data, run) -> None:

@@ -10,7 +10,7 @@ from omniq_lightning.methods.base import BlockPlan, Method
 class RTN(Method):
     name = "rtn"
 
-    def plan(self, spec, let_default_weight_only: bool) -> BlockPlan:
+    def plan(self, spec, family: str, let_for_weight_only: bool) -> BlockPlan:
         return BlockPlan(replace(spec, lwc=False), let=False)
 
     def calibrate(self, qblock, data, run) -> None:

@@ -23,7 +23,7 @@ class SmoothQuant(Method):
                 f"(quant=w8a8, w6a6 or w4a4), not {spec.name}; for weight-only settings use rtn, gptq, awq or omniquant"
             )
 
-    def plan(self, spec, let_default_weight_only: bool) -> BlockPlan:
+    def plan(self, spec, family: str, let_for_weight_only: bool) -> BlockPlan:
         self.validate(spec)
         return BlockPlan(replace(spec, lwc=False), let=True, let_alpha=self.alpha, let_kinds=("norm",), let_shift=False)
 

@@ -138,6 +138,7 @@ class ModelAdapter:
         return torch.stack(out)
 
     # --- quantization -------------------------------------------------------------------------------
+    family: str = ""  # recipe family for methods' "auto" settings: "llama" or "opt"
     # Whether LET is used for weight-only settings when the method leaves it to the family (let: auto).
     let_for_weight_only: bool = False
 

@@ -14,6 +14,7 @@ GATE, UP = "mlp.gate_proj", "mlp.up_proj"
 
 class LlamaAdapter(ModelAdapter):
     model_types = ("llama", "mistral", "qwen2")
+    family = "llama"
     let_for_weight_only = False  # OmniQuant's released LLaMA weight-only recipes use LWC alone
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:

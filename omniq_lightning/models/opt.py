@@ -13,6 +13,7 @@ Q, K, V, O_PROJ = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "s
 
 class OPTAdapter(ModelAdapter):
     model_types = ("opt",)
+    family = "opt"
     let_for_weight_only = True  # OmniQuant's released OPT weight-only recipes use LET
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
