@@ -130,16 +130,20 @@ def fake_quant_weight(
     ``gamma`` and ``beta`` hold one logit per group: shape ``[out, in / group_size]`` (or ``[out, 1]``).
     """
     check_floating("weight", w)
-    g = group_view(w, group_size)
-    dt = compute_dtype(w)
-    gx = g.to(dt)
+    gx = group_view(w, group_size).to(compute_dtype(w))
+    scale, zero = _group_grid(gx, bits, symmetric, gamma, beta)
+    return fake_quant(gx, scale, zero, bits, symmetric).reshape(w.shape).to(w.dtype)
+
+
+def _group_grid(gx: torch.Tensor, bits: int, symmetric: bool, gamma: torch.Tensor | None, beta: torch.Tensor | None):
+    """Scale and zero point per row of grouped weights ``gx``: ranges of the detached values, LWC-clipped
+    (differentiable in the logits)."""
     detached = gx.detach()
     lo, hi = detached.amin(dim=1, keepdim=True), detached.amax(dim=1, keepdim=True)
-    gam = _logits_view("gamma", gamma, g.shape[0])
-    bet = _logits_view("beta", beta, g.shape[0])
-    lo, hi = lwc_bounds(lo, hi, None if gam is None else gam.to(dt), None if bet is None else bet.to(dt))
-    scale, zero = scale_zero(lo, hi, bits, symmetric)
-    return fake_quant(gx, scale, zero, bits, symmetric).reshape(w.shape).to(w.dtype)
+    gam = _logits_view("gamma", gamma, gx.shape[0])
+    bet = _logits_view("beta", beta, gx.shape[0])
+    lo, hi = lwc_bounds(lo, hi, None if gam is None else gam.to(gx.dtype), None if bet is None else bet.to(gx.dtype))
+    return scale_zero(lo, hi, bits, symmetric)
 
 
 def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool = False) -> torch.Tensor:
@@ -181,13 +185,7 @@ def weight_scale_zero(
     """Scales and zero points ``[n_groups, 1]`` (groups in row-major order) of a weight's grid, LWC included."""
     validate_weight(w, group_size)
     with torch.no_grad():
-        dt = compute_dtype(w)
-        g = group_view(w, group_size).to(dt)
-        lo, hi = g.amin(dim=1, keepdim=True), g.amax(dim=1, keepdim=True)
-        gam = _logits_view("gamma", gamma, g.shape[0])
-        bet = _logits_view("beta", beta, g.shape[0])
-        lo, hi = lwc_bounds(lo, hi, None if gam is None else gam.to(dt), None if bet is None else bet.to(dt))
-        return scale_zero(lo, hi, bits, symmetric)
+        return _group_grid(group_view(w, group_size).to(compute_dtype(w)), bits, symmetric, gamma, beta)
 
 
 def quantize_weight_int(
