@@ -14,7 +14,7 @@ import math
 import torch
 
 from omniq_lightning.calib import ActivationCache
-from omniq_lightning.methods.base import BlockPlan, Method
+from omniq_lightning.methods.base import BlockPlan, Method, run_with_input_hooks, weight_linears
 from omniq_lightning.nn import QuantLinear
 from omniq_lightning.quant import fake_quant_weight
 from omniq_lightning.transforms import QuantBlock
@@ -38,23 +38,16 @@ def linear_inputs(qblock: QuantBlock, inputs: ActivationCache, ctx, max_rows: in
     spread evenly over the calibration samples."""
     rows: dict[str, list[torch.Tensor]] = {}
     per_sample = max(1, max_rows // len(inputs))
-    linears = {n: m for n, m in qblock.block.named_modules() if isinstance(m, QuantLinear) and m.weight_quant}
 
-    def hook(name):
-        def fn(_m, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+    def keep(name: str):
+        def fn(x: torch.Tensor) -> None:
+            x = x.detach().reshape(-1, x.shape[-1]).float()
             step = max(1, x.shape[0] // per_sample)
             rows.setdefault(name, []).append(x[::step][:per_sample])
 
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in linears.items()]
-    try:
-        for j in range(len(inputs)):
-            qblock(inputs[j].unsqueeze(0).float(), ctx)
-    finally:
-        for h in handles:
-            h.remove()
+    run_with_input_hooks(qblock, inputs, ctx, {n: keep(n) for n in weight_linears(qblock)})
     return {n: torch.cat(v) for n, v in rows.items()}
 
 

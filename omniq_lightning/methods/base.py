@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from omniq_lightning.calib import BlockDataModule, BlockRun
+from omniq_lightning.calib import ActivationCache, BlockDataModule, BlockRun
+from omniq_lightning.nn import QuantLinear
 from omniq_lightning.quant import QuantSpec
 from omniq_lightning.transforms import QuantBlock
 
@@ -40,3 +43,22 @@ class Method:
 
     def finalize(self, qblock: QuantBlock) -> nn.Module:
         return qblock.fold()
+
+
+def weight_linears(qblock: QuantBlock) -> dict[str, QuantLinear]:
+    """The block's linears whose weights are still to be quantized, by name."""
+    return {n: m for n, m in qblock.block.named_modules() if isinstance(m, QuantLinear) and m.weight_quant}
+
+
+@torch.no_grad()
+def run_with_input_hooks(qblock: QuantBlock, inputs: ActivationCache, ctx,
+                         hooks: dict[str, Callable[[torch.Tensor], None]]) -> None:
+    """Run the block over every calibration sample, handing each named linear's input to ``hooks[name]``."""
+    handles = [qblock.block.get_submodule(n).register_forward_pre_hook(lambda _m, args, f=f: f(args[0]))
+               for n, f in hooks.items()]
+    try:
+        for j in range(len(inputs)):
+            qblock(inputs[j].unsqueeze(0).float(), ctx)
+    finally:
+        for h in handles:
+            h.remove()

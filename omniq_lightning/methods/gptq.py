@@ -7,15 +7,11 @@ from dataclasses import replace
 import torch
 
 from omniq_lightning.calib import ActivationCache
-from omniq_lightning.methods.base import BlockPlan, Method
+from omniq_lightning.methods.base import BlockPlan, Method, run_with_input_hooks, weight_linears
 from omniq_lightning.nn import QuantLinear
 from omniq_lightning.quant import grid, weight_scale_zero
 from omniq_lightning.quant.gptq import ColumnQuantizer, HessianAccumulator, check_damp, gptq_quantize
 from omniq_lightning.transforms import QuantBlock
-
-
-def weight_linears(qblock: QuantBlock) -> dict[str, QuantLinear]:
-    return {n: m for n, m in qblock.block.named_modules() if isinstance(m, QuantLinear) and m.weight_quant}
 
 
 @torch.no_grad()
@@ -24,18 +20,15 @@ def collect_hessians(qblock: QuantBlock, inputs: ActivationCache, ctx) -> dict[s
     weights in full precision (one pass, as GPTQ gathers a block's sub-layer inputs)."""
     linears = weight_linears(qblock)
     accs = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in linears.items()}
-    def record(name: str, lin: QuantLinear):  # the input the weight multiplies: activation-quantized if configured
-        return lambda _m, args: accs[name].add(lin.act_quant(args[0]) if lin.act_quant is not None else args[0])
 
-    hooks = [m.register_forward_pre_hook(record(n, m)) for n, m in linears.items()]
+    def record(name: str, lin: QuantLinear):  # the input the weight multiplies: activation-quantized if configured
+        return lambda x: accs[name].add(lin.act_quant(x) if lin.act_quant is not None else x)
+
     for m in linears.values():
         m.weight_quant = False
     try:
-        for j in range(len(inputs)):
-            qblock(inputs[j].unsqueeze(0).float(), ctx)
+        run_with_input_hooks(qblock, inputs, ctx, {n: record(n, m) for n, m in linears.items()})
     finally:
-        for h in hooks:
-            h.remove()
         for m in linears.values():
             m.weight_quant = True
     return {n: a.H for n, a in accs.items()}
