@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
+import shutil
 import subprocess
 import sys
 import time
@@ -22,7 +24,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant"]
-QUANTS = ["w4a16", "w4a16g128", "w3a16", "w3a16g128", "w2a16g64", "w6a6", "w4a4"]
+# g64 columns stand beside g128 for models whose widths 128 does not divide (SmolLM2-135M: hidden 576).
+QUANTS = ["w4a16", "w4a16g128", "w4a16g64", "w3a16", "w3a16g128", "w3a16g64", "w2a16g64", "w6a6", "w4a4"]
 WEIGHT_ACTIVATION = {"w8a8", "w6a6", "w4a4"}
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
@@ -32,18 +35,46 @@ PROTOCOL = {
     "calib.seqlen": 512,
     "eval.corpora": "[wikitext2,ptb]",
     "eval.seqlen": 2048,
-    "eval.max_windows": 16,
+    "eval.max_windows": 8,
     "eval.fp_baseline": "false",
     "trainer.enable_progress_bar": "false",
 }
 METHOD_SETTINGS = {"omniquant": {"method.epochs": 5}}
 
 
-def cell_overrides(model: str, method: str, quant: str, out: Path) -> list[str]:
+def local_model(model: str, out_root: Path) -> list[str]:
+    """A GGUF model is dequantized once into a safetensors folder that every cell loads (the same float32
+    weights and tokenizer; it saves the slow GGUF dequantization in each of the ~30 runs). Returns the
+    overrides that point a cell at it, or none for a model that is not a GGUF file."""
+    from omniq_lightning.config import compose
+    from omniq_lightning.pipeline import load
+
+    cfg = compose([f"model={model}"])
+    if not cfg.model.gguf_file:
+        return []
+    folder = out_root / "model-safetensors"
+    if not (folder / "config.json").is_file():
+        print(f"dequantizing {cfg.model.gguf_file} once into {folder} ...", flush=True)
+        tmp = folder.with_name(folder.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        loaded = load(cfg)
+        loaded.tokenizer.save_pretrained(tmp)
+        loaded.model.save_pretrained(tmp, safe_serialization=True)
+        tmp.rename(folder)  # the folder exists only once complete
+    return [f"model.path={folder.resolve()}", "model.gguf_file=null"]
+
+
+def cell_overrides(model: str, method: str, quant: str, out: Path, model_args: list[str]) -> list[str]:
     settings = {**PROTOCOL, **METHOD_SETTINGS.get(method, {})}
     quant_arg = [] if method == "fp" else [f"quant={quant}"]
-    return [f"model={model}", f"method={method}", *quant_arg, f"output_dir={out}",
-            *[f"{k}={v}" for k, v in settings.items()]]
+    return [
+        f"model={model}",
+        *model_args,
+        f"method={method}",
+        *quant_arg,
+        f"output_dir={out}",
+        *[f"{k}={v}" for k, v in settings.items()],
+    ]
 
 
 def skip_reason(method: str, quant: str) -> str | None:
@@ -63,50 +94,98 @@ def finished(out: Path) -> dict | None:
     return res
 
 
-def run_cell(model: str, method: str, quant: str, out: Path, log_dir: Path) -> dict | str:
+def failure_file(out: Path) -> Path:
+    return out.with_name(out.name + ".failed")
+
+
+def error_line(log: str) -> str:
+    """The exception a failed run ended with (Hydra prints its hint after it), else its last line."""
+    lines = [line.strip() for line in log.splitlines() if line.strip()]
+    errors = [line for line in lines if re.match(r"^[A-Za-z_.]*(Error|Exception): ", line)]
+    return (errors or lines or ["(no output)"])[-1]
+
+
+def recorded(out: Path) -> dict | str | None:
+    """A cell's finished result, else the reason its last run failed, else None (not run yet)."""
+    res = finished(out)
+    if res is None and failure_file(out).is_file():
+        return failure_file(out).read_text().strip()
+    return res
+
+
+def run_cell(model: str, method: str, quant: str, out: Path, log_dir: Path, model_args: list[str]) -> dict | str:
     res = finished(out)
     if res is not None:
         return res
     log = log_dir / f"{out.name}.log"
     t0 = time.time()
     with open(log, "w") as f:
-        done = subprocess.run([sys.executable, "train.py", *cell_overrides(model, method, quant, out)], cwd=REPO,
-                              stdout=f, stderr=subprocess.STDOUT)
+        done = subprocess.run(
+            [sys.executable, "train.py", *cell_overrides(model, method, quant, out, model_args)],
+            cwd=REPO,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+        )
     if done.returncode != 0:
-        last = [line for line in log.read_text().splitlines() if line.strip()][-1:] or ["(no output)"]
-        return f"failed after {time.time() - t0:.0f} s: {last[0][:160]} (log: {log})"
+        reason = f"failed after {time.time() - t0:.0f} s: {error_line(log.read_text())}"
+        failure_file(out).write_text(reason + "\n")
+        return reason
+    failure_file(out).unlink(missing_ok=True)
     return finished(out) or "finished without results.json"
 
 
-def cell_text(res: dict | str | None, corpus: str) -> str:
+def cell_text(res: dict | str | None, corpus: str, notes: list[str] | None = None) -> str:
+    """A perplexity; an empty cell gets a numbered note with its reason when ``notes`` collects them."""
     if res is None:
         return "not run yet"
     if isinstance(res, str):
-        return res
+        if notes is None:
+            return res
+        if res not in notes:
+            notes.append(res)
+        return f"{'failed' if res.startswith('failed') else 'n/a'} [{notes.index(res) + 1}]"
     return f"{res['perplexity'][corpus]['perplexity']:.2f}"
 
 
 def table(model: str, grid: dict[tuple[str, str], dict | str | None], quants: list[str]) -> str:
-    lines = [f"Model: {model}. Protocol (CPU): calibration {PROTOCOL['calib.nsamples']} windows x "
-             f"{PROTOCOL['calib.seqlen']} tokens of the model's calibration corpus (WikiText-2), OmniQuant "
-             f"{METHOD_SETTINGS['omniquant']['method.epochs']} epochs (released defaults otherwise); perplexity on the first "
-             f"{PROTOCOL['eval.max_windows']} windows of {PROTOCOL['eval.seqlen']} tokens of WikiText-2 raw test and PTB test. "
-             "Regenerate: `python benchmarks/quality.py`.", ""]
+    lines = [
+        f"Model: {model}. Protocol (CPU): calibration {PROTOCOL['calib.nsamples']} windows x "
+        f"{PROTOCOL['calib.seqlen']} tokens of the model's calibration corpus (WikiText-2), OmniQuant "
+        f"{METHOD_SETTINGS['omniquant']['method.epochs']} epochs (released defaults otherwise); perplexity on the first "
+        f"{PROTOCOL['eval.max_windows']} windows of {PROTOCOL['eval.seqlen']} tokens of WikiText-2 raw test and PTB test. "
+        "Regenerate: `python benchmarks/quality.py`.",
+        "",
+    ]
+    notes: list[str] = []
     for corpus, title in (("wikitext2", "WikiText-2"), ("ptb", "PTB")):
-        lines += [f"**{title} perplexity**", "", "| method | " + " | ".join(quants) + " |",
-                  "|---|" + "---|" * len(quants)]
+        lines += [
+            f"**{title} perplexity**",
+            "",
+            "| method | " + " | ".join(quants) + " |",
+            "|---|" + "---|" * len(quants),
+        ]
         for method in METHODS:
-            cells = [cell_text(grid.get((method, "fp" if method == "fp" else q)), corpus) for q in quants]
+            cells = [cell_text(grid.get((method, "fp" if method == "fp" else q)), corpus, notes) for q in quants]
             lines.append(f"| {method} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["**Bits per weight / calibration wall time (s) / peak CPU memory (GiB)**", "",
-              "| method | " + " | ".join(quants) + " |", "|---|" + "---|" * len(quants)]
+    lines += [f"[{i}] {note}" + ("  " if i < len(notes) else "") for i, note in enumerate(notes, 1)]
+    lines.append("")
+    lines += [
+        "**Bits per weight / calibration wall time (s) / peak CPU memory (GiB)**",
+        "",
+        "| method | " + " | ".join(quants) + " |",
+        "|---|" + "---|" * len(quants),
+    ]
     for method in METHODS[1:]:
         cells = []
         for q in quants:
             r = grid.get((method, q))
-            cells.append(f"{r['bits_per_weight']:.2f} / {r['wall_seconds']['quantize']:.0f} / "
-                         f"{r['memory']['cpu_peak_rss_gib']:.1f}" if isinstance(r, dict) else "-")
+            cells.append(
+                f"{r['bits_per_weight']:.2f} / {r['wall_seconds']['quantize']:.0f} / "
+                f"{r['memory']['cpu_peak_rss_gib']:.1f}"
+                if isinstance(r, dict)
+                else "-"
+            )
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -119,8 +198,11 @@ def plot(grid: dict, path: Path, model: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method in METHODS[1:]:
-        pts = sorted((r["bits_per_weight"], r["perplexity"]["wikitext2"]["perplexity"], q)
-                     for (m, q), r in grid.items() if m == method and isinstance(r, dict) and q not in WEIGHT_ACTIVATION)
+        pts = sorted(
+            (r["bits_per_weight"], r["perplexity"]["wikitext2"]["perplexity"], q)
+            for (m, q), r in grid.items()
+            if m == method and isinstance(r, dict) and q not in WEIGHT_ACTIVATION
+        )
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
     fp = grid.get(("fp", "fp"))
@@ -139,7 +221,7 @@ def write_results(section: str, path: Path) -> None:
     text = path.read_text() if path.exists() else "# Benchmark results\n"
     block = f"{BEGIN}\n{section}\n{END}"
     if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
+        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
     else:
         text = text.rstrip() + "\n\n## Quality: methods x settings\n\n" + block + "\n"
     path.write_text(text)
@@ -155,6 +237,7 @@ def main() -> None:
     args = ap.parse_args()
     out_root = args.out / args.model
     out_root.mkdir(parents=True, exist_ok=True)
+    model_args = local_model(args.model, out_root)
     grid: dict[tuple[str, str], dict | str | None] = {}
     for method in METHODS:  # existing cells are read even when not selected, so the table stays whole
         for q in ["fp"] if method == "fp" else QUANTS:
@@ -164,11 +247,11 @@ def main() -> None:
                 grid[(method, q)] = reason
             elif method in args.methods and (method == "fp" or q in args.quants):
                 print(f"cell {method} {q} ...", flush=True)
-                grid[(method, q)] = run_cell(args.model, method, q, out, out_root)
+                grid[(method, q)] = run_cell(args.model, method, q, out, out_root, model_args)
                 r = grid[(method, q)]
                 print(f"  {cell_text(r, 'wikitext2') if not isinstance(r, str) else r}", flush=True)
             else:
-                grid[(method, q)] = finished(out)
+                grid[(method, q)] = recorded(out)
     write_results(table(args.model, grid, QUANTS), args.results)
     plot(grid, REPO / "benchmarks" / f"quality_{args.model}.png", args.model)
     print(f"table written to {args.results}")

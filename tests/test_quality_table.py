@@ -1,0 +1,57 @@
+"""The results-table writer of ``benchmarks/quality.py`` (pure pieces; no runs)."""
+
+import importlib.util
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_quality():
+    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_result(ppl: float) -> dict:
+    return {
+        "perplexity": {"wikitext2": {"perplexity": ppl}, "ptb": {"perplexity": 2 * ppl}},
+        "bits_per_weight": 4.03,
+        "wall_seconds": {"quantize": 12.0},
+        "memory": {"cpu_peak_rss_gib": 1.5},
+    }
+
+
+def test_error_line_prefers_the_exception_over_hydras_hint():
+    q = load_quality()
+    log = (
+        "Error executing job with overrides: [...]\nTraceback ...\nValueError: block 0 q_proj: w_group_size=128 "
+        "does not divide the input width 576\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete trace."
+    )
+    assert q.error_line(log) == "ValueError: block 0 q_proj: w_group_size=128 does not divide the input width 576"
+    assert q.error_line("just a last line\n") == "just a last line"
+
+
+def test_table_fills_values_and_numbers_the_reasons_for_empty_cells():
+    q = load_quality()
+    grid = {
+        ("fp", "fp"): fake_result(10.0),
+        ("rtn", "w4a16"): fake_result(12.5),
+        ("rtn", "w4a16g128"): "failed after 9 s: ValueError: 128 does not divide 576",
+        ("smoothquant", "w4a16"): q.skip_reason("smoothquant", "w4a16"),
+    }
+    text = q.table("m", grid, ["w4a16", "w4a16g128"])
+    assert "| rtn | 12.50 | failed [1] |" in text and "| rtn | 25.00 | failed [1] |" in text
+    assert "| smoothquant | n/a [2] | n/a [2] |" not in text  # w4a16g128 is not in the grid: not run yet
+    assert "| smoothquant | n/a [2] | not run yet |" in text
+    assert "[1] failed after 9 s: ValueError: 128 does not divide 576" in text
+    assert "[2] n/a: SmoothQuant needs activation quantization" in text
+    assert "| rtn | 4.03 / 12 / 1.5 | - |" in text
+
+
+def test_results_section_is_replaced_between_the_markers(tmp_path):
+    q = load_quality()
+    path = tmp_path / "RESULTS.md"
+    path.write_text(f"# R\n\nbefore\n\n{q.BEGIN}\nold\n{q.END}\n\nafter\n")
+    q.write_results("new table", path)
+    assert path.read_text() == f"# R\n\nbefore\n\n{q.BEGIN}\nnew table\n{q.END}\n\nafter\n"
