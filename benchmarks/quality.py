@@ -39,7 +39,7 @@ PROTOCOL = {
     "eval.fp_baseline": "false",
     "trainer.enable_progress_bar": "false",
 }
-METHOD_SETTINGS = {"omniquant": {"method.epochs": 5}}
+METHOD_SETTINGS = {"omniquant": {"method.epochs": 3}}
 
 
 def local_model(model: str, out_root: Path) -> list[str]:

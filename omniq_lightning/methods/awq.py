@@ -1,7 +1,9 @@
 """AWQ on the block rails: activation-aware scale search over the adapter's LET pairs, then clipping search.
 
 Scales: for each pair (norm -> linears, v -> o), ``s = mean|x|^r`` normalised by ``sqrt(max(s) min(s))``,
-with ``r`` on a grid in [0, 1); the ``r`` that minimises the quantized block's output error wins.
+with ``r`` on a grid in [0, 1); the ``r`` that minimises the paper's objective wins: the output error of
+the pair's target linears, ``sum_t || Q(W_t diag(s)) (diag(s)^-1 x_t) - W_t x_t ||^2``, on sampled inputs
+(the same tokens the clipping search uses; cheap enough to search every pair of every block on a CPU).
 Clipping: for each linear, output channel and group, the range is shrunk on a grid (1.0 down to
 ``1 - max_shrink``) to minimise that group's output error on sampled inputs; the chosen ratio is
 stored as LWC logits, so folding is the same as for OmniQuant.
@@ -21,15 +23,6 @@ from omniq_lightning.transforms import QuantBlock
 
 MAX_CLIP_ROWS = 2048  # tokens sampled per linear for the clipping search
 NO_CLIP_LOGIT = 30.0  # sigmoid(30) == 1.0 in float32: the full range
-
-
-@torch.no_grad()
-def block_error(qblock: QuantBlock, inputs: ActivationCache, targets: ActivationCache, ctx) -> float:
-    err = 0.0
-    for j in range(len(inputs)):
-        out = qblock(inputs[j].unsqueeze(0).float(), ctx)[0]
-        err += torch.mean((out.float() - targets[j].float()) ** 2).item()
-    return err / len(inputs)
 
 
 @torch.no_grad()
@@ -57,7 +50,26 @@ def logit(r: float) -> float:
 
 
 @torch.no_grad()
-def search_scales(qblock: QuantBlock, inputs: ActivationCache, targets: ActivationCache, ctx, n_grid: int) -> dict:
+def pair_error(qblock: QuantBlock, pair, x: dict[str, torch.Tensor], s: torch.Tensor) -> float:
+    """AWQ's objective for one candidate scale: the mean squared output error of the pair's target linears
+    when their weight columns are multiplied by ``s`` before quantization and their inputs divided by it
+    (and quantized, when the linear quantizes its input)."""
+    s_t = pair.expand_target(s)
+    err = 0.0
+    for name in pair.targets:
+        lin = qblock.block.get_submodule(name)
+        w = lin.effective()[0].float()
+        xt = x[name]
+        xs = xt / s_t
+        if lin.act_quant is not None:
+            xs = lin.act_quant(xs)
+        wq = fake_quant_weight(w * s_t, lin.w_bits, lin.group_size, lin.symmetric)
+        err += torch.mean((xs @ wq.T - xt @ w.T) ** 2).item()
+    return err
+
+
+@torch.no_grad()
+def search_scales(qblock: QuantBlock, inputs: ActivationCache, ctx, n_grid: int) -> dict:
     """Grid-search each norm/linear pair's scale exponent; pairs AWQ does not use are removed."""
     for name in [n for n, p in qblock.let.items() if p.kind == "qk"]:
         del qblock.let[name]
@@ -80,8 +92,7 @@ def search_scales(qblock: QuantBlock, inputs: ActivationCache, targets: Activati
             ratio = r / n_grid
             s = mean_abs.pow(ratio).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
-            pair.scale.copy_(s)
-            err = block_error(qblock, inputs, targets, ctx)
+            err = pair_error(qblock, pair, x, s)
             if err < best[0]:
                 best = (err, ratio, s.clone())
         pair.scale.copy_(best[2])
@@ -116,8 +127,8 @@ def search_clipping(qblock: QuantBlock, inputs: ActivationCache, ctx, n_grid: in
         lin.lwc_beta.copy_(best_logit)
 
 
-def awq_block(qblock: QuantBlock, inputs, targets, ctx, n_grid: int, clip: bool, max_shrink: float) -> dict:
-    chosen = search_scales(qblock, inputs, targets, ctx, n_grid)
+def awq_block(qblock: QuantBlock, inputs, ctx, n_grid: int, clip: bool, max_shrink: float) -> dict:
+    chosen = search_scales(qblock, inputs, ctx, n_grid)
     if clip:
         search_clipping(qblock, inputs, ctx, n_grid, max_shrink)
     return chosen
@@ -145,4 +156,4 @@ class AWQ(Method):
         if not self.clip:
             for lin in qblock.quant_linears():
                 lin.lwc_gamma = lin.lwc_beta = None  # no clipping: plain min/max ranges
-        awq_block(qblock, data.inputs, data.targets, run.ctx, self.n_grid, self.clip, self.max_shrink)
+        awq_block(qblock, data.inputs, run.ctx, self.n_grid, self.clip, self.max_shrink)

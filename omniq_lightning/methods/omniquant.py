@@ -67,7 +67,7 @@ class OmniQuant(Method):
 
     def calibrate(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> None:
         if self.init == "awq":
-            awq_block(qblock, data.inputs, data.targets, run.ctx, n_grid=20, clip=qblock_has_lwc(qblock),
+            awq_block(qblock, data.inputs, run.ctx, n_grid=20, clip=qblock_has_lwc(qblock),
                       max_shrink=0.5)
         self.train(qblock, data, run)
         if self.rounding == "gptq":
