@@ -24,8 +24,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant"]
-# g64 columns stand beside g128 for models whose widths 128 does not divide (SmolLM2-135M: hidden 576).
-QUANTS = ["w4a16", "w4a16g128", "w4a16g64", "w3a16", "w3a16g128", "w3a16g64", "w2a16g64", "w6a6", "w4a4"]
+# w3a16g64 stands beside w3a16g128 for models whose widths 128 does not divide (SmolLM2-135M: hidden 576);
+# add w4a16g64 with --quants on a machine with time for it.
+QUANTS = ["w4a16", "w4a16g128", "w3a16", "w3a16g128", "w3a16g64", "w2a16g64", "w6a6", "w4a4"]
 WEIGHT_ACTIVATION = {"w8a8", "w6a6", "w4a4"}
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
@@ -238,9 +239,13 @@ def main() -> None:
     out_root = args.out / args.model
     out_root.mkdir(parents=True, exist_ok=True)
     model_args = local_model(args.model, out_root)
+    columns = [*QUANTS, *(q for q in args.quants if q not in QUANTS)]
+    columns += sorted(
+        {d.name.split("-", 1)[1] for d in out_root.glob("*-*") if (d / "results.json").is_file()} - set(columns)
+    )  # settings run earlier with --quants stay in the table
     grid: dict[tuple[str, str], dict | str | None] = {}
     for method in METHODS:  # existing cells are read even when not selected, so the table stays whole
-        for q in ["fp"] if method == "fp" else QUANTS:
+        for q in ["fp"] if method == "fp" else columns:
             out = out_root / ("fp" if method == "fp" else f"{method}-{q}")
             reason = skip_reason(method, q)
             if reason:
@@ -252,7 +257,7 @@ def main() -> None:
                 print(f"  {cell_text(r, 'wikitext2') if not isinstance(r, str) else r}", flush=True)
             else:
                 grid[(method, q)] = recorded(out)
-    write_results(table(args.model, grid, QUANTS), args.results)
+    write_results(table(args.model, grid, columns), args.results)
     plot(grid, REPO / "benchmarks" / f"quality_{args.model}.png", args.model)
     print(f"table written to {args.results}")
 
