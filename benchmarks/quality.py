@@ -128,7 +128,10 @@ def run_cell(model: str, method: str, quant: str, out: Path, log_dir: Path, mode
             stderr=subprocess.STDOUT,
         )
     if done.returncode != 0:
-        reason = f"failed after {time.time() - t0:.0f} s: {error_line(log.read_text())}"
+        error = error_line(log.read_text())
+        # a setting the model cannot take is refused (ValueError) before calibration: not applicable
+        verdict = "refused" if error.startswith("ValueError") else f"failed after {time.time() - t0:.0f} s"
+        reason = f"{verdict}: {error}"
         failure_file(out).write_text(reason + "\n")
         return reason
     failure_file(out).unlink(missing_ok=True)
@@ -144,7 +147,7 @@ def cell_text(res: dict | str | None, corpus: str, notes: list[str] | None = Non
             return res
         if res not in notes:
             notes.append(res)
-        return f"{'failed' if res.startswith('failed') else 'n/a'} [{notes.index(res) + 1}]"
+        return f"{'failed' if res.startswith('failed') else 'n/a'} [{notes.index(res) + 1}]"  # refused, skipped: n/a
     return f"{res['perplexity'][corpus]['perplexity']:.2f}"
 
 

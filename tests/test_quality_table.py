@@ -37,14 +37,14 @@ def test_table_fills_values_and_numbers_the_reasons_for_empty_cells():
     grid = {
         ("fp", "fp"): fake_result(10.0),
         ("rtn", "w4a16"): fake_result(12.5),
-        ("rtn", "w4a16g128"): "failed after 9 s: ValueError: 128 does not divide 576",
+        ("rtn", "w4a16g128"): "failed after 9 s: RuntimeError: out of memory",
         ("smoothquant", "w4a16"): q.skip_reason("smoothquant", "w4a16"),
     }
     text = q.table("m", grid, ["w4a16", "w4a16g128"])
     assert "| rtn | 12.50 | failed [1] |" in text and "| rtn | 25.00 | failed [1] |" in text
     assert "| smoothquant | n/a [2] | n/a [2] |" not in text  # w4a16g128 is not in the grid: not run yet
     assert "| smoothquant | n/a [2] | not run yet |" in text
-    assert "[1] failed after 9 s: ValueError: 128 does not divide 576" in text
+    assert "[1] failed after 9 s: RuntimeError: out of memory" in text
     assert "[2] n/a: SmoothQuant needs activation quantization" in text
     assert "| rtn | 4.03 / 12 / 1.5 | - |" in text
 
@@ -55,3 +55,12 @@ def test_results_section_is_replaced_between_the_markers(tmp_path):
     path.write_text(f"# R\n\nbefore\n\n{q.BEGIN}\nold\n{q.END}\n\nafter\n")
     q.write_results("new table", path)
     assert path.read_text() == f"# R\n\nbefore\n\n{q.BEGIN}\nnew table\n{q.END}\n\nafter\n"
+
+
+def test_a_refused_setting_reads_not_applicable_and_a_crash_reads_failed():
+    q = load_quality()
+    notes: list[str] = []
+    assert q.cell_text("refused: ValueError: 128 does not divide 576", "wikitext2", notes) == "n/a [1]"
+    assert q.cell_text("failed after 3 s: RuntimeError: boom", "wikitext2", notes) == "failed [2]"
+    assert q.cell_text("refused: ValueError: 128 does not divide 576", "ptb", notes) == "n/a [1]"
+    assert q.cell_text(None, "wikitext2", notes) == "not run yet"
