@@ -50,21 +50,22 @@ def logit(r: float) -> float:
 
 
 @torch.no_grad()
-def pair_error(qblock: QuantBlock, pair, x: dict[str, torch.Tensor], s: torch.Tensor) -> float:
+def pair_error(
+    qblock: QuantBlock, pair, x: dict[str, torch.Tensor], refs: dict[str, torch.Tensor], s: torch.Tensor
+) -> float:
     """AWQ's objective for one candidate scale: the mean squared output error of the pair's target linears
-    when their weight columns are multiplied by ``s`` before quantization and their inputs divided by it
-    (and quantized, when the linear quantizes its input)."""
+    (against their full-precision outputs ``refs``) when their weight columns are multiplied by ``s`` before
+    quantization and their inputs divided by it (and quantized, when the linear quantizes its input)."""
     s_t = pair.expand_target(s)
     err = 0.0
     for name in pair.targets:
         lin = qblock.block.get_submodule(name)
         w = lin.effective()[0].float()
-        xt = x[name]
-        xs = xt / s_t
+        xs = x[name] / s_t
         if lin.act_quant is not None:
             xs = lin.act_quant(xs)
         wq = fake_quant_weight(w * s_t, lin.w_bits, lin.group_size, lin.symmetric)
-        err += torch.mean((xs @ wq.T - xt @ w.T) ** 2).item()
+        err += torch.mean((xs @ wq.T - refs[name]) ** 2).item()
     return err
 
 
@@ -87,12 +88,13 @@ def search_scales(qblock: QuantBlock, inputs: ActivationCache, ctx, n_grid: int)
         if mean_abs.numel() != pair.scale.numel():  # e.g. v -> o under grouped-query attention: not searched
             del qblock.let[name]
             continue
+        refs = {t: x[t] @ qblock.block.get_submodule(t).effective()[0].float().T for t in pair.targets}
         best = (float("inf"), 0.0, torch.ones_like(pair.scale))
         for r in range(n_grid):
             ratio = r / n_grid
             s = mean_abs.pow(ratio).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
-            err = pair_error(qblock, pair, x, s)
+            err = pair_error(qblock, pair, x, refs, s)
             if err < best[0]:
                 best = (err, ratio, s.clone())
         pair.scale.copy_(best[2])
