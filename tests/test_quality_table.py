@@ -1,6 +1,7 @@
 """The results-table writer of ``benchmarks/quality.py`` (pure pieces; no runs)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,3 +65,21 @@ def test_a_refused_setting_reads_not_applicable_and_a_crash_reads_failed():
     assert q.cell_text("failed after 3 s: RuntimeError: boom", "wikitext2", notes) == "failed [2]"
     assert q.cell_text("refused: ValueError: 128 does not divide 576", "ptb", notes) == "n/a [1]"
     assert q.cell_text(None, "wikitext2", notes) == "not run yet"
+
+
+def test_a_cell_from_another_protocol_is_not_reused(tmp_path):
+    q = load_quality()
+    config = {
+        "eval": {"corpora": ["wikitext2", "ptb"], "max_windows": 8, "seqlen": 2048},
+        "calib": {"nsamples": 16, "seqlen": 512},
+        "method": {"name": "omniquant", "epochs": 3},
+    }
+    config["eval"]["max_windows"] = q.PROTOCOL["eval.max_windows"]
+    config["method"]["epochs"] = q.METHOD_SETTINGS["omniquant"]["method.epochs"]
+    cell = tmp_path / "omniquant-w3a16"
+    cell.mkdir()
+    (cell / "results.json").write_text(json.dumps({"config": config}))
+    assert q.finished(cell) is not None
+    config["method"]["epochs"] += 1
+    (cell / "results.json").write_text(json.dumps({"config": config}))
+    assert q.finished(cell) is None
