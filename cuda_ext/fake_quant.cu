@@ -18,7 +18,7 @@ void check_matrix(const torch::Tensor& t, const char* name) {
               name, " must be float32, float16 or bfloat16");
 }
 
-const float* logits_ptr(const c10::optional<torch::Tensor>& t, const torch::Tensor& w, const char* name) {
+const float* logits_ptr(const std::optional<torch::Tensor>& t, const torch::Tensor& w, const char* name) {
   if (!t.has_value()) return nullptr;
   const int64_t rows = w.size(0);
   TORCH_CHECK(t->device() == w.device(), name, " must be on the same device as the weight");
@@ -46,7 +46,7 @@ void dispatch(at::ScalarType st, F&& f) {
 template <typename T>
 T* ptr(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
-torch::Tensor weight_forward(torch::Tensor w, c10::optional<torch::Tensor> gamma, c10::optional<torch::Tensor> beta,
+torch::Tensor weight_forward(torch::Tensor w, std::optional<torch::Tensor> gamma, std::optional<torch::Tensor> beta,
                              int64_t bits, bool symmetric) {
   check_matrix(w, "weight");
   const c10::cuda::CUDAGuard guard(w.device());
@@ -63,8 +63,9 @@ torch::Tensor weight_forward(torch::Tensor w, c10::optional<torch::Tensor> gamma
   return out;
 }
 
-std::vector<torch::Tensor> weight_backward(torch::Tensor grad_out, torch::Tensor w, c10::optional<torch::Tensor> gamma,
-                                           c10::optional<torch::Tensor> beta, int64_t bits, bool symmetric) {
+std::vector<torch::Tensor> weight_backward(torch::Tensor grad_out, torch::Tensor w, std::optional<torch::Tensor> gamma,
+                                           std::optional<torch::Tensor> beta, int64_t bits, bool symmetric,
+                                           bool released) {
   check_matrix(w, "weight");
   check_matrix(grad_out, "grad_out");
   TORCH_CHECK(grad_out.sizes() == w.sizes() && grad_out.scalar_type() == w.scalar_type(),
@@ -84,7 +85,7 @@ std::vector<torch::Tensor> weight_backward(torch::Tensor grad_out, torch::Tensor
     omniq::launch_weight_fq_backward<T>(ptr<T>(grad_out), ptr<T>(w), gp, bp, ptr<T>(grad_w),
                                         gamma.has_value() ? grad_gamma.data_ptr<float>() : nullptr,
                                         beta.has_value() ? grad_beta.data_ptr<float>() : nullptr, rows, w.size(1), g,
-                                        stream);
+                                        released, stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_w, grad_gamma, grad_beta};
@@ -104,7 +105,7 @@ torch::Tensor token_forward(torch::Tensor x, int64_t bits, bool symmetric) {
   return out;
 }
 
-torch::Tensor token_backward(torch::Tensor grad_out, torch::Tensor x, int64_t bits, bool symmetric) {
+torch::Tensor token_backward(torch::Tensor grad_out, torch::Tensor x, int64_t bits, bool symmetric, bool released) {
   check_matrix(x, "activation");
   check_matrix(grad_out, "grad_out");
   TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
@@ -115,7 +116,8 @@ torch::Tensor token_backward(torch::Tensor grad_out, torch::Tensor x, int64_t bi
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch(x.scalar_type(), [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    omniq::launch_token_fq_backward<T>(ptr<T>(grad_out), ptr<T>(x), ptr<T>(grad_x), x.size(0), x.size(1), g, stream);
+    omniq::launch_token_fq_backward<T>(ptr<T>(grad_out), ptr<T>(x), ptr<T>(grad_x), x.size(0), x.size(1), g, released,
+                                       stream);
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return grad_x;
@@ -126,7 +128,7 @@ torch::Tensor token_backward(torch::Tensor grad_out, torch::Tensor x, int64_t bi
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "omniq-lightning fused fake-quant kernels";
   m.def("weight_forward", &weight_forward, "weight fake-quant with LWC (forward)");
-  m.def("weight_backward", &weight_backward, "weight fake-quant with LWC (backward)");
+  m.def("weight_backward", &weight_backward, "weight fake-quant with LWC (backward; released: differentiable ranges)");
   m.def("token_forward", &token_forward, "per-token activation fake-quant (forward)");
-  m.def("token_backward", &token_backward, "per-token activation fake-quant (backward)");
+  m.def("token_backward", &token_backward, "per-token activation fake-quant (backward; released: differentiable ranges)");
 }

@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 
 EXT_NAME = "omniq_lightning_cuda"
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Build flags shared by the JIT build here, the prebuilt wheel (cuda_ext/setup.py) and the CI compile check
+# (cuda_ext/check_bindings.py). No -std= flag: torch's cpp_extension then picks the C++ standard its own
+# headers need (C++20 for torch >= 2.13); forcing an older one breaks or degrades the build.
+CXX_FLAGS = ["-O3"]
+NVCC_FLAGS = ["-O3"]
 
 
 def sources_dir() -> Path:
@@ -31,13 +36,23 @@ def disabled() -> bool:
     return os.environ.get("OMNIQ_DISABLE_CUDA_EXT", "0").lower() in ("1", "true", "yes")
 
 
+_status = {"fused_kernels": "not loaded"}
+
+
+def status() -> str:
+    """How fake-quant runs on CUDA: "prebuilt", "JIT-compiled", or why the reference is used (for results.json)."""
+    return _status["fused_kernels"]
+
+
 @lru_cache(maxsize=1)
 def load_extension() -> ModuleType | None:
     """The compiled extension, or None (one log line says why) when it cannot be used."""
     if disabled():
         log.info("omniq-lightning: OMNIQ_DISABLE_CUDA_EXT is set; using the PyTorch reference fake-quant")
+        _status["fused_kernels"] = "disabled by OMNIQ_DISABLE_CUDA_EXT"
         return None
     if not torch.cuda.is_available():
+        _status["fused_kernels"] = "no CUDA device"
         return None
     try:
         ext = importlib.import_module(EXT_NAME)
@@ -51,15 +66,17 @@ def load_extension() -> ModuleType | None:
                 name=EXT_NAME,
                 sources=[str(src / "fake_quant.cu")],
                 extra_include_paths=[str(src)],
-                extra_cuda_cflags=["-O3", "-std=c++17"],
-                extra_cflags=["-O3"],
+                extra_cuda_cflags=NVCC_FLAGS,
+                extra_cflags=CXX_FLAGS,
                 verbose=False,
             )
             origin = "JIT-compiled"
         except Exception as exc:  # noqa: BLE001 - any build failure means: use the reference
             log.warning("omniq-lightning: CUDA fake-quant extension unavailable (%s); using the PyTorch reference", exc)
+            _status["fused_kernels"] = f"build failed ({type(exc).__name__}): reference used"
             return None
     log.info("omniq-lightning: using fused CUDA fake-quant kernels (%s)", origin)
+    _status["fused_kernels"] = origin
     return ext
 
 
