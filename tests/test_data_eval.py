@@ -80,3 +80,32 @@ def test_corpus_shorter_than_one_window_is_rejected():
         eval_windows(torch.arange(100), 2048)
     with pytest.raises(ValueError, match="shorter than one window"):
         calibration_windows(torch.arange(100), 4, 100, seed=0)
+
+
+def test_evaluation_through_a_device_map_that_splits_the_model_matches(stories_dir, data_dir, tmp_path):
+    """Evaluation goes through accelerate's device map (what lets a 70B model run on GPUs + CPU). On the CPU a
+    ``max_memory`` smaller than the model forces a split (the blocks go to disk offload): same perplexity,
+    and leaving the context puts every weight back on the CPU for quantization and export."""
+    from omniq_lightning.eval import placed_for_evaluation
+    from omniq_lightning.models import load_model
+
+    loaded = load_model(str(stories_dir), dtype="float32")  # not the shared fixture: this test dispatches it
+    ids = tokenize(load_corpus("tinystories", "eval", data_dir), loaded.tokenizer)
+    whole = perplexity(loaded.model, ids, 256, max_windows=3).perplexity
+    with placed_for_evaluation(loaded.model, torch.device("cpu"), {"cpu": "400KB"}, tmp_path) as placement:
+        split = perplexity(loaded.model, ids, 256, max_windows=3, device=placement.input_device).perplexity
+    assert placement.devices == ("cpu", "disk")
+    assert split == pytest.approx(whole, rel=1e-6)
+    assert {p.device.type for p in loaded.model.parameters()} == {"cpu"}
+    assert perplexity(loaded.model, ids, 256, max_windows=3).perplexity == pytest.approx(whole, rel=1e-6)
+
+
+def test_a_run_evaluates_through_the_device_map(tmp_path):
+    from omniq_lightning.config import compose
+    from omniq_lightning.pipeline import run
+
+    base = ["method=fp", "eval.max_windows=2", "trainer.enable_progress_bar=false"]
+    whole = run(compose([*base, f"output_dir={tmp_path / 'a'}"]))["perplexity"]["tinystories"]["perplexity"]
+    split = run(compose([*base, f"output_dir={tmp_path / 'b'}", "eval.max_memory={cpu: 400KB}"]))["perplexity"]
+    assert split["tinystories"]["placement"] == ["cpu", "disk"]
+    assert split["tinystories"]["perplexity"] == pytest.approx(whole, rel=1e-6)
