@@ -17,7 +17,9 @@ import time
 
 import torch
 
+from omniq_lightning.quant import WeightFormat
 from omniq_lightning.quant import functional as F
+from omniq_lightning.quant import weight as W
 from omniq_lightning.quant.cuda import load_extension
 from omniq_lightning.quant.ops import fake_quant_per_token, fake_quant_weight
 
@@ -69,11 +71,13 @@ def make_fn(kind, shape, group, dtype, device, fused, backward, bits=4):
     beta = torch.full((n_groups,), 4.0, device=device, requires_grad=backward)
     dy = torch.randn(shape, device=device, dtype=dtype)
 
+    fmt = WeightFormat(bits, group)
+
     def forward():
         if kind == "weight":
             if fused:
-                return fake_quant_weight(x, bits, group, False, gamma, beta)
-            return F.fake_quant_weight(x, bits, group, False, gamma, beta)
+                return fake_quant_weight(x, fmt, gamma, beta)
+            return W.fake_quant_weight(x, fmt, gamma, beta)
         return fake_quant_per_token(x, 8) if fused else F.fake_quant_per_token(x, 8)
 
     def step():

@@ -7,9 +7,9 @@ namespace omniq {
   template void launch_weight_fq_forward<T>(const T*, const float*, const float*, T*, int64_t, int64_t, QGrid, \
                                             cudaStream_t);                                                \
   template void launch_weight_fq_backward<T>(const T*, const T*, const float*, const float*, T*, float*,     \
-                                             float*, int64_t, int64_t, QGrid, cudaStream_t);             \
+                                             float*, int64_t, int64_t, QGrid, bool, cudaStream_t);       \
   template void launch_token_fq_forward<T>(const T*, T*, int64_t, int64_t, QGrid, cudaStream_t);           \
-  template void launch_token_fq_backward<T>(const T*, const T*, T*, int64_t, int64_t, QGrid, cudaStream_t);
+  template void launch_token_fq_backward<T>(const T*, const T*, T*, int64_t, int64_t, QGrid, bool, cudaStream_t);
 
 OMNIQ_INSTANTIATE(float)
 OMNIQ_INSTANTIATE(__half)

@@ -5,7 +5,8 @@
 // torch bindings (cuda_ext/fake_quant.cu) only launch these kernels. The numerics mirror the
 // pure-PyTorch reference in omniq_lightning/quant/functional.py, which documents the conventions:
 // float32 arithmetic, round half to even, scale clamped below at SCALE_EPS, straight-through rounding,
-// ranges taken from the (detached) values of each row.
+// ranges taken from the values of each row: detached, or ("released", as the released OmniQuant code)
+// differentiable, the row's min and max passing their gradient to the elements holding them.
 //
 // Layout: the input is a contiguous [rows, cols] matrix. A row is one quantization group (a group of
 // a weight row, a whole output channel, or one token). One warp owns one row: it reduces the row's
@@ -61,6 +62,10 @@ struct QGrid {
   __device__ __forceinline__ float qmax() const {
     return symmetric ? float((1 << (bits - 1)) - 1) : float((1 << bits) - 1);
   }
+  // The scale is range * (1 / qmax), not range / qmax: ATen computes a CUDA tensor divided by a scalar as a
+  // multiply by the float reciprocal, and the reference writes the multiply explicitly, so that the reference
+  // on the CPU, the reference on CUDA and these kernels all get the same scale, bit for bit.
+  __device__ __forceinline__ float inv_qmax() const { return 1.0f / qmax(); }
 };
 
 // Scale and zero point of the grid covering [lo, hi]; `clamped` tells whether the scale hit SCALE_EPS
@@ -74,11 +79,11 @@ __device__ __forceinline__ RowParams row_params(float lo, float hi, QGrid g) {
   RowParams p;
   float raw;
   if (g.symmetric) {
-    raw = fmaxf(fabsf(hi), fabsf(lo)) / g.qmax();
+    raw = fmaxf(fabsf(hi), fabsf(lo)) * g.inv_qmax();
     p.scale = fmaxf(raw, SCALE_EPS);
     p.zero = 0.0f;
   } else {
-    raw = (hi - lo) / g.qmax();
+    raw = (hi - lo) * g.inv_qmax();
     p.scale = fmaxf(raw, SCALE_EPS);
     p.zero = rintf(-lo / p.scale);
   }
@@ -123,13 +128,48 @@ __global__ void __launch_bounds__(THREADS) weight_fq_forward_kernel(const T* __r
   for (int64_t c = lane; c < cols; c += WARP) orow[c] = from_float<T>(fake_quant_value(to_float(row[c]), p, g));
 }
 
-// Backward of the weight fake-quant. grad_w is straight-through (zero where the grid clamps);
-// grad_gamma and grad_beta are the exact gradients of the LWC bounds, reduced over the row.
+// Gradient of a row's max and min to the elements holding them (ties share it, as torch's amax/amin do),
+// added to their straight-through gradient: the "released" range convention. All lanes hold the sums.
+template <typename T>
+__device__ __forceinline__ void add_range_gradient(const T* row, const T* grow, T* gout, int64_t cols, int lane,
+                                                   float lo_raw, float hi_raw, float d_hi_raw, float d_lo_raw,
+                                                   float n_hi, float n_lo, const RowParams& p, QGrid g) {
+  const float qmin = g.qmin(), qmax = g.qmax();
+  for (int64_t c = lane; c < cols; c += WARP) {
+    const float x = to_float(row[c]);
+    if (x != hi_raw && x != lo_raw) continue;
+    const float t = rintf(x / p.scale) + p.zero;
+    float v = (t >= qmin && t <= qmax) ? to_float(grow[c]) : 0.0f;
+    if (x == hi_raw) v += d_hi_raw / n_hi;
+    if (x == lo_raw) v += d_lo_raw / n_lo;
+    gout[c] = from_float<T>(v);
+  }
+}
+
+// dL/dhi and dL/dlo from dL/d(range), where scale = range * (1/qmax): asymmetric range = hi - lo;
+// symmetric range = max(|hi|, |lo|), ties sharing the gradient equally (as torch.maximum does).
+__device__ __forceinline__ void range_to_bounds(float d_range, float lo, float hi, QGrid g, float& d_hi, float& d_lo) {
+  if (g.symmetric) {
+    const float ahi = fabsf(hi), alo = fabsf(lo);
+    const float w_hi = ahi > alo ? 1.0f : (ahi < alo ? 0.0f : 0.5f);
+    const float sgn_hi = hi > 0.0f ? 1.0f : (hi < 0.0f ? -1.0f : 0.0f);
+    const float sgn_lo = lo > 0.0f ? 1.0f : (lo < 0.0f ? -1.0f : 0.0f);
+    d_hi = d_range * w_hi * sgn_hi;
+    d_lo = d_range * (1.0f - w_hi) * sgn_lo;
+  } else {
+    d_hi = d_range;
+    d_lo = -d_range;
+  }
+}
+
+// Backward of the weight fake-quant. grad_w is straight-through (zero where the grid clamps); grad_gamma and
+// grad_beta are the exact gradients of the LWC bounds, reduced over the row. `released`: the zero point has
+// no gradient and the row's min and max pass their gradient on to the elements holding them.
 template <typename T>
 __global__ void __launch_bounds__(THREADS) weight_fq_backward_kernel(
     const T* __restrict__ grad_out, const T* __restrict__ w, const float* __restrict__ gamma,
     const float* __restrict__ beta, T* __restrict__ grad_w, float* __restrict__ grad_gamma,
-    float* __restrict__ grad_beta, int64_t rows, int64_t cols, QGrid g) {
+    float* __restrict__ grad_beta, int64_t rows, int64_t cols, QGrid g, bool released) {
   const int lane = threadIdx.x % WARP;
   const int64_t r = int64_t(blockIdx.x) * WARPS_PER_BLOCK + threadIdx.x / WARP;
   if (r >= rows) return;
@@ -145,7 +185,8 @@ __global__ void __launch_bounds__(THREADS) weight_fq_backward_kernel(
   const float qmin = g.qmin(), qmax = g.qmax();
 
   float g_scale = 0.0f;  // sum of dL/dy * dy/dscale
-  float g_lo = 0.0f;     // sum of dL/dy * dy/dlo through the zero point (asymmetric, clamped entries)
+  float g_lo = 0.0f;     // sum of dL/dy * dy/dlo through the zero point (detached ranges, asymmetric, clamped)
+  float n_hi = 0.0f, n_lo = 0.0f;  // how many elements hold the max and the min
   T* gw = grad_w + r * cols;
   for (int64_t c = lane; c < cols; c += WARP) {
     const float x = to_float(row[c]);
@@ -158,31 +199,33 @@ __global__ void __launch_bounds__(THREADS) weight_fq_backward_kernel(
       g_scale += dy * (rintf(u) - u);
     } else {
       const float q = t < qmin ? qmin : qmax;
-      g_scale += g.symmetric ? dy * q : dy * ((q - p.zero) - lo / p.scale);
-      g_lo += dy;
+      if (g.symmetric) {
+        g_scale += dy * q;
+      } else if (released) {
+        g_scale += dy * (q - p.zero);
+      } else {
+        g_scale += dy * ((q - p.zero) - lo / p.scale);
+        g_lo += dy;
+      }
     }
+    n_hi += x == hi_raw ? 1.0f : 0.0f;
+    n_lo += x == lo_raw ? 1.0f : 0.0f;
   }
-  if (grad_gamma == nullptr && grad_beta == nullptr) return;
+  if (grad_gamma == nullptr && grad_beta == nullptr && !released) return;
   g_scale = warp_sum(g_scale);
   g_lo = warp_sum(g_lo);
-  if (lane != 0) return;
 
-  float d_hi = 0.0f, d_lo = 0.0f;
-  const float d_range = p.clamped ? 0.0f : g_scale / qmax;  // dL/d(range) where scale = range / qmax
-  if (g.symmetric) {
-    // range = max(|hi|, |lo|); ties share the gradient equally (as torch.maximum does).
-    const float ahi = fabsf(hi), alo = fabsf(lo);
-    const float w_hi = ahi > alo ? 1.0f : (ahi < alo ? 0.0f : 0.5f);
-    const float sgn_hi = hi > 0.0f ? 1.0f : (hi < 0.0f ? -1.0f : 0.0f);
-    const float sgn_lo = lo > 0.0f ? 1.0f : (lo < 0.0f ? -1.0f : 0.0f);
-    d_hi = d_range * w_hi * sgn_hi;
-    d_lo = d_range * (1.0f - w_hi) * sgn_lo;
-  } else {
-    d_hi = d_range;
-    d_lo = -d_range + g_lo;
+  float d_hi, d_lo;
+  range_to_bounds(p.clamped ? 0.0f : g_scale * g.inv_qmax(), lo, hi, g, d_hi, d_lo);
+  d_lo += g_lo;
+  if (lane == 0) {
+    if (grad_gamma != nullptr) grad_gamma[r] = d_hi * (1.0f - sg) * sg * hi_raw;
+    if (grad_beta != nullptr) grad_beta[r] = d_lo * (1.0f - sb) * sb * lo_raw;
   }
-  if (grad_gamma != nullptr) grad_gamma[r] = d_hi * (1.0f - sg) * sg * hi_raw;
-  if (grad_beta != nullptr) grad_beta[r] = d_lo * (1.0f - sb) * sb * lo_raw;
+  if (!released) return;
+  __syncwarp();  // this warp's straight-through writes above are visible to the lanes that overwrite them
+  add_range_gradient(row, grow, gw, cols, lane, lo_raw, hi_raw, gamma != nullptr ? d_hi * sg : d_hi,
+                     beta != nullptr ? d_lo * sb : d_lo, warp_sum(n_hi), warp_sum(n_lo), p, g);
 }
 
 // Dynamic per-token activation fake-quant: one row per token.
@@ -200,12 +243,13 @@ __global__ void __launch_bounds__(THREADS) token_fq_forward_kernel(const T* __re
   for (int64_t c = lane; c < cols; c += WARP) orow[c] = from_float<T>(fake_quant_value(to_float(row[c]), p, g));
 }
 
-// Straight-through backward of the per-token fake-quant: pass the gradient where the value is on the grid.
+// Backward of the per-token fake-quant: straight-through (the gradient passes where the value is on the
+// grid); `released` adds the gradient of each token's min and max, as the range of a differentiable scale.
 template <typename T>
 __global__ void __launch_bounds__(THREADS) token_fq_backward_kernel(const T* __restrict__ grad_out,
                                                                     const T* __restrict__ x,
                                                                     T* __restrict__ grad_x, int64_t rows,
-                                                                    int64_t cols, QGrid g) {
+                                                                    int64_t cols, QGrid g, bool released) {
   const int lane = threadIdx.x % WARP;
   const int64_t r = int64_t(blockIdx.x) * WARPS_PER_BLOCK + threadIdx.x / WARP;
   if (r >= rows) return;
@@ -216,10 +260,25 @@ __global__ void __launch_bounds__(THREADS) token_fq_backward_kernel(const T* __r
   const float qmin = g.qmin(), qmax = g.qmax();
   const T* grow = grad_out + r * cols;
   T* gx = grad_x + r * cols;
+  float g_scale = 0.0f, n_hi = 0.0f, n_lo = 0.0f;
   for (int64_t c = lane; c < cols; c += WARP) {
-    const float t = rintf(to_float(row[c]) / p.scale) + p.zero;
-    gx[c] = (t >= qmin && t <= qmax) ? grow[c] : from_float<T>(0.0f);
+    const float v = to_float(row[c]);
+    const float u = v / p.scale;
+    const float t = rintf(u) + p.zero;
+    const bool inside = t >= qmin && t <= qmax;
+    gx[c] = inside ? grow[c] : from_float<T>(0.0f);
+    if (released) {
+      const float dy = to_float(grow[c]);
+      g_scale += inside ? dy * (rintf(u) - u) : dy * ((t < qmin ? qmin : qmax) - p.zero);
+      n_hi += v == hi ? 1.0f : 0.0f;
+      n_lo += v == lo ? 1.0f : 0.0f;
+    }
   }
+  if (!released) return;
+  float d_hi, d_lo;
+  range_to_bounds(p.clamped ? 0.0f : warp_sum(g_scale) * g.inv_qmax(), lo, hi, g, d_hi, d_lo);
+  __syncwarp();
+  add_range_gradient(row, grow, gx, cols, lane, lo, hi, d_hi, d_lo, warp_sum(n_hi), warp_sum(n_lo), p, g);
 }
 
 inline unsigned int blocks_for_rows(int64_t rows) {
@@ -236,10 +295,10 @@ void launch_weight_fq_forward(const T* w, const float* gamma, const float* beta,
 template <typename T>
 void launch_weight_fq_backward(const T* grad_out, const T* w, const float* gamma, const float* beta, T* grad_w,
                                float* grad_gamma, float* grad_beta, int64_t rows, int64_t cols, QGrid g,
-                               cudaStream_t stream) {
+                               bool released, cudaStream_t stream) {
   if (rows == 0) return;
   weight_fq_backward_kernel<T><<<blocks_for_rows(rows), THREADS, 0, stream>>>(
-      grad_out, w, gamma, beta, grad_w, grad_gamma, grad_beta, rows, cols, g);
+      grad_out, w, gamma, beta, grad_w, grad_gamma, grad_beta, rows, cols, g, released);
 }
 
 template <typename T>
@@ -250,9 +309,10 @@ void launch_token_fq_forward(const T* x, T* out, int64_t rows, int64_t cols, QGr
 
 template <typename T>
 void launch_token_fq_backward(const T* grad_out, const T* x, T* grad_x, int64_t rows, int64_t cols, QGrid g,
-                              cudaStream_t stream) {
+                              bool released, cudaStream_t stream) {
   if (rows == 0) return;
-  token_fq_backward_kernel<T><<<blocks_for_rows(rows), THREADS, 0, stream>>>(grad_out, x, grad_x, rows, cols, g);
+  token_fq_backward_kernel<T><<<blocks_for_rows(rows), THREADS, 0, stream>>>(grad_out, x, grad_x, rows, cols, g,
+                                                                             released);
 }
 
 }  // namespace omniq

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import platform
 import resource
@@ -18,13 +19,14 @@ from tqdm.auto import tqdm
 
 from omniq_lightning.calib import ActivationCache, BlockDataModule, BlockRun, RunState, observe_linear_inputs
 from omniq_lightning.data import calibration_windows, load_corpus, tokenize
-from omniq_lightning.eval import perplexity
+from omniq_lightning.eval import perplexity, placed_for_evaluation
 from omniq_lightning.export import save_fake_quant
 from omniq_lightning.io import write_json
 from omniq_lightning.methods import METHODS, Method, build_method
 from omniq_lightning.models import BlockContext, LoadedModel, ModelAdapter, load_model
 from omniq_lightning.nn import ActQuantizer, QuantLinear
 from omniq_lightning.quant import QuantSpec
+from omniq_lightning.quant.cuda import status as cuda_extension_status
 from omniq_lightning.tracking import build_logger, log_summary
 
 log = logging.getLogger(__name__)
@@ -110,16 +112,19 @@ def evaluate(cfg: DictConfig, loaded: LoadedModel, device: torch.device) -> dict
     """Perplexity on every configured corpus."""
     seqlen = int(cfg.eval.seqlen)
     check_seqlen(seqlen, loaded, "eval")
-    loaded.model.to(device)
+    max_memory = cfg.eval.get("max_memory")
+    max_memory = None if max_memory is None else OmegaConf.to_container(max_memory, resolve=True)
     results = {}
-    for name in cfg.eval.corpora:
-        corpus = load_corpus(name, "eval", cfg.paths.data_dir)
-        ids = tokenize(corpus, loaded.tokenizer)
-        t0 = time.perf_counter()
-        res = perplexity(loaded.model, ids, seqlen, corpus=name, max_windows=cfg.eval.max_windows,
-                         batch_size=int(cfg.eval.batch_size), device=device)
-        results[name] = {**res.to_dict(), "source": corpus.origin, "seconds": round(time.perf_counter() - t0, 3)}
-        log.info("%s perplexity %.4f (%d windows of %d tokens)", name, res.perplexity, res.windows, seqlen)
+    with placed_for_evaluation(loaded.model, device, max_memory, cfg.eval.get("offload_dir")) as placement:
+        for name in cfg.eval.corpora:
+            corpus = load_corpus(name, "eval", cfg.paths.data_dir)
+            ids = tokenize(corpus, loaded.tokenizer)
+            t0 = time.perf_counter()
+            res = perplexity(loaded.model, ids, seqlen, corpus=name, max_windows=cfg.eval.max_windows,
+                             batch_size=int(cfg.eval.batch_size), device=placement.input_device)
+            results[name] = {**res.to_dict(), "source": corpus.origin, "placement": list(placement.devices),
+                             "seconds": round(time.perf_counter() - t0, 3)}
+            log.info("%s perplexity %.4f (%d windows of %d tokens)", name, res.perplexity, res.windows, seqlen)
     return results
 
 
@@ -162,11 +167,13 @@ def learned_state(qblock) -> dict[str, torch.Tensor]:
 def clip_let_stats(qblock) -> dict[str, float]:
     """Summary statistics of the learned clipping (sigmoid of the logits) and LET scales."""
     stats: dict[str, float] = {}
-    gammas = [torch.sigmoid(m.lwc_gamma).flatten() for m in qblock.quant_linears() if m.lwc_gamma is not None]
-    betas = [torch.sigmoid(m.lwc_beta).flatten() for m in qblock.quant_linears() if m.lwc_beta is not None]
-    if gammas:
-        stats["clip_max_mean"] = torch.cat(gammas).mean().item()
-        stats["clip_min_mean"] = torch.cat(betas).mean().item()
+    wqs = [wq for wq in qblock.weight_quantizers() if wq.lwc_gamma is not None]
+    if wqs:
+        stats["clip_max_mean"] = torch.cat([torch.sigmoid(wq.lwc_gamma).flatten() for wq in wqs]).mean().item()
+        stats["clip_min_mean"] = torch.cat([torch.sigmoid(wq.lwc_beta).flatten() for wq in wqs]).mean().item()
+    offsets = [wq.rounding.flatten() for wq in qblock.weight_quantizers() if wq.rounding is not None]
+    if offsets:  # how far learned rounding moved from round-to-nearest
+        stats["rounding_offset_abs_mean"] = torch.cat(offsets).abs().mean().item()
     for name, pair in qblock.let.items():
         stats[f"let_{name}_scale_mean"] = pair.scale.detach().mean().item()
         stats[f"let_{name}_scale_max"] = pair.scale.detach().max().item()
@@ -227,13 +234,15 @@ def quantize(cfg: DictConfig, loaded: LoadedModel, spec: QuantSpec, method: Meth
             run = BlockRun(index=i, n_blocks=len(blocks), ctx=ctx, device=device, precision=precision,
                            checkpoint_dir=state.checkpoint_dir(i), resume_checkpoint=state.resume_checkpoint(i),
                            logger=logger, progress_bar=progress)
-            method.calibrate(qblock, BlockDataModule(q_in, fp_out, batch_size, aug), run)
-            qblock.to(device)
+            calibrated = method.calibrate(qblock, BlockDataModule(q_in, fp_out, batch_size, aug), run) or {}
             observe_static_ranges(qblock, q_in, ctx)  # again: the learned transforms moved the ranges
-            block_stats = clip_let_stats(qblock)
+            block_stats = {**clip_let_stats(qblock), **calibrated}
             learned = learned_state(qblock)
             folded = method.finalize(qblock)
-            state.save_block(i, {**{f"block.{k}": v for k, v in folded.state_dict().items()}, **learned})
+            codes = {k: v for name, q in qblock.quantized.items() for k, v in q.tensors(f"qweight.{name}").items()}
+            formats = {name: q.fmt.to_dict() for name, q in qblock.quantized.items()}
+            state.save_block(i, {**{f"block.{k}": v for k, v in folded.state_dict().items()}, **learned, **codes},
+                             metadata={"formats": json.dumps(formats, sort_keys=True)})
         mse = run_over(lambda x, b=folded: adapter.call_block(b, x, ctx), q_in, q_in, target=fp_out)
         fp_in, fp_out = fp_out, fp_in
         for p in folded.parameters():  # parameters only: static activation ranges stay float32
@@ -274,6 +283,7 @@ def environment() -> dict[str, Any]:
         "git_commit": git_commit(),
         "machine": platform.machine(),
         "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "fused_kernels": cuda_extension_status(),
     }
 
 
@@ -292,19 +302,15 @@ def git_commit() -> str | None:
 
 
 def bits_per_weight(model, adapter: ModelAdapter, spec: QuantSpec) -> float:
-    """Average storage bits per weight of the quantized linears, counting a 16-bit scale per group and,
-    for asymmetric grids, a zero point of ``w_bits`` bits per group."""
-    if not spec.quantizes_weights:
-        return 16.0
+    """Average storage bits per weight of the blocks' linears in their weight format (``WeightFormat.storage_bits``:
+    the codes, a 16-bit scale per group and, for asymmetric grids, the zero point or midpoint)."""
+    fmt = spec.weight_format
     total_bits = total_weights = 0
     for block in adapter.blocks(model):
         for m in block.modules():
             if isinstance(m, (torch.nn.Linear, QuantLinear)):
-                group = spec.w_group_size or m.in_features
-                per_group = 16 + (0 if spec.w_symmetric else spec.w_bits)
-                n = m.weight.numel()
-                total_bits += n * spec.w_bits + (n // group) * per_group
-                total_weights += n
+                total_bits += fmt.storage_bits(m.out_features, m.in_features)
+                total_weights += m.out_features * m.in_features
     return total_bits / max(total_weights, 1)
 
 
@@ -347,6 +353,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), out_dir,
                               f"{cfg.model.name}-{cfg.method.tag}", config)
         results["blocks"] = quantize(cfg, loaded, spec, method, device, state, logger)
+        results["method_settings"] = method.describe()
         t_quant = time.perf_counter()
         results["bits_per_weight"] = round(bits_per_weight(loaded.model, loaded.adapter, spec), 4)
         results["perplexity"] = evaluate(cfg, loaded, device)

@@ -8,7 +8,7 @@ import torch
 from omniq_lightning.config import compose
 from omniq_lightning.methods import build_method
 from omniq_lightning.pipeline import run
-from omniq_lightning.quant import fake_quant_weight, grid, weight_scale_zero
+from omniq_lightning.quant import WeightFormat, fake_quant_weight, grid, grid_of
 from omniq_lightning.quant.gptq import HessianAccumulator, gptq_quantize
 
 
@@ -21,9 +21,9 @@ def data(n=256, d=12, m=7, seed=0):
 
 def rtn_columns(W, bits=3, group=None):
     """Column quantizer on W's static min/max grid (per output channel or per group)."""
-    scale, zero = weight_scale_zero(W, bits, group)
+    g = grid_of(W, WeightFormat(bits, group))
     n_groups = W.shape[1] // (group or W.shape[1])
-    S, Z = scale.view(W.shape[0], n_groups), zero.view(W.shape[0], n_groups)
+    S, Z = g.scale.view(W.shape[0], n_groups), g.zero.view(W.shape[0], n_groups)
     qmin, qmax = grid(bits, False)
     g = group or W.shape[1]
     return lambda w, j: (torch.clamp(torch.round(w / S[:, j // g]) + Z[:, j // g], qmin, qmax) - Z[:, j // g]) * S[:, j // g]
@@ -65,8 +65,8 @@ def test_static_groups_stay_consistent_under_activation_ordering(act_order):
     H = 2 * X.T @ X / X.shape[0]
     group = 8
     Q = gptq_quantize(W, H, rtn_columns(W, 3, group), act_order=act_order)
-    scale, zero = weight_scale_zero(W, 3, group)
-    codes = Q.reshape(-1, group) / scale + zero
+    g = grid_of(W, WeightFormat(3, group))
+    codes = Q.reshape(-1, group) / g.scale + g.zero
     assert torch.allclose(codes, codes.round(), atol=1e-6)  # every column on its original group's grid
     assert codes.round().min() >= 0 and codes.round().max() <= 7
 
@@ -76,7 +76,7 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output():
     H = 2 * X.T @ X / X.shape[0]
     for act_order in (False, True):
         Q = gptq_quantize(W, H, rtn_columns(W, 3), act_order=act_order)
-        rtn = fake_quant_weight(W, 3)
+        rtn = fake_quant_weight(W, WeightFormat(3))
         assert (X @ (Q - W).T).pow(2).sum() < 0.8 * (X @ (rtn - W).T).pow(2).sum()
 
 

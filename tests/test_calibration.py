@@ -17,6 +17,7 @@ from omniq_lightning.calib import (
     BlockRun,
     CorruptCheckpointError,
     RunState,
+    TrainSettings,
     observe_linear_inputs,
 )
 from omniq_lightning.config import compose
@@ -45,7 +46,7 @@ def tiny_block_setup(stories, n=4, seqlen=32, spec=W4A4, let=True):
 
 def test_only_clipping_logits_and_transform_factors_are_trainable(stories):
     qblock, ctx, _ = tiny_block_setup(stories)
-    module = BlockLightningModule(qblock, ctx, 0, lwc_lr=1e-2, let_lr=5e-3)
+    module = BlockLightningModule(qblock, ctx, 0, TrainSettings(lrs={"lwc": 1e-2, "let": 5e-3, "rounding": 5e-3}))
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     expected = {f"qblock.{n}" for n, p in qblock.named_parameters() if any(p is q for q in qblock.quant_parameters())}
     assert trainable == expected
@@ -75,7 +76,7 @@ def test_calibration_checkpoint_holds_only_trainable_state_and_loads_safely(stor
 
 def test_non_finite_loss_stops_with_the_block_and_a_remedy(stories):
     qblock, ctx, data = tiny_block_setup(stories)
-    module = BlockLightningModule(qblock, ctx, 3, lwc_lr=1e-2, let_lr=5e-3)
+    module = BlockLightningModule(qblock, ctx, 3)
     x, y = data._gather([0, 1])
     x[0, 0, 0] = float("nan")
     with pytest.raises(FloatingPointError, match="block 3: .*trainer.precision=32"):
@@ -121,15 +122,15 @@ def quality(quick_run):
         "omniquant-w3a16": quick_run("omniquant", "w3a16", "method.epochs=10"),
         "rtn-w4a4": quick_run("rtn", "w4a4"),
         "omniquant-w4a4": quick_run("omniquant", "w4a4", "method.epochs=10"),
-        "lwc-only-w4a4": quick_run("omniquant", "w4a4", "method.epochs=10", "method.let=false"),
     }
 
 
-def test_omniquant_beats_rtn_and_let_helps(quality):
+def test_omniquant_beats_rtn(quality):
+    """Margins measured across seeds and thread counts (benchmarks/RESULTS.md, "robust margins"); finer
+    comparisons, such as LET against LWC alone at w4a4, belong to benchmarks/ablation.py."""
     ppl = {k: v[0] for k, v in quality.items()}
-    assert ppl["omniquant-w3a16"] < ppl["rtn-w3a16"]
-    assert ppl["omniquant-w4a4"] < ppl["rtn-w4a4"]
-    assert ppl["omniquant-w4a4"] < ppl["lwc-only-w4a4"]
+    assert ppl["omniquant-w3a16"] < 0.9 * ppl["rtn-w3a16"]
+    assert ppl["omniquant-w4a4"] < 0.95 * ppl["rtn-w4a4"]
 
 
 def test_results_and_tracking_outputs(quality):
@@ -183,9 +184,46 @@ def test_static_per_tensor_activation_ranges_are_observed_then_fixed(stories):
 
 def test_let_recipe_follows_the_released_w4a4_llama_settings():
     w4a4, w8a8 = QuantSpec(w_bits=4, a_bits=4, kv_bits=4), QuantSpec(w_bits=8, a_bits=8)
-    assert OmniQuant().recipe(w4a4, "llama") == (1e-3, 0.75)
-    assert OmniQuant().recipe(w8a8, "llama") == (5e-3, 0.5)
-    assert OmniQuant().recipe(w4a4, "opt") == (5e-3, 0.5)
-    assert OmniQuant(let_lr=2e-3, let_alpha=0.6).recipe(w4a4, "llama") == (2e-3, 0.6)
+    assert OmniQuant().let_recipe(w4a4, "llama") == (1e-3, 0.75)
+    assert OmniQuant().let_recipe(w8a8, "llama") == (5e-3, 0.5)
+    assert OmniQuant().let_recipe(w4a4, "opt") == (5e-3, 0.5)
+    assert OmniQuant(let_lr=2e-3, let_alpha=0.6).let_recipe(w4a4, "llama") == (2e-3, 0.6)
     with pytest.raises(ValueError, match="let_alpha"):
         OmniQuant(let_alpha=1.5)
+
+
+def test_block_is_back_on_the_run_device_before_gptq_rounding(stories, tmp_path, monkeypatch):
+    """Lightning's strategy teardown moves the LightningModule (and so the block) to the CPU when ``fit``
+    ends. GPTQ rounding then runs the block on the device-resident cached inputs, so ``calibrate`` must
+    move the block back to ``run.device`` in between. A CPU has one device, so the test records the
+    placements: after the teardown's ``.cpu()`` there must be a move to ``run.device`` before GPTQ runs."""
+    import omniq_lightning.methods.omniquant as omniquant_module
+    from omniq_lightning.transforms import QuantBlock
+
+    events: list[tuple] = []
+    real_cpu, real_to, real_gptq = BlockLightningModule.cpu, QuantBlock.to, omniquant_module.gptq_block
+
+    def cpu(self):
+        events.append(("teardown moved the module to the CPU",))
+        return real_cpu(self)
+
+    def to(self, *args, **kwargs):
+        events.append(("to", args[0] if args else kwargs.get("device")))
+        return real_to(self, *args, **kwargs)
+
+    def gptq(qblock, *args, **kwargs):
+        events.append(("gptq",))
+        return real_gptq(qblock, *args, **kwargs)
+
+    monkeypatch.setattr(BlockLightningModule, "cpu", cpu)
+    monkeypatch.setattr(QuantBlock, "to", to)
+    monkeypatch.setattr(omniquant_module, "gptq_block", gptq)
+    qblock, ctx, data = tiny_block_setup(stories, spec=QuantSpec(w_bits=3), let=False)
+    device = torch.device("cpu")
+    run_info = BlockRun(index=0, n_blocks=5, ctx=ctx, device=device, precision="32-true",
+                        checkpoint_dir=tmp_path / "ckpt", resume_checkpoint=None, progress_bar=False)
+    OmniQuant(epochs=1, rounding="gptq").calibrate(qblock, data, run_info)
+    teardown = max(i for i, e in enumerate(events) if e[0].startswith("teardown"))
+    gptq_at = events.index(("gptq",))
+    assert teardown < gptq_at
+    assert ("to", device) in events[teardown:gptq_at], events

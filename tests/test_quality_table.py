@@ -1,17 +1,24 @@
-"""The results-table writer of ``benchmarks/quality.py`` (pure pieces; no runs)."""
+"""The results-table writers of ``benchmarks/`` (pure pieces; no runs)."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def load_quality():
-    spec = importlib.util.spec_from_file_location("quality", REPO / "benchmarks" / "quality.py")
+def load_benchmark(name: str):
+    if str(REPO / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_quality():
+    return load_benchmark("quality")
 
 
 def fake_result(ppl: float) -> dict:
@@ -24,7 +31,7 @@ def fake_result(ppl: float) -> dict:
 
 
 def test_error_line_prefers_the_exception_over_hydras_hint():
-    q = load_quality()
+    q = load_benchmark("cells")
     log = (
         "Error executing job with overrides: [...]\nTraceback ...\nValueError: block 0 q_proj: w_group_size=128 "
         "does not divide the input width 576\nSet the environment variable HYDRA_FULL_ERROR=1 for a complete trace."
@@ -41,7 +48,7 @@ def test_table_fills_values_and_numbers_the_reasons_for_empty_cells():
         ("rtn", "w4a16g128"): "failed after 9 s: RuntimeError: out of memory",
         ("smoothquant", "w4a16"): q.skip_reason("smoothquant", "w4a16"),
     }
-    text = q.table("m", grid, ["w4a16", "w4a16g128"])
+    text = q.table("m", grid, ["w4a16", "w4a16g128"], "cpu")
     assert "| rtn | 12.50 | failed [1] |" in text and "| rtn | 25.00 | failed [1] |" in text
     assert "| smoothquant | n/a [2] | n/a [2] |" not in text  # w4a16g128 is not in the grid: not run yet
     assert "| smoothquant | n/a [2] | not run yet |" in text
@@ -51,11 +58,13 @@ def test_table_fills_values_and_numbers_the_reasons_for_empty_cells():
 
 
 def test_results_section_is_replaced_between_the_markers(tmp_path):
-    q = load_quality()
+    cells = load_benchmark("cells")
     path = tmp_path / "RESULTS.md"
-    path.write_text(f"# R\n\nbefore\n\n{q.BEGIN}\nold\n{q.END}\n\nafter\n")
-    q.write_results("new table", path)
-    assert path.read_text() == f"# R\n\nbefore\n\n{q.BEGIN}\nnew table\n{q.END}\n\nafter\n"
+    path.write_text("# R\n\nbefore\n\n<!-- b -->\nold\n<!-- e -->\n\nafter\n")
+    cells.write_section(path, "<!-- b -->", "<!-- e -->", "new table", "## heading")
+    assert path.read_text() == "# R\n\nbefore\n\n<!-- b -->\nnew table\n<!-- e -->\n\nafter\n"
+    cells.write_section(path, "<!-- b2 -->", "<!-- e2 -->", "more", "## another")
+    assert path.read_text().endswith("## another\n\n<!-- b2 -->\nmore\n<!-- e2 -->\n")
 
 
 def test_a_refused_setting_reads_not_applicable_and_a_crash_reads_failed():
@@ -69,17 +78,19 @@ def test_a_refused_setting_reads_not_applicable_and_a_crash_reads_failed():
 
 def test_a_cell_from_another_protocol_is_not_reused(tmp_path):
     q = load_quality()
+    cells = load_benchmark("cells")
     config = {
         "eval": {"corpora": ["wikitext2", "ptb"], "max_windows": 8, "seqlen": 2048},
         "calib": {"nsamples": 16, "seqlen": 512},
         "method": {"name": "omniquant", "epochs": 3},
     }
     config["eval"]["max_windows"] = q.PROTOCOL["eval.max_windows"]
-    config["method"]["epochs"] = q.METHOD_SETTINGS["omniquant"]["method.epochs"]
+    config["method"]["epochs"] = q.METHOD_SETTINGS["cpu"]["omniquant"]["method.epochs"]
     cell = tmp_path / "omniquant-w3a16"
     cell.mkdir()
     (cell / "results.json").write_text(json.dumps({"config": config}))
-    assert q.finished(cell) is not None
+    assert cells.read_results(cell, q.protocol_of("cpu")) is not None
+    assert cells.read_results(cell, q.protocol_of("paper")) is None
     config["method"]["epochs"] += 1
     (cell / "results.json").write_text(json.dumps({"config": config}))
-    assert q.finished(cell) is None
+    assert cells.read_results(cell, q.protocol_of("cpu")) is None

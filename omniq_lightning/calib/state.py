@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from omniq_lightning.calib.checkpoint import CorruptCheckpointError
@@ -107,11 +107,11 @@ class RunState:
     def is_finished(self, i: int) -> bool:
         return str(i) in self.finished
 
-    def save_block(self, i: int, tensors: dict[str, torch.Tensor]) -> Path:
-        """Store a finished block, record it, and drop its in-progress checkpoints."""
+    def save_block(self, i: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+        """Store a finished block (tensors, and string metadata), record it, and drop its in-progress checkpoints."""
         path = self.block_path(i)
         data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-        atomic_write(path, lambda tmp: save_file(data, tmp))
+        atomic_write(path, lambda tmp: save_file(data, tmp, metadata=metadata))
         self.finished[str(i)] = {"file": str(path.relative_to(self.dir)), "sha256": sha256(path)}
         self._write()
         shutil.rmtree(self.checkpoint_dir(i), ignore_errors=True)
@@ -129,3 +129,8 @@ class RunState:
             return load_file(str(path))
         except SafetensorError as exc:
             raise CorruptCheckpointError(f"block file {path} cannot be read ({exc}); delete it to recalibrate") from exc
+
+    def block_metadata(self, i: int) -> dict[str, str]:
+        """The string metadata stored with finished block ``i`` (e.g. the weight format of each linear)."""
+        with safe_open(str(self.block_path(i)), framework="pt") as f:
+            return dict(f.metadata() or {})

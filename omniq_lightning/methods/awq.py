@@ -11,18 +11,15 @@ stored as LWC logits, so folding is the same as for OmniQuant.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from omniq_lightning.calib import ActivationCache
 from omniq_lightning.methods.base import BlockPlan, Method, run_with_input_hooks, weight_linears
-from omniq_lightning.nn import QuantLinear
+from omniq_lightning.nn import NO_CLIP_LOGIT, QuantLinear, clip_logit
 from omniq_lightning.quant import fake_quant_weight
 from omniq_lightning.transforms import QuantBlock
 
 MAX_CLIP_ROWS = 2048  # tokens sampled per linear for the clipping search
-NO_CLIP_LOGIT = 30.0  # sigmoid(30) == 1.0 in float32: the full range
 
 
 @torch.no_grad()
@@ -44,11 +41,6 @@ def linear_inputs(qblock: QuantBlock, inputs: ActivationCache, ctx, max_rows: in
     return {n: torch.cat(v) for n, v in rows.items()}
 
 
-def logit(r: float) -> float:
-    r = min(max(r, 1e-4), 1 - 1e-4)
-    return math.log(r / (1 - r))
-
-
 @torch.no_grad()
 def pair_error(
     qblock: QuantBlock, pair, x: dict[str, torch.Tensor], refs: dict[str, torch.Tensor], s: torch.Tensor
@@ -64,7 +56,7 @@ def pair_error(
         xs = x[name] / s_t
         if lin.act_quant is not None:
             xs = lin.act_quant(xs)
-        wq = fake_quant_weight(w * s_t, lin.w_bits, lin.group_size, lin.symmetric)
+        wq = fake_quant_weight(w * s_t, lin.wq.fmt)
         err += torch.mean((xs @ wq.T - refs[name]) ** 2).item()
     return err
 
@@ -77,10 +69,9 @@ def search_scales(qblock: QuantBlock, inputs: ActivationCache, ctx, n_grid: int)
     for pair in qblock.let.values():
         pair.scale.fill_(1.0)
         pair.shift = None
-    for lin in qblock.quant_linears():  # scales are searched on plain min/max ranges; clipping comes after
-        for logits in (lin.lwc_gamma, lin.lwc_beta):
-            if logits is not None:
-                logits.fill_(NO_CLIP_LOGIT)
+    for wq in qblock.weight_quantizers():  # scales are searched on plain min/max ranges; clipping comes after
+        if wq.lwc_gamma is not None:
+            wq.set_clip(NO_CLIP_LOGIT)
     x = linear_inputs(qblock, inputs, ctx, MAX_CLIP_ROWS)
     chosen = {}
     for name, pair in list(qblock.let.items()):
@@ -110,23 +101,23 @@ def search_clipping(qblock: QuantBlock, inputs: ActivationCache, ctx, n_grid: in
     x = linear_inputs(qblock, inputs, ctx, MAX_CLIP_ROWS)
     ratios = [1.0 - max_shrink * i / n_grid for i in range(n_grid + 1)]
     for name, lin in qblock.block.named_modules():
-        if not isinstance(lin, QuantLinear) or lin.lwc_gamma is None or name not in x:
+        if not isinstance(lin, QuantLinear) or lin.wq is None or lin.wq.lwc_gamma is None or name not in x:
             continue
+        wq = lin.wq
         w = lin.effective()[0].detach().float()
-        group = lin.group_size or lin.in_features
+        group = wq.fmt.group_size or lin.in_features
         xs = x[name].T.reshape(lin.in_features // group, group, -1)  # [groups, group, tokens]
-        best_err = torch.full(lin.lwc_gamma.shape, float("inf"), device=w.device)
+        best_err = torch.full(wq.lwc_gamma.shape, float("inf"), device=w.device)
         best_logit = torch.empty_like(best_err)
         for r in ratios:
-            lg = torch.full_like(best_err, logit(r))
-            q = fake_quant_weight(w, lin.w_bits, lin.group_size, lin.symmetric, lg, lg)
+            lg = torch.full_like(best_err, clip_logit(r))
+            q = fake_quant_weight(w, wq.fmt, lg, lg)
             diff = (q - w).reshape(lin.out_features, -1, group)  # [out, groups, group]
             err = torch.einsum("ogk,gkt->ogt", diff, xs).pow(2).sum(-1)  # [out, groups]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_logit = torch.where(better, lg, best_logit)
-        lin.lwc_gamma.copy_(best_logit)
-        lin.lwc_beta.copy_(best_logit)
+        wq.set_clip(best_logit)
 
 
 def awq_block(qblock: QuantBlock, inputs, ctx, n_grid: int, clip: bool, max_shrink: float) -> dict:
@@ -156,6 +147,6 @@ class AWQ(Method):
 
     def calibrate(self, qblock, data, run) -> None:
         if not self.clip:
-            for lin in qblock.quant_linears():
-                lin.lwc_gamma = lin.lwc_beta = None  # no clipping: plain min/max ranges
+            for wq in qblock.weight_quantizers():
+                wq.disable_lwc()  # no clipping: plain min/max ranges
         awq_block(qblock, data.inputs, run.ctx, self.n_grid, self.clip, self.max_shrink)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -38,11 +39,30 @@ class Method:
         """``family`` and ``let_for_weight_only`` are the adapter's answers (recipe family, LET default)."""
         raise NotImplementedError
 
-    def calibrate(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> None:
+    def calibrate(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> dict[str, float] | None:
+        """Fit the block's parameters; the block is left on ``run.device``. May return statistics for the
+        block's record in results.json."""
         raise NotImplementedError
+
+    def describe(self) -> dict:
+        """The method's settings as resolved for this run (recorded in results.json)."""
+        return {}
 
     def finalize(self, qblock: QuantBlock) -> nn.Module:
         return qblock.fold()
+
+
+@contextlib.contextmanager
+def full_precision_weights(linears: Iterable[QuantLinear]) -> Iterator[None]:
+    """While active, the given linears run with their unquantized weights (their quantizers set aside)."""
+    saved = [(m, m.wq) for m in linears]
+    for m, _ in saved:
+        m.wq = None
+    try:
+        yield
+    finally:
+        for m, wq in saved:
+            m.wq = wq
 
 
 def weight_linears(qblock: QuantBlock) -> dict[str, QuantLinear]:

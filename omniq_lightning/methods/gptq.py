@@ -7,9 +7,10 @@ from dataclasses import replace
 import torch
 
 from omniq_lightning.calib import ActivationCache
-from omniq_lightning.methods.base import BlockPlan, Method, run_with_input_hooks, weight_linears
+from omniq_lightning.methods.base import BlockPlan, Method, full_precision_weights, run_with_input_hooks, weight_linears
 from omniq_lightning.nn import QuantLinear
-from omniq_lightning.quant import grid, weight_scale_zero
+from omniq_lightning.quant import GroupGrid, grid_of
+from omniq_lightning.quant.weight import codes_of, round_to_grid
 from omniq_lightning.quant.gptq import ColumnQuantizer, HessianAccumulator, check_damp, gptq_quantize
 from omniq_lightning.transforms import QuantBlock
 
@@ -24,29 +25,24 @@ def collect_hessians(qblock: QuantBlock, inputs: ActivationCache, ctx) -> dict[s
     def record(name: str, lin: QuantLinear):  # the input the weight multiplies: activation-quantized if configured
         return lambda x: accs[name].add(lin.act_quant(x) if lin.act_quant is not None else x)
 
-    for m in linears.values():
-        m.weight_quant = False
-    try:
+    with full_precision_weights(linears.values()):
         run_with_input_hooks(qblock, inputs, ctx, {n: record(n, m) for n, m in linears.items()})
-    finally:
-        for m in linears.values():
-            m.weight_quant = True
     return {n: a.H for n, a in accs.items()}
 
 
-def column_quantizer(lin: QuantLinear) -> ColumnQuantizer:
-    """Rounds a column onto the static grid of its original group (LWC clipping included when present)."""
-    scale, zero = weight_scale_zero(lin.weight, lin.w_bits, lin.group_size, lin.symmetric, lin.lwc_gamma, lin.lwc_beta)
-    n_groups = lin.in_features // (lin.group_size or lin.in_features)
-    S, Z = scale.view(lin.out_features, n_groups), zero.view(lin.out_features, n_groups)
-    qmin, qmax = grid(lin.w_bits, lin.symmetric)
-    group = lin.group_size or lin.in_features
+def column_quantizer(lin: QuantLinear) -> tuple[ColumnQuantizer, GroupGrid]:
+    """Rounds a column onto the static grid of its original group (LWC clipping included when present);
+    also returns that grid, on which the codes of GPTQ's result are then read off exactly."""
+    wq = lin.wq
+    g = grid_of(lin.weight, wq.fmt, wq.lwc_gamma, wq.lwc_beta)
+    n_groups, group = wq.n_groups, wq.fmt.group_size or lin.in_features
+    S, Z = g.scale.view(lin.out_features, n_groups), g.zero.view(lin.out_features, n_groups)
 
     def quantize(w: torch.Tensor, j: int) -> torch.Tensor:
-        s, z = S[:, j // group].to(w.dtype), Z[:, j // group].to(w.dtype)
-        return (torch.clamp(torch.round(w / s) + z, qmin, qmax) - z) * s
+        col = GroupGrid(S[:, j // group].to(w.dtype), Z[:, j // group].to(w.dtype))
+        return round_to_grid(w, col, wq.fmt)
 
-    return quantize
+    return quantize, g
 
 
 def gptq_block(qblock: QuantBlock, inputs: ActivationCache, ctx, damp: float, act_order: bool, blocksize: int) -> None:
@@ -54,8 +50,11 @@ def gptq_block(qblock: QuantBlock, inputs: ActivationCache, ctx, damp: float, ac
     qblock.fold_transforms()
     hessians = collect_hessians(qblock, inputs, ctx)
     for name, lin in weight_linears(qblock).items():
-        q = gptq_quantize(lin.weight, hessians[name], column_quantizer(lin), blocksize, damp, act_order)
-        lin.set_quantized_weight(q)
+        if lin.wq.rounding is not None:
+            raise ValueError("GPTQ rounding and learned rounding both decide the rounding: choose one")
+        quantize, g = column_quantizer(lin)
+        q = gptq_quantize(lin.weight, hessians[name], quantize, blocksize, damp, act_order)
+        lin.set_quantized(codes_of(q, g, lin.wq.fmt))
 
 
 class GPTQ(Method):

@@ -1,89 +1,223 @@
-"""OmniQuant: learnable weight clipping (LWC) and learnable equivalent transformation (LET), trained
-block by block with AdamW to match the full-precision block's outputs; one ``Trainer.fit`` per block.
+"""OmniQuant: learnable weight clipping (LWC) and learnable equivalent transformation (LET), trained block
+by block to match the full-precision block's outputs; one ``Trainer.fit`` per block.
 
-Compositions (config): ``init: awq`` starts LET scales and clipping from AWQ's searches instead of
-SmoothQuant/OS+ statistics; ``rounding: gptq`` replaces round-to-nearest by GPTQ on the grid of the
-learned clipping, after the learned transforms are folded.
+Every choice of gradient-based PTQ is a setting of the same ``BlockLightningModule`` (``method.<name>``;
+``null`` takes the recipe's value, ``method.recipe`` names the recipe):
+
+* loss: ``mse`` | ``mse_channel`` | ``mse_token`` | ``cosine``, plus ``aug_loss``;
+* degrees of freedom: clipping (``quant.lwc``), LET (``let``), learned rounding offsets (``learn_rounding``);
+* optimizer: ``adamw`` | ``sgd`` | ``signsgd``; ``schedule``: ``constant`` | ``linear`` | ``cosine`` per step;
+  ``lr_budget``: the step count the learning rates are meant for (fewer steps scale them up by
+  ``lr_budget / steps``, so a short protocol can still move the clipping); ``keep_best``;
+* initialisation: ``statistics`` (LWC logits at ``quant.lwc_init``, LET from SmoothQuant / OS+ statistics),
+  ``minmax`` (no clipping), ``mse`` (per-group weight-MSE clipping search), ``awq`` (AWQ's scale and
+  clipping searches);
+* ``ranges``: ``detached`` | ``released`` (OmniQuant's differentiable min/max), ``let_min_scale``
+  (OmniQuant's |s| >= 1e-2 truncation; 0 = off);
+* after training: ``rounding``: ``nearest`` | ``gptq`` (GPTQ on the learned grid, LET folded first).
 """
 
 from __future__ import annotations
 
-import lightning as L
+import math
+from dataclasses import dataclass, fields
+from typing import Any
 
-from omniq_lightning.calib import AtomicCheckpointIO, BlockDataModule, BlockLightningModule, BlockRun, EpochCheckpoint
+import lightning as L
+import torch
+
+from omniq_lightning.calib import (
+    AtomicCheckpointIO,
+    BlockDataModule,
+    BlockLightningModule,
+    BlockRun,
+    EpochCheckpoint,
+    KeepBest,
+    TrainSettings,
+    channel_energy,
+)
 from omniq_lightning.methods.awq import awq_block
 from omniq_lightning.methods.base import BlockPlan, Method
 from omniq_lightning.methods.gptq import gptq_block
+from omniq_lightning.nn import NO_CLIP_LOGIT, ActQuantizer
 from omniq_lightning.quant import QuantSpec
+from omniq_lightning.quant.functional import check_ranges
 from omniq_lightning.quant.gptq import check_damp
+from omniq_lightning.quant.weight import mse_clip_logits
 from omniq_lightning.transforms import QuantBlock
 
 LET_CHOICES = ("auto", True, False)
-INITS = ("statistics", "awq")
+INITS = ("statistics", "minmax", "mse", "awq")
 ROUNDINGS = ("nearest", "gptq")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Every OmniQuant setting; a recipe fills those the config leaves null."""
+
+    epochs: int
+    lwc_lr: float
+    let_lr: float | str  # "auto": the released W4A4 LLaMA recipe where it applies (see OmniQuant.let_recipe)
+    round_lr: float
+    weight_decay: float
+    let: str | bool
+    let_alpha: float | str
+    aug_loss: bool
+    loss: str
+    learn_rounding: bool
+    optimizer: str
+    schedule: str
+    lr_budget: int | None
+    keep_best: bool
+    init: str
+    ranges: str
+    let_min_scale: float
+    rounding: str
+
+
+# The released OmniQuant code (OpenGVLab/OmniQuant): AdamW, lwc 1e-2, let 5e-3 (1e-3 / alpha 0.75 for LLaMA
+# W4A4), 20 epochs, no schedule, differentiable ranges, |s| >= 1e-2, LWC logits from 4.0, LET from
+# SmoothQuant / OS+ statistics, the last iterate.
+RELEASED = Recipe(epochs=20, lwc_lr=1e-2, let_lr="auto", round_lr=5e-3, weight_decay=0.0, let="auto", let_alpha="auto",
+                  aug_loss=False, loss="mse", learn_rounding=False, optimizer="adamw", schedule="constant",
+                  lr_budget=None, keep_best=False, init="statistics", ranges="released", let_min_scale=1e-2,
+                  rounding="nearest")
+RECIPES: dict[str, Recipe] = {
+    "released": RELEASED,
+    # this project's calibration before the best-practice study: detached ranges, no truncation
+    "detached": Recipe(**{**RELEASED.__dict__, "ranges": "detached", "let_min_scale": 0.0}),
+}
+RECIPES["default"] = RECIPES["released"]
+SETTINGS = tuple(f.name for f in fields(Recipe))
+
+
+def budget_scale(lr_budget: int | None, steps: int) -> float:
+    """How much the learning rates grow when a protocol takes fewer optimizer steps than they were set for."""
+    return 1.0 if not lr_budget or steps >= lr_budget else lr_budget / max(steps, 1)
 
 
 class OmniQuant(Method):
     name = "omniquant"
 
-    def __init__(self, epochs: int = 20, lwc_lr: float = 1e-2, let_lr: float | str = "auto", weight_decay: float = 0.0,
-                 let: str | bool = "auto", let_alpha: float | str = "auto", aug_loss: bool = False,
-                 init: str = "statistics", rounding: str = "nearest", gptq_damp: float = 0.01,
-                 gptq_act_order: bool = False) -> None:
-        if let not in LET_CHOICES:
-            raise ValueError(f"method.let must be one of auto, true, false; got {let!r}")
-        if epochs < 0:
-            raise ValueError(f"method.epochs must be 0 or more, got {epochs}")
-        if lwc_lr <= 0 or (let_lr != "auto" and (isinstance(let_lr, str) or let_lr <= 0)):
-            raise ValueError(f"method.lwc_lr and method.let_lr must be positive (let_lr may be auto), got {lwc_lr} and {let_lr}")
-        if let_alpha != "auto" and (isinstance(let_alpha, str) or not 0.0 <= let_alpha <= 1.0):
-            raise ValueError(f"method.let_alpha must be auto or in [0, 1], got {let_alpha}")
-        self.epochs, self.lwc_lr, self.let_lr, self.weight_decay = epochs, lwc_lr, let_lr, weight_decay
-        self.let, self.let_alpha, self.aug_loss = let, let_alpha, aug_loss
-        if init not in INITS:
-            raise ValueError(f"method.init must be one of {INITS}, got {init!r}")
-        if rounding not in ROUNDINGS:
-            raise ValueError(f"method.rounding must be one of {ROUNDINGS}, got {rounding!r}")
-        self.init, self.rounding = init, rounding
-        self.resolved_let_lr = 5e-3 if let_lr == "auto" else float(let_lr)  # plan() applies the recipe
+    def __init__(self, recipe: str = "default", gptq_damp: float = 0.01, gptq_act_order: bool = False,
+                 **settings: Any) -> None:
+        if recipe not in RECIPES:
+            raise ValueError(f"method.recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise TypeError(f"unexpected settings {unknown}")
+        base = RECIPES[recipe].__dict__
+        self.recipe_name = recipe
+        self.r = Recipe(**{k: base[k] if settings.get(k) is None else settings[k] for k in SETTINGS})
+        self.check(self.r)
         self.gptq_damp, self.gptq_act_order = check_damp(gptq_damp), gptq_act_order
+        self.resolved: dict[str, Any] = {}
 
-    def recipe(self, spec: QuantSpec, family: str) -> tuple[float, float]:
+    @staticmethod
+    def check(r: Recipe) -> None:
+        if r.let not in LET_CHOICES:
+            raise ValueError(f"method.let must be one of auto, true, false; got {r.let!r}")
+        if r.epochs < 0:
+            raise ValueError(f"method.epochs must be 0 or more, got {r.epochs}")
+        lrs = [r.lwc_lr, r.round_lr] + ([] if r.let_lr == "auto" else [r.let_lr])
+        if any(isinstance(lr, str) or lr <= 0 for lr in lrs):
+            raise ValueError(f"method.lwc_lr, let_lr and round_lr must be positive (let_lr may be auto), got "
+                             f"{r.lwc_lr}, {r.let_lr}, {r.round_lr}")
+        if r.let_alpha != "auto" and (isinstance(r.let_alpha, str) or not 0.0 <= r.let_alpha <= 1.0):
+            raise ValueError(f"method.let_alpha must be auto or in [0, 1], got {r.let_alpha}")
+        if r.init not in INITS:
+            raise ValueError(f"method.init must be one of {INITS}, got {r.init!r}")
+        if r.rounding not in ROUNDINGS:
+            raise ValueError(f"method.rounding must be one of {ROUNDINGS}, got {r.rounding!r}")
+        if r.rounding == "gptq" and r.learn_rounding:
+            raise ValueError("method.rounding=gptq and method.learn_rounding=true both decide the rounding: choose one")
+        check_ranges(r.ranges)
+        if r.let_min_scale < 0:
+            raise ValueError(f"method.let_min_scale must be 0 (off) or positive, got {r.let_min_scale}")
+        if r.lr_budget is not None and r.lr_budget < 1:
+            raise ValueError(f"method.lr_budget must be a positive step count or null, got {r.lr_budget}")
+        TrainSettings(loss=r.loss, optimizer=r.optimizer, schedule=r.schedule)  # validates those names
+
+    # --- the recipe as it applies to a model and a setting ---------------------------------------------------
+    def let_recipe(self, spec: QuantSpec, family: str) -> tuple[float, float]:
         """LET learning rate and SmoothQuant alpha: the released code's W4A4 LLaMA recipe (1e-3, 0.75)
         where it applies, (5e-3, 0.5) otherwise; explicit settings win."""
         w4a4_llama = family == "llama" and spec.quantizes_activations and spec.a_bits <= 4
-        lr = (1e-3 if w4a4_llama else 5e-3) if self.let_lr == "auto" else float(self.let_lr)
-        alpha = (0.75 if w4a4_llama else 0.5) if self.let_alpha == "auto" else float(self.let_alpha)
+        lr = (1e-3 if w4a4_llama else 5e-3) if self.r.let_lr == "auto" else float(self.r.let_lr)
+        alpha = (0.75 if w4a4_llama else 0.5) if self.r.let_alpha == "auto" else float(self.r.let_alpha)
         return lr, alpha
 
     def plan(self, spec: QuantSpec, family: str, let_for_weight_only: bool) -> BlockPlan:
-        self.resolved_let_lr, alpha = self.recipe(spec, family)
-        if self.init == "awq":  # AWQ's scales live on the norm and v -> o pairs, without shifts
-            return BlockPlan(spec, let=True, let_alpha=alpha, let_kinds=("norm", "linear"), let_shift=False)
-        let = self.let
+        let_lr, alpha = self.let_recipe(spec, family)
+        let = self.r.let
         if let == "auto":
             let = (not spec.weight_only) or let_for_weight_only
+        self.resolved = {"recipe": self.recipe_name, **self.r.__dict__, "let": bool(let) or self.r.init == "awq",
+                         "let_lr": let_lr, "let_alpha": alpha}
+        if self.r.init == "awq":  # AWQ's scales live on the norm and v -> o pairs, without shifts
+            return BlockPlan(spec, let=True, let_alpha=alpha, let_kinds=("norm", "linear"), let_shift=False)
         return BlockPlan(spec, let=bool(let), let_alpha=alpha)
 
-    def calibrate(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> None:
-        if self.init == "awq":
-            awq_block(qblock, data.inputs, run.ctx, n_grid=20, clip=qblock_has_lwc(qblock),
-                      max_shrink=0.5)
-        self.train(qblock, data, run)
-        if self.rounding == "gptq":
-            gptq_block(qblock, data.inputs, run.ctx, self.gptq_damp, self.gptq_act_order, blocksize=128)
+    def describe(self) -> dict:
+        return dict(self.resolved)
 
-    def train(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> None:
-        if self.epochs == 0 or not any(True for _ in qblock.quant_parameters()):
-            return
-        module = BlockLightningModule(qblock, run.ctx, run.index, self.lwc_lr, self.resolved_let_lr, self.weight_decay)
+    @property
+    def aug_loss(self) -> bool:
+        return bool(self.r.aug_loss)
+
+    # --- one block ----------------------------------------------------------------------------------------------
+    def prepare(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> None:
+        """Degrees of freedom, range convention and initial values, before training."""
+        for m in qblock.modules():
+            if isinstance(m, ActQuantizer):
+                m.ranges = self.r.ranges
+        for wq in qblock.weight_quantizers():
+            wq.set_ranges(self.r.ranges)
+        for pair in qblock.let.values():
+            pair.min_scale = float(self.r.let_min_scale)
+        init = self.r.init
+        if init == "awq":
+            awq_block(qblock, data.inputs, run.ctx, n_grid=20, clip=any(True for _ in qblock.lwc_parameters()),
+                      max_shrink=0.5)
+        elif init in ("minmax", "mse"):
+            if len(qblock.let):
+                qblock.apply_let()  # clipping is searched on the transformed weights
+            for lin in qblock.quant_linears():
+                if lin.wq is not None and lin.wq.lwc_gamma is not None:
+                    lin.wq.set_clip(NO_CLIP_LOGIT if init == "minmax" else mse_clip_logits(lin.effective()[0], lin.wq.fmt))
+        if self.r.learn_rounding:
+            for wq in qblock.weight_quantizers():
+                wq.enable_rounding()
+
+    def calibrate(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> dict[str, float]:
+        self.prepare(qblock, data, run)
+        stats = self.train(qblock, data, run)
+        if self.r.rounding == "gptq":
+            gptq_block(qblock, data.inputs, run.ctx, self.gptq_damp, self.gptq_act_order, blocksize=128)
+        return stats
+
+    def train_settings(self, data: BlockDataModule) -> TrainSettings:
+        steps = self.r.epochs * math.ceil(len(data.inputs) / data.batch_size)
+        scale = budget_scale(self.r.lr_budget, steps)
+        let_lr = self.resolved.get("let_lr", 5e-3)
+        return TrainSettings(lrs={"lwc": self.r.lwc_lr * scale, "let": let_lr * scale, "rounding": self.r.round_lr * scale},
+                             weight_decay=self.r.weight_decay, loss=self.r.loss, optimizer=self.r.optimizer,
+                             schedule=self.r.schedule, total_steps=steps, keep_best=self.r.keep_best)
+
+    def train(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> dict[str, float]:
+        if self.r.epochs == 0 or not any(True for _ in qblock.quant_parameters()):
+            return {}
+        settings = self.train_settings(data)
+        energy = channel_energy(data.targets) if settings.loss == "mse_channel" else None
+        module = BlockLightningModule(qblock, run.ctx, run.index, settings, energy)
+        best = KeepBest() if settings.keep_best else None
         trainer = L.Trainer(
-            max_epochs=self.epochs,
+            max_epochs=self.r.epochs,
             accelerator="gpu" if run.device.type == "cuda" else "cpu",
             devices=[run.device.index or 0] if run.device.type == "cuda" else 1,
             precision=run.precision,
             logger=run.logger if run.logger is not None else False,
-            callbacks=[EpochCheckpoint(run.checkpoint_dir), *run.callbacks],
+            callbacks=[*([best] if best else []), EpochCheckpoint(run.checkpoint_dir), *run.callbacks],
             enable_checkpointing=False,
             plugins=[AtomicCheckpointIO()],
             enable_progress_bar=run.progress_bar,
@@ -93,7 +227,10 @@ class OmniQuant(Method):
             default_root_dir=str(run.checkpoint_dir),
         )
         trainer.fit(module, datamodule=data, ckpt_path=run.resume_checkpoint, weights_only=True)
-
-
-def qblock_has_lwc(qblock: QuantBlock) -> bool:
-    return any(True for _ in qblock.lwc_parameters())
+        # Lightning's teardown moved the module to the CPU; what runs next (GPTQ rounding, folding, the
+        # next block's inputs) runs on the run's device, beside the cached activations.
+        qblock.to(run.device)
+        if best is None or not best.history:
+            return {}
+        return {"loss_start": best.history[0], "loss_best": best.best_loss,
+                "best_epoch": float(best.history.index(best.best_loss))}

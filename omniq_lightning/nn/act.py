@@ -19,6 +19,7 @@ class ActQuantizer(nn.Module):
     def __init__(self, bits: int, granularity: str = "token", symmetric: bool = False) -> None:
         super().__init__()
         self.bits, self.granularity, self.symmetric = bits, granularity, symmetric
+        self.ranges = "detached"  # per-token: or "released" (differentiable min/max), set by the method
         self.observing = False
         if granularity == "tensor":
             self.register_buffer("lo", torch.tensor(float("inf")))
@@ -38,7 +39,7 @@ class ActQuantizer(nn.Module):
         if not self.active:
             return x
         if self.granularity == "token":
-            return fake_quant_per_token(x, self.bits, self.symmetric)
+            return fake_quant_per_token(x, self.bits, self.symmetric, self.ranges)
         if self.observing:
             with torch.no_grad():
                 self.lo.copy_(torch.minimum(self.lo, x.detach().min().float()))

@@ -1,4 +1,4 @@
-"""`QuantLinear`: a linear layer with a fake-quantized weight (LWC) and an optional input quantizer."""
+"""`QuantLinear`: a linear layer with a fake-quantized weight and an optional input quantizer."""
 
 from __future__ import annotations
 
@@ -7,41 +7,43 @@ import torch.nn.functional as F
 from torch import nn
 
 from omniq_lightning.nn.act import ActQuantizer
-from omniq_lightning.quant import QuantSpec, fake_quant_weight, validate_weight
+from omniq_lightning.nn.weight import WeightQuantizer
+from omniq_lightning.quant import QuantizedWeight, QuantSpec, WeightFormat, validate_weight
 
 
 class QuantLinear(nn.Module):
-    """Replaces an ``nn.Linear``. The original weight and bias are frozen; the only trainable tensors
-    are the LWC logits ``lwc_gamma`` and ``lwc_beta`` (one per output channel or group).
+    """Replaces an ``nn.Linear``. The original weight and bias are frozen; the trainable tensors live in its
+    :class:`WeightQuantizer` ``wq`` (LWC logits, optional rounding offsets).
 
     An equivalent transform (LET) may :meth:`set_let` a transformed weight and bias before a forward
-    pass: those are then quantized instead of the stored ones. :meth:`fold` writes the
-    quantized effective weight into ``weight`` for good.
+    pass: those are then quantized instead of the stored ones. :meth:`fold` writes the quantized
+    effective weight into ``weight`` for good and keeps its integer codes in ``quantized``.
     """
 
-    def __init__(self, linear: nn.Linear, spec: QuantSpec, quantize_input: bool = True) -> None:
+    def __init__(self, linear: nn.Linear, spec: QuantSpec, quantize_input: bool = True,
+                 fmt: WeightFormat | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.w_bits, self.group_size, self.symmetric = spec.w_bits, spec.w_group_size, spec.w_symmetric
-        self.weight_quant = spec.quantizes_weights
-        if self.weight_quant:
-            spec.validate_linear(self.in_features)
-            validate_weight(self.weight, self.group_size)
-        self.lwc_gamma: nn.Parameter | None = None
-        self.lwc_beta: nn.Parameter | None = None
-        if self.weight_quant and spec.lwc:
-            groups = self.in_features // (self.group_size or self.in_features)
-            init = torch.full((self.out_features, groups), float(spec.lwc_init), device=self.weight.device)
-            self.lwc_gamma = nn.Parameter(init.clone())
-            self.lwc_beta = nn.Parameter(init.clone())
+        self.fmt = fmt if fmt is not None else spec.weight_format
+        self.wq: WeightQuantizer | None = None
+        if self.fmt.quantized:
+            validate_weight(self.weight, self.fmt.group_size)
+            self.wq = WeightQuantizer(self.fmt, self.out_features, self.in_features, spec.lwc, spec.lwc_init,
+                                      device=self.weight.device)
+        self.quantized: QuantizedWeight | None = None  # the codes, once folded
         self.act_quant = (
             ActQuantizer(spec.a_bits, spec.a_granularity, spec.a_symmetric)
             if quantize_input and spec.quantizes_activations
             else None
         )
         self._let: tuple[torch.Tensor, torch.Tensor | None] | None = None  # a tuple: never registered as parameters
+
+    @property
+    def weight_quant(self) -> bool:
+        """Whether the weight is still to be quantized (False once folded, or for 16-bit weights)."""
+        return self.wq is not None
 
     def set_let(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self._let = (weight, bias)
@@ -55,9 +57,7 @@ class QuantLinear(nn.Module):
 
     def quantized_weight(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         w, b = self.effective()
-        if self.weight_quant:
-            w = fake_quant_weight(w, self.w_bits, self.group_size, self.symmetric, self.lwc_gamma, self.lwc_beta)
-        return w, b
+        return (w if self.wq is None else self.wq(w)), b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.act_quant is not None:
@@ -80,18 +80,20 @@ class QuantLinear(nn.Module):
         self._let = None
 
     @torch.no_grad()
-    def set_quantized_weight(self, w: torch.Tensor) -> None:
-        """Store a weight that is already on its grid (e.g. from GPTQ): no further weight quantization."""
-        self.weight.data = w.to(self.weight.dtype).contiguous()
-        self.weight_quant = False
-        self.lwc_gamma = self.lwc_beta = None
+    def set_quantized(self, q: QuantizedWeight) -> None:
+        """Store a weight that is already on its grid (codes and grid): no further weight quantization."""
+        if q.shape != (self.out_features, self.in_features):
+            raise ValueError(f"quantized weight of shape {q.shape} does not fit a {self.out_features}x{self.in_features} layer")
+        self.quantized = q.to(self.weight.device)
+        self.weight.data = self.quantized.dequantize().to(self.weight.dtype).contiguous()
+        self.wq = None
 
     @torch.no_grad()
     def fold(self) -> None:
-        """Write the quantized (clipped, transformed) weight into ``weight``; drop LWC and LET state."""
+        """Write the quantized (clipped, rounded, transformed) weight into ``weight``; drop LWC and LET state."""
         self.fold_transform()
-        if self.weight_quant:
-            self.set_quantized_weight(self.quantized_weight()[0])
+        if self.wq is not None:
+            self.set_quantized(self.wq.quantize(self.weight))
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with this layer's (folded) weight; only valid without an input quantizer."""
@@ -105,18 +107,25 @@ class QuantLinear(nn.Module):
         return lin
 
     def extra_repr(self) -> str:
-        if self.weight_quant:
-            grouping = f"g{self.group_size}" if self.group_size else "per-channel"
-            w = f"w{self.w_bits} {grouping} {'sym' if self.symmetric else 'asym'}{' +LWC' if self.lwc_gamma is not None else ''}"
+        if self.wq is not None:
+            w = ""  # the weight quantizer explains itself
+        elif self.quantized is not None:
+            w = f", {self.quantized.fmt.name} folded"
         else:
-            w = "weights folded" if self.w_bits != 16 else "w16"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {w}"
+            w = ", w16"
+        return f"in_features={self.in_features}, out_features={self.out_features}{w}"
 
 
 def swap_linears(module: nn.Module, make) -> None:
-    """Replace every ``nn.Linear`` below ``module`` by ``make(name, linear)`` (recursively, in place)."""
+    """Replace every ``nn.Linear`` below ``module`` by ``make(name, linear)`` (recursively, in place);
+    ``name`` is the linear's path below ``module``."""
+    _swap(module, make, "")
+
+
+def _swap(module: nn.Module, make, prefix: str) -> None:
     for name, child in list(module.named_children()):
+        path = f"{prefix}{name}"
         if isinstance(child, nn.Linear):
-            setattr(module, name, make(name, child))
+            setattr(module, name, make(path, child))
         else:
-            swap_linears(child, make)
+            _swap(child, make, path + ".")

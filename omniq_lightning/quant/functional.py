@@ -1,20 +1,26 @@
-"""Uniform affine fake quantization: the pure-PyTorch reference.
+"""Uniform affine fake quantization and activation quantizers: the pure-PyTorch reference.
 
 Every function here is a pure function of tensors. Gradients follow the straight-through estimator:
 rounding passes gradients through unchanged (``RoundSTE``), clamping to the integer grid stops them.
-This module is the numerical reference that the fused CUDA kernels in ``cuda_ext/`` must match.
+This module (with :mod:`omniq_lightning.quant.weight` for grouped weights) is the numerical reference
+that the fused CUDA kernels in ``cuda_ext/`` must match.
 
 Conventions shared with the kernels (and documented in the README):
 
 * Arithmetic runs in float32 (float64 when the input is float64); the result is cast back to the
   input dtype.
-* Asymmetric grid: integers ``0..2^b-1``; ``scale = (hi - lo) / (2^b - 1)`` clamped below at
+* Asymmetric grid: integers ``0..2^b-1``; ``scale = (hi - lo) * (1 / (2^b - 1))`` clamped below at
   ``SCALE_EPS``; ``zero = round(-lo / scale)``; ``x_hat = (clamp(round(x / scale) + zero) - zero) * scale``.
-* Symmetric grid: integers ``-2^(b-1)..2^(b-1)-1``; ``scale = max(|hi|, |lo|) / (2^(b-1) - 1)``.
-* Ranges (``lo``, ``hi``) are the min and max of each group (or token) of the *detached* input, so
-  the gradient to the input is purely straight-through (1 inside the grid, 0 where clamped). With
-  Learnable Weight Clipping, ``hi = sigmoid(gamma) * max`` and ``lo = sigmoid(beta) * min``, and the
-  clipping logits receive the exact gradient of this expression.
+* Symmetric grid: integers ``-2^(b-1)..2^(b-1)-1``; ``scale = max(|hi|, |lo|) * (1 / (2^(b-1) - 1))``.
+* Ranges (``lo``, ``hi``) are the min and max of each group (or token). Two gradient conventions
+  (``RANGES``):
+  - ``"detached"`` (default): ranges of the *detached* input, so the gradient to the input is purely
+    straight-through (1 inside the grid, 0 where clamped); the zero point passes gradients straight
+    through its rounding, so LWC logits get the exact gradient of the fake-quant output.
+  - ``"released"`` (as the released OmniQuant code): min and max are not detached, so the input also
+    gets the gradient of its range (the element holding a group's min or max, ties sharing it), which
+    is how LET learns from the step size its scales produce; the zero point is rounded without a
+    gradient.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import torch
 
 SCALE_EPS = 1e-5
+RANGES = ("detached", "released")
 
 
 class RoundSTE(torch.autograd.Function):
@@ -38,6 +45,30 @@ class RoundSTE(torch.autograd.Function):
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
     return RoundSTE.apply(x)
+
+
+class TruncateSTE(torch.autograd.Function):
+    """``sign(x) * max(|x|, t)`` (sign(0) taken as +1) with an identity gradient: OmniQuant's LET scale truncation."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, threshold: float) -> torch.Tensor:  # noqa: D102
+        sign = torch.where(x < 0, -torch.ones_like(x), torch.ones_like(x))
+        return torch.where(x.abs() < threshold, sign * threshold, x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # noqa: D102
+        return grad, None
+
+
+def truncate_ste(x: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Keep ``|x| >= threshold`` (straight-through), so dividing by ``x`` never overflows a half-precision step."""
+    return TruncateSTE.apply(x, threshold) if threshold > 0 else x
+
+
+def check_ranges(ranges: str) -> str:
+    if ranges not in RANGES:
+        raise ValueError(f"ranges must be one of {RANGES} (method.ranges), got {ranges!r}")
+    return ranges
 
 
 def grid(bits: int, symmetric: bool) -> tuple[int, int]:
@@ -81,20 +112,37 @@ def group_view(w: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return w.reshape(-1, group_size)
 
 
-def scale_zero(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and (rounded, straight-through) zero point of the grid covering ``[lo, hi]``."""
+def row_ranges(x: torch.Tensor, ranges: str = "detached") -> tuple[torch.Tensor, torch.Tensor]:
+    """Min and max over the last dimension (keepdim), detached or differentiable per the ``ranges`` convention."""
+    src = x if check_ranges(ranges) == "released" else x.detach()
+    return src.amin(dim=-1, keepdim=True), src.amax(dim=-1, keepdim=True)
+
+
+def scale_zero(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool, zero_grad: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point of the grid covering ``[lo, hi]``; the zero point's rounding is straight-through
+    (``zero_grad``) or has no gradient (the released OmniQuant convention)."""
+    # range * (1 / qmax), written as a multiply: ATen's CUDA division by a scalar is exactly this, its CPU
+    # division is not, and the kernels do the same, so every path gets the same scale bit for bit.
     if symmetric:
         absmax = torch.maximum(hi.abs(), lo.abs())
-        scale = torch.clamp(absmax / (2 ** (bits - 1) - 1), min=SCALE_EPS)
+        scale = torch.clamp(absmax * (1.0 / (2 ** (bits - 1) - 1)), min=SCALE_EPS)
         return scale, torch.zeros_like(scale)
-    scale = torch.clamp((hi - lo) / (2**bits - 1), min=SCALE_EPS)
-    return scale, round_ste(-lo / scale)
+    scale = torch.clamp((hi - lo) * (1.0 / (2**bits - 1)), min=SCALE_EPS)
+    zero = -lo / scale
+    return scale, (round_ste(zero) if zero_grad else torch.round(zero).detach())
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool) -> torch.Tensor:
-    """Quantize-dequantize ``x`` on the grid given by ``scale`` and ``zero`` (broadcast along the last dim)."""
+def fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, symmetric: bool,
+    offset: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Quantize-dequantize ``x`` on the grid given by ``scale`` and ``zero`` (broadcast along the last dim);
+    ``offset`` (learned rounding, in grid steps) is added before rounding."""
     qmin, qmax = grid(bits, symmetric)
-    q = torch.clamp(round_ste(x / scale) + zero, qmin, qmax)
+    u = x / scale if offset is None else x / scale + offset
+    q = torch.clamp(round_ste(u) + zero, qmin, qmax)
     return (q - zero) * scale
 
 
@@ -109,52 +157,16 @@ def lwc_bounds(
     return lo, hi
 
 
-def _logits_view(name: str, t: torch.Tensor | None, n_groups: int) -> torch.Tensor | None:
-    if t is None:
-        return None
-    if t.numel() != n_groups:
-        raise ValueError(f"{name} must hold one logit per group ({n_groups}), got shape {tuple(t.shape)}")
-    return t.reshape(n_groups, 1)
-
-
-def fake_quant_weight(
-    w: torch.Tensor,
-    bits: int,
-    group_size: int | None = None,
-    symmetric: bool = False,
-    gamma: torch.Tensor | None = None,
-    beta: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Fake-quantize a ``[out, in]`` weight per output channel or per group, with optional LWC logits.
-
-    ``gamma`` and ``beta`` hold one logit per group: shape ``[out, in / group_size]`` (or ``[out, 1]``).
-    """
-    check_floating("weight", w)
-    gx = group_view(w, group_size).to(compute_dtype(w))
-    scale, zero = _group_grid(gx, bits, symmetric, gamma, beta)
-    return fake_quant(gx, scale, zero, bits, symmetric).reshape(w.shape).to(w.dtype)
-
-
-def _group_grid(gx: torch.Tensor, bits: int, symmetric: bool, gamma: torch.Tensor | None, beta: torch.Tensor | None):
-    """Scale and zero point per row of grouped weights ``gx``: ranges of the detached values, LWC-clipped
-    (differentiable in the logits)."""
-    detached = gx.detach()
-    lo, hi = detached.amin(dim=1, keepdim=True), detached.amax(dim=1, keepdim=True)
-    gam = _logits_view("gamma", gamma, gx.shape[0])
-    bet = _logits_view("beta", beta, gx.shape[0])
-    lo, hi = lwc_bounds(lo, hi, None if gam is None else gam.to(gx.dtype), None if bet is None else bet.to(gx.dtype))
-    return scale_zero(lo, hi, bits, symmetric)
-
-
-def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool = False) -> torch.Tensor:
-    """Dynamic per-token fake quantization: one range per row of the last dimension (straight-through)."""
+def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool = False, ranges: str = "detached") -> torch.Tensor:
+    """Dynamic per-token fake quantization: one range per row of the last dimension (see ``RANGES``)."""
     check_floating("activation", x)
-    dt = compute_dtype(x)
-    xx = x.to(dt)
-    detached = xx.detach()
-    lo, hi = detached.amin(dim=-1, keepdim=True), detached.amax(dim=-1, keepdim=True)
-    scale, zero = scale_zero(lo, hi, bits, symmetric)
-    return fake_quant(xx, scale.detach(), zero.detach(), bits, symmetric).to(x.dtype)
+    xx = x.to(compute_dtype(x))
+    lo, hi = row_ranges(xx, ranges)
+    if ranges == "released":
+        scale, zero = scale_zero(lo, hi, bits, symmetric, zero_grad=False)
+    else:
+        scale, zero = (t.detach() for t in scale_zero(lo, hi, bits, symmetric))
+    return fake_quant(xx, scale, zero, bits, symmetric).to(x.dtype)
 
 
 def fake_quant_per_tensor(
@@ -172,37 +184,3 @@ def tensor_range_params(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric
     hi = torch.clamp(hi.float(), min=0.0)
     scale, zero = scale_zero(lo, hi, bits, symmetric)
     return scale.detach(), zero.detach()
-
-
-def weight_scale_zero(
-    w: torch.Tensor,
-    bits: int,
-    group_size: int | None = None,
-    symmetric: bool = False,
-    gamma: torch.Tensor | None = None,
-    beta: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scales and zero points ``[n_groups, 1]`` (groups in row-major order) of a weight's grid, LWC included."""
-    validate_weight(w, group_size)
-    with torch.no_grad():
-        return _group_grid(group_view(w, group_size).to(compute_dtype(w)), bits, symmetric, gamma, beta)
-
-
-def quantize_weight_int(
-    w: torch.Tensor,
-    bits: int,
-    group_size: int | None = None,
-    symmetric: bool = False,
-    gamma: torch.Tensor | None = None,
-    beta: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integer codes ``[out, in]`` (int32), scales and zero points ``[n_groups, 1]`` of a weight.
-
-    ``(codes - zero) * scale`` per group reproduces :func:`fake_quant_weight` exactly.
-    """
-    scale, zero = weight_scale_zero(w, bits, group_size, symmetric, gamma, beta)
-    with torch.no_grad():
-        g = group_view(w, group_size).to(scale.dtype)
-        qmin, qmax = grid(bits, symmetric)
-        codes = torch.clamp(torch.round(g / scale) + zero, qmin, qmax)
-    return codes.reshape(w.shape).to(torch.int32), scale, zero

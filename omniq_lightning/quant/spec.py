@@ -13,6 +13,10 @@ from typing import Any
 NO_QUANT_BITS = 16
 MIN_BITS, MAX_BITS = 2, 8
 A_GRANULARITIES = ("token", "tensor")
+# Weight grids: "uniform" (affine integer grid) and "power" (companding: levels mid + half * sign(c)|c|^p for
+# c uniform in [-1, 1]; p > 1 puts more levels near the centre of each group's range, where most weights are).
+GRIDS = ("uniform", "power")
+SCALE_BITS = 16  # a stored scale (or half-range, or midpoint) is one fp16/bf16 number
 
 
 def check_bits(field: str, bits: int) -> int:
@@ -49,6 +53,71 @@ def largest_divisor_at_most(n: int, limit: int) -> int:
 
 
 @dataclass(frozen=True)
+class WeightFormat:
+    """How one linear layer's weight is stored: bits per weight, grouping, symmetry and grid.
+
+    Attributes:
+        bits: 2..8, or 16 for a full-precision weight.
+        group_size: group length along the input dimension, or None for one range per output channel.
+        symmetric: a grid centred on zero (no zero point / midpoint is stored).
+        grid: "uniform" or "power" (see ``GRIDS``).
+        grid_exponent: the exponent p of the power grid (ignored for uniform grids).
+    """
+
+    bits: int = 4
+    group_size: int | None = None
+    symmetric: bool = False
+    grid: str = "uniform"
+    grid_exponent: float = 1.5
+
+    def __post_init__(self) -> None:
+        check_bits("w_bits", self.bits)
+        object.__setattr__(self, "group_size", check_group_size(self.group_size))
+        if self.grid not in GRIDS:
+            raise ValueError(f"w_grid must be one of {GRIDS}, got {self.grid!r}")
+        if isinstance(self.grid_exponent, bool) or not isinstance(self.grid_exponent, (int, float)) or not (
+            1.0 <= self.grid_exponent <= 4.0
+        ):
+            raise ValueError(f"w_grid_exponent must be a number in [1, 4] (1 = uniform spacing), got {self.grid_exponent!r}")
+        object.__setattr__(self, "grid_exponent", float(self.grid_exponent))
+        if not isinstance(self.symmetric, bool):
+            raise ValueError(f"w_symmetric must be true or false, got {self.symmetric!r}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.bits != NO_QUANT_BITS
+
+    @property
+    def name(self) -> str:
+        group = f"g{self.group_size}" if self.group_size else ""
+        grid = "" if self.grid == "uniform" else f"-{self.grid}{self.grid_exponent:g}"
+        return f"w{self.bits}{group}{'sym' if self.symmetric else ''}{grid}"
+
+    def validate_linear(self, in_features: int) -> None:
+        check_group_size(self.group_size, in_features)
+
+    def metadata_bits_per_group(self) -> int:
+        """Bits stored per group besides the codes: a 16-bit scale, plus for asymmetric grids the zero point
+        (``bits`` bits, an integer on the grid) or, for the power grid, a 16-bit midpoint."""
+        if not self.quantized:
+            return 0
+        if self.symmetric:
+            return SCALE_BITS
+        return SCALE_BITS + (self.bits if self.grid == "uniform" else SCALE_BITS)
+
+    def storage_bits(self, out_features: int, in_features: int) -> int:
+        """Exact bits to store a ``[out_features, in_features]`` weight in this format (16 per weight if not quantized)."""
+        n = out_features * in_features
+        if not self.quantized:
+            return NO_QUANT_BITS * n
+        groups = out_features * (in_features // (self.group_size or in_features))
+        return n * self.bits + groups * self.metadata_bits_per_group()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class QuantSpec:
     """How weights, activations and the KV cache are quantized.
 
@@ -56,6 +125,8 @@ class QuantSpec:
         w_bits: weight bits, 2..8, or 16 for full-precision weights.
         w_group_size: group length along the input dimension, or None for per-output-channel ranges.
         w_symmetric: symmetric (zero point fixed at 0) instead of asymmetric (min/max) weight grid.
+        w_grid: "uniform" (integer grid) or "power" (non-uniform, see ``GRIDS``).
+        w_grid_exponent: the power grid's exponent.
         lwc: learnable weight clipping (OmniQuant LWC) on the weight ranges.
         lwc_init: initial value of the clipping logits (sigmoid(4.0) ~ 0.982 keeps almost the full range).
         a_bits: activation bits (inputs of linear layers and attention matmuls), or 16 for none.
@@ -67,6 +138,8 @@ class QuantSpec:
     w_bits: int = 4
     w_group_size: int | None = None
     w_symmetric: bool = False
+    w_grid: str = "uniform"
+    w_grid_exponent: float = 1.5
     lwc: bool = True
     lwc_init: float = 4.0
     a_bits: int = NO_QUANT_BITS
@@ -75,15 +148,21 @@ class QuantSpec:
     kv_bits: int = NO_QUANT_BITS
 
     def __post_init__(self) -> None:
-        check_bits("w_bits", self.w_bits)
         check_bits("a_bits", self.a_bits)
         check_bits("kv_bits", self.kv_bits)
-        object.__setattr__(self, "w_group_size", check_group_size(self.w_group_size))
+        fmt = WeightFormat(self.w_bits, self.w_group_size, self.w_symmetric, self.w_grid, self.w_grid_exponent)
+        object.__setattr__(self, "w_group_size", fmt.group_size)
+        object.__setattr__(self, "w_grid_exponent", fmt.grid_exponent)
         if self.a_granularity not in A_GRANULARITIES:
             raise ValueError(f"a_granularity must be one of {A_GRANULARITIES}, got {self.a_granularity!r}")
         for name in ("w_symmetric", "lwc", "a_symmetric"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+
+    @property
+    def weight_format(self) -> WeightFormat:
+        """The format of every quantized linear's weight (a per-linear plan may override it)."""
+        return WeightFormat(self.w_bits, self.w_group_size, self.w_symmetric, self.w_grid, self.w_grid_exponent)
 
     @property
     def quantizes_weights(self) -> bool:
@@ -106,7 +185,8 @@ class QuantSpec:
         """Short conventional name, e.g. ``w4a16g128`` or ``w4a4``."""
         group = f"g{self.w_group_size}" if self.w_group_size else ""
         kv = f"kv{self.kv_bits}" if self.quantizes_kv and self.kv_bits != self.a_bits else ""
-        return f"w{self.w_bits}a{self.a_bits}{group}{kv}"
+        grid = "" if self.w_grid == "uniform" else f"-{self.w_grid}{self.w_grid_exponent:g}"
+        return f"w{self.w_bits}a{self.a_bits}{group}{kv}{grid}"
 
     def validate_linear(self, in_features: int) -> None:
         """Check that this spec can quantize a linear layer with ``in_features`` inputs."""

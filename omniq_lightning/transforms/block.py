@@ -7,7 +7,8 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from omniq_lightning.nn.linear import QuantLinear
+from omniq_lightning.nn import QuantLinear, WeightQuantizer
+from omniq_lightning.quant import QuantizedWeight
 from omniq_lightning.transforms.let import LETNorm, LETPair
 
 
@@ -23,22 +24,31 @@ class QuantBlock(nn.Module):
         self.block = block
         self.let = nn.ModuleDict(let_pairs)
         self._call = call
+        self.quantized: dict[str, QuantizedWeight] = {}  # codes of every quantized linear, once folded
 
     def quant_linears(self) -> list[QuantLinear]:
         return [m for m in self.block.modules() if isinstance(m, QuantLinear)]
 
+    def weight_quantizers(self) -> list[WeightQuantizer]:
+        return [m.wq for m in self.quant_linears() if m.wq is not None]
+
     def lwc_parameters(self) -> Iterator[nn.Parameter]:
-        for m in self.quant_linears():
-            for p in (m.lwc_gamma, m.lwc_beta):
+        for wq in self.weight_quantizers():
+            for p in (wq.lwc_gamma, wq.lwc_beta):
                 if p is not None:
                     yield p
+
+    def rounding_parameters(self) -> Iterator[nn.Parameter]:
+        return iter([wq.rounding for wq in self.weight_quantizers() if wq.rounding is not None])
 
     def let_parameters(self) -> Iterator[nn.Parameter]:
         return iter(list(self.let.parameters()))
 
     def quant_parameters(self) -> Iterator[nn.Parameter]:
+        """The trainable tensors: clipping logits, LET factors, and rounding offsets where enabled."""
         yield from self.lwc_parameters()
         yield from self.let_parameters()
+        yield from self.rounding_parameters()
 
     def apply_let(self) -> None:
         """Recompute every transformed weight from the current LET factors (clears stale ones first)."""
@@ -67,12 +77,15 @@ class QuantBlock(nn.Module):
 
     @torch.no_grad()
     def fold(self) -> nn.Module:
-        """Fold LET and LWC into the weights; returns the block with plain norms, and plain linears
-        wherever the input is not quantized (layers that quantize their input keep a folded QuantLinear)."""
+        """Fold LET, LWC and learned rounding into the weights; returns the block with plain norms, and plain
+        linears wherever the input is not quantized (layers that quantize their input keep a folded QuantLinear).
+        The integer codes of every quantized linear stay in ``quantized``, by name within the block."""
         self.fold_transforms()
         for name, m in list(self.block.named_modules()):
             if isinstance(m, QuantLinear):
                 m.fold()
+                if m.quantized is not None:
+                    self.quantized[name] = m.quantized
                 if m.act_quant is None:
                     self.block.set_submodule(name, m.to_linear())
         return self.block

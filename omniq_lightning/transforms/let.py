@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from omniq_lightning.quant import truncate_ste
+
 MIN_SCALE = 1e-5
 
 
@@ -120,10 +122,17 @@ class LETPair(nn.Module):
         self.expand_source, self.expand_target = spec.expand_source, spec.expand_target
         self.scale = nn.Parameter(spec.scale_init.detach().float().clone())
         self.shift = None if spec.shift_init is None else nn.Parameter(spec.shift_init.detach().float().clone())
+        self.min_scale = 0.0  # OmniQuant truncates |scale| at 1e-2 while training (the method sets it)
+
+    def effective_scale(self) -> torch.Tensor:
+        """The scale as applied: truncated to ``|s| >= min_scale`` (straight-through), so a half-precision
+        forward never divides by a tiny scale; folding uses the same value, so the fold stays exact."""
+        return truncate_ste(self.scale, self.min_scale)
 
     def apply(self, block: nn.Module) -> None:
         """Set the transformed tensors on the modules of ``block`` (``set_let``)."""
-        s_src, s_tgt = self.expand_source(self.scale), self.expand_target(self.scale)
+        scale = self.effective_scale()
+        s_src, s_tgt = self.expand_source(scale), self.expand_target(scale)
         d_src = None if self.shift is None else self.expand_source(self.shift)
         d_tgt = None if self.shift is None else self.expand_target(self.shift)
         src = block.get_submodule(self.source)
@@ -144,4 +153,5 @@ class LETPair(nn.Module):
                 lin.set_let(*scale_output_rows(*lin.effective(), 1.0 / s_tgt))
 
     def extra_repr(self) -> str:
-        return f"{self.kind}: {self.source} -> {', '.join(self.targets)}, shift={self.shift is not None}"
+        trunc = f", |scale| >= {self.min_scale:g}" if self.min_scale else ""
+        return f"{self.kind}: {self.source} -> {', '.join(self.targets)}, shift={self.shift is not None}{trunc}"

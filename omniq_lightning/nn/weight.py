@@ -1,0 +1,84 @@
+"""`WeightQuantizer`: how one linear's weight is quantized, and the learnable state that goes with it."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from omniq_lightning.quant import QuantizedWeight, WeightFormat, fake_quant_weight, quantize_weight
+from omniq_lightning.quant.functional import check_ranges
+from omniq_lightning.quant.weight import NO_CLIP_LOGIT, clip_logit  # noqa: F401 - re-exported
+
+ROUNDING_LIMIT = 0.5  # learned rounding offsets live in [-0.5, 0.5] grid steps
+
+
+class WeightQuantizer(nn.Module):
+    """Owns a weight's format (bits, group size, symmetry, grid) and its learnable quantization state:
+
+    * ``lwc_gamma`` / ``lwc_beta``: Learnable Weight Clipping logits, one per group (max and min side);
+    * ``rounding``: learned rounding offsets, one per weight (off unless :meth:`enable_rounding`).
+
+    ``forward(w)`` fake-quantizes ``w`` (fused on CUDA where possible); :meth:`quantize` returns the integer
+    codes and grid that ``forward`` computed, for storage and export.
+    """
+
+    def __init__(self, fmt: WeightFormat, out_features: int, in_features: int, lwc: bool = True,
+                 lwc_init: float = 4.0, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        fmt.validate_linear(in_features)
+        self.fmt = fmt
+        self.out_features, self.in_features = out_features, in_features
+        self.ranges = "detached"  # or "released" (OmniQuant's differentiable min/max), set by the method
+        self.lwc_gamma: nn.Parameter | None = None
+        self.lwc_beta: nn.Parameter | None = None
+        self.rounding: nn.Parameter | None = None
+        if lwc:
+            init = torch.full((out_features, self.n_groups), float(lwc_init), device=device)
+            self.lwc_gamma = nn.Parameter(init.clone())
+            self.lwc_beta = nn.Parameter(init.clone())
+
+    @property
+    def n_groups(self) -> int:
+        return self.in_features // (self.fmt.group_size or self.in_features)
+
+    def enable_rounding(self) -> None:
+        """Learn a rounding offset per weight (AdaRound / SignRound style), starting at round-to-nearest."""
+        if self.rounding is None:
+            device = None if self.lwc_gamma is None else self.lwc_gamma.device
+            self.rounding = nn.Parameter(torch.zeros(self.out_features, self.in_features, device=device))
+
+    def disable_lwc(self) -> None:
+        self.lwc_gamma = self.lwc_beta = None
+
+    def set_ranges(self, ranges: str) -> None:
+        self.ranges = check_ranges(ranges)
+
+    @torch.no_grad()
+    def set_clip(self, gamma_logits: torch.Tensor | float, beta_logits: torch.Tensor | float | None = None) -> None:
+        """Set the LWC logits (a tensor of one per group, or one value for all); beta defaults to gamma."""
+        if self.lwc_gamma is None:
+            raise ValueError("this weight quantizer has no clipping (quant.lwc=false)")
+        beta_logits = gamma_logits if beta_logits is None else beta_logits
+        for p, v in ((self.lwc_gamma, gamma_logits), (self.lwc_beta, beta_logits)):
+            p.copy_(torch.as_tensor(v, dtype=p.dtype, device=p.device).expand_as(p))
+
+    @torch.no_grad()
+    def project(self) -> None:
+        """Keep the learned rounding offsets inside [-0.5, 0.5] (run after every optimizer step)."""
+        if self.rounding is not None:
+            self.rounding.clamp_(-ROUNDING_LIMIT, ROUNDING_LIMIT)
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return fake_quant_weight(w, self.fmt, self.lwc_gamma, self.lwc_beta, self.rounding, self.ranges)
+
+    @torch.no_grad()
+    def quantize(self, w: torch.Tensor) -> QuantizedWeight:
+        """The integer codes and grid of ``w`` (``dequantize()`` equals ``forward(w)`` in float32)."""
+        return quantize_weight(w, self.fmt, self.lwc_gamma, self.lwc_beta, self.rounding)
+
+    def extra_repr(self) -> str:
+        f = self.fmt
+        grouping = f"g{f.group_size}" if f.group_size else "per-channel"
+        grid = "" if f.grid == "uniform" else f" {f.grid}(p={f.grid_exponent:g})"
+        learned = [n for n, p in (("LWC", self.lwc_gamma), ("rounding", self.rounding)) if p is not None]
+        return f"w{f.bits} {grouping} {'sym' if f.symmetric else 'asym'}{grid}" + "".join(f" +{n}" for n in learned)
