@@ -106,7 +106,7 @@ def matches_protocol(model: str) -> Callable[[dict], bool]:
 
 
 def cell_name(row_name: str, setting: str, seed: int) -> str:
-    safe = "".join(c if c.isalnum() or c in "=._-" else "_" for c in row_name)
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in row_name)  # no '=': Hydra parses output_dir
     return f"{safe}--{setting}" + (f"--seed{seed}" if seed else "")
 
 

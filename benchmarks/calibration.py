@@ -32,6 +32,7 @@ from omniq_lightning.methods import OmniQuant
 from omniq_lightning.models import BlockContext, LlamaAdapter
 from omniq_lightning.quant import QuantSpec
 from omniq_lightning.quant import cuda as cuda_ext
+from omniq_lightning.transforms import BlockPlan
 
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
@@ -71,7 +72,8 @@ def build(shape: str, seqlen: int, nsamples: int, device: torch.device, spec: Qu
         for i in range(nsamples):
             inputs[i] = x[i]
             targets[i] = adapter.call_block(block, x[i : i + 1], ctx)[0]
-    qblock = adapter.quantize_block(block, spec, let=not spec.weight_only, stats=stats)
+    plan = BlockPlan(spec, let_roles=() if spec.weight_only else ("norm", "vo", "qk"))
+    qblock = adapter.quantize_block(block, plan, stats)
     return qblock, ctx, BlockDataModule(inputs, targets, batch_size=batch_size)
 
 

@@ -9,6 +9,7 @@ import platform
 import resource
 import subprocess
 import time
+from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -192,14 +193,14 @@ def quantize(cfg: DictConfig, loaded: LoadedModel, spec: QuantSpec, method: Meth
     cache_dir = Path(cfg.calib.cache_dir)
 
     def new_cache(tag: str) -> ActivationCache:
-        return ActivationCache(n, (seqlen, model.config.hidden_size), cache_dtype, device,
+        return ActivationCache(n, (seqlen, adapter.hidden_size(model)), cache_dtype, device,
                                where=cfg.calib.cache, path=cache_dir / f"{tag}.bin")
 
     model.to("cpu")
     for m in adapter.pre_block_modules(model):
         m.to(device)
     fp_in = new_cache("fp_in")
-    ctx = adapter.capture(model, (windows[i : i + 1] for i in range(n)), fp_in, device)
+    contexts = adapter.capture(model, (windows[i : i + 1] for i in range(n)), fp_in, device)
     check_finite(fp_in, "block 0 inputs")
     q_in, fp_out = new_cache("q_in"), new_cache("fp_out")
     q_in.data.copy_(fp_in.data)
@@ -212,24 +213,23 @@ def quantize(cfg: DictConfig, loaded: LoadedModel, spec: QuantSpec, method: Meth
     progress = bool(cfg.trainer.enable_progress_bar)
     for i in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
         t0 = time.perf_counter()
+        ctx = contexts[i]
         model_dtype = next(blocks[i].parameters()).dtype
-        block = blocks[i].to(device=device, dtype=torch.float32)
+        block = adapter.prepare_block(blocks[i].to(device=device, dtype=torch.float32))
         finished = state.is_finished(i)
         gather = plan.let and not finished
         with observe_linear_inputs(block) if gather else contextlib.nullcontext({}) as stats:
-            run_over(lambda x, b=block: adapter.call_block(b, x, ctx), fp_in, fp_out)
+            run_over(lambda x, b=block, c=ctx: adapter.call_block(b, x, c), fp_in, fp_out)
         check_finite(fp_out, f"block {i} full-precision outputs")
         if aug is not None and not finished:
-            run_over(lambda x, b=block: adapter.call_block(b, x, ctx), q_in, aug)
+            run_over(lambda x, b=block, c=ctx: adapter.call_block(b, x, c), q_in, aug)
         if finished:
-            qblock = adapter.quantize_block(block, plan.spec)
-            folded = qblock.fold()
+            folded = adapter.finish_block(adapter.quantize_block(block, replace(plan, let_roles=())).fold())
             saved = state.load_block(i)
             folded.load_state_dict({k[len("block."):]: v for k, v in saved.items() if k.startswith("block.")})
             block_stats: dict[str, float] = {"resumed": 1.0}
         else:
-            qblock = adapter.quantize_block(block, plan.spec, plan.let, stats, plan.let_alpha, plan.let_kinds,
-                                            plan.let_shift).to(device)
+            qblock = adapter.quantize_block(block, plan, stats).to(device)
             observe_static_ranges(qblock, q_in, ctx)
             run = BlockRun(index=i, n_blocks=len(blocks), ctx=ctx, device=device, precision=precision,
                            checkpoint_dir=state.checkpoint_dir(i), resume_checkpoint=state.resume_checkpoint(i),
@@ -238,12 +238,12 @@ def quantize(cfg: DictConfig, loaded: LoadedModel, spec: QuantSpec, method: Meth
             observe_static_ranges(qblock, q_in, ctx)  # again: the learned transforms moved the ranges
             block_stats = {**clip_let_stats(qblock), **calibrated}
             learned = learned_state(qblock)
-            folded = method.finalize(qblock)
+            folded = adapter.finish_block(method.finalize(qblock))
             codes = {k: v for name, q in qblock.quantized.items() for k, v in q.tensors(f"qweight.{name}").items()}
             formats = {name: q.fmt.to_dict() for name, q in qblock.quantized.items()}
             state.save_block(i, {**{f"block.{k}": v for k, v in folded.state_dict().items()}, **learned, **codes},
                              metadata={"formats": json.dumps(formats, sort_keys=True)})
-        mse = run_over(lambda x, b=folded: adapter.call_block(b, x, ctx), q_in, q_in, target=fp_out)
+        mse = run_over(lambda x, b=folded, c=ctx: adapter.call_block(b, x, c), q_in, q_in, target=fp_out)
         fp_in, fp_out = fp_out, fp_in
         for p in folded.parameters():  # parameters only: static activation ranges stay float32
             p.data = p.data.to(model_dtype)
@@ -336,6 +336,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loaded = load(cfg)
     if method is not None:
         check_spec_fits(loaded, spec)
+        loaded.adapter.check_plan(loaded.model, method.plan(spec, loaded.adapter.family, loaded.adapter.let_for_weight_only))
     t_loaded = time.perf_counter()
     results: dict[str, Any] = {
         "model": {"name": cfg.model.name, "path": loaded.source.location, "gguf_file": loaded.source.gguf_file,
@@ -358,7 +359,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["bits_per_weight"] = round(bits_per_weight(loaded.model, loaded.adapter, spec), 4)
         results["perplexity"] = evaluate(cfg, loaded, device)
         results["export"] = str(save_fake_quant(loaded.model, loaded.tokenizer, spec, out_dir / "model",
-                                                {"method": name, "model": cfg.model.name}))
+                                                {"method": name, "model": cfg.model.name}, loaded.adapter))
         table = [{"corpus": c, "fp": results.get("perplexity_fp", {}).get(c, {}).get("perplexity"),
                   name: r["perplexity"]} for c, r in results["perplexity"].items()]
         log_summary(logger, {f"ppl/{c}": r["perplexity"] for c, r in results["perplexity"].items()}, table)

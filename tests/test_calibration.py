@@ -26,6 +26,7 @@ from omniq_lightning.eval import perplexity
 from omniq_lightning.export import load_fake_quant
 from omniq_lightning.methods import OmniQuant, build_method
 from omniq_lightning.quant import QuantSpec
+from omniq_lightning.transforms import BlockPlan
 
 W4A4 = QuantSpec(w_bits=4, a_bits=4, kv_bits=4)
 
@@ -34,13 +35,13 @@ def tiny_block_setup(stories, n=4, seqlen=32, spec=W4A4, let=True):
     model, adapter = stories.model, stories.adapter
     ids = torch.randint(0, 512, (n, seqlen), generator=torch.Generator().manual_seed(0))
     inputs = ActivationCache(n, (seqlen, 64), torch.float32, "cpu")
-    ctx = adapter.capture(model, (ids[i : i + 1] for i in range(n)), inputs, "cpu")
+    ctx = adapter.capture(model, (ids[i : i + 1] for i in range(n)), inputs, "cpu")[0]
     targets = ActivationCache(n, (seqlen, 64), torch.float32, "cpu")
     block = copy.deepcopy(adapter.blocks(model)[0])
     with torch.no_grad(), observe_linear_inputs(block) as stats:
         for i in range(n):
             targets[i] = adapter.call_block(block, inputs[i].unsqueeze(0), ctx)[0]
-    qblock = adapter.quantize_block(block, spec, let=let, stats=stats)
+    qblock = adapter.quantize_block(block, BlockPlan(spec, let_roles=("norm", "vo", "qk") if let else ()), stats)
     return qblock, ctx, BlockDataModule(inputs, targets, batch_size=2)
 
 

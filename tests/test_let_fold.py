@@ -11,6 +11,12 @@ from transformers import AutoModelForCausalLM, OPTConfig, Qwen2Config
 from omniq_lightning.calib import ActivationCache, observe_linear_inputs
 from omniq_lightning.models import adapter_for
 from omniq_lightning.quant import QuantSpec
+from omniq_lightning.transforms import ROLES, BlockPlan
+
+
+def every_pair(spec: QuantSpec) -> BlockPlan:
+    """A plan that builds every transform the adapter declares."""
+    return BlockPlan(spec, let_roles=ROLES)
 
 NO_QUANT = QuantSpec(w_bits=16, a_bits=16, kv_bits=16, lwc=False)
 W4A4 = QuantSpec(w_bits=4, a_bits=4, kv_bits=4)
@@ -21,8 +27,8 @@ def block_setup(model, adapter, index=1, seqlen=48):
     model.eval()
     ids = torch.randint(0, model.config.vocab_size, (2, seqlen), generator=torch.Generator().manual_seed(1))
     cache = ActivationCache(2, (seqlen, model.config.hidden_size), torch.float32, "cpu")
-    ctx = adapter.capture(model, (ids[i : i + 1] for i in range(2)), cache, "cpu")
-    block = copy.deepcopy(adapter.blocks(model)[index])
+    ctx = adapter.capture(model, (ids[i : i + 1] for i in range(2)), cache, "cpu")[index]
+    block = adapter.prepare_block(copy.deepcopy(adapter.blocks(model)[index]))
     x = cache.all() * 3  # larger activations make any inexactness visible
     with torch.no_grad(), observe_linear_inputs(block) as stats:
         ref = adapter.call_block(block, x, ctx)
@@ -44,7 +50,7 @@ def check_exact(model, adapter):
     block, x, ctx, stats, ref = block_setup(model, adapter)
     scale = ref.abs().max().item()
     # 1) random LET factors without quantization leave the block's function unchanged
-    qb = adapter.quantize_block(copy.deepcopy(block), NO_QUANT, let=True, stats=stats)
+    qb = adapter.quantize_block(copy.deepcopy(block), every_pair(NO_QUANT), stats)
     randomize_let(qb)
     with torch.no_grad():
         unfolded = qb(x, ctx)
@@ -54,7 +60,7 @@ def check_exact(model, adapter):
     assert (folded - ref).abs().max().item() <= 2e-5 * scale
     # 2) with quantization, folding into plain weights gives the unfolded quantized block's output
     for spec in (W4A4, W3G):
-        qb = adapter.quantize_block(copy.deepcopy(block), spec, let=True, stats=stats)
+        qb = adapter.quantize_block(copy.deepcopy(block), every_pair(spec), stats)
         randomize_let(qb, seed=3)
         with torch.no_grad():
             unfolded = qb(x, ctx)
@@ -71,7 +77,7 @@ def test_llama_let_folding_is_exact_under_gqa_and_rope(stories):
 def test_qk_scale_must_respect_rotary_pairs(stories):
     """The q/k factor is shared by each rotary pair; breaking that (as a per-channel factor would) is not exact."""
     block, x, ctx, stats, ref = block_setup(stories.model, stories.adapter)
-    qb = stories.adapter.quantize_block(copy.deepcopy(block), NO_QUANT, let=True, stats=stats)
+    qb = stories.adapter.quantize_block(copy.deepcopy(block), every_pair(NO_QUANT), stats)
     pair = qb.let["qk"]
     pair.expand_target = lambda p: torch.cat([p, 2 * p], dim=-1).reshape(-1)  # different scales within a pair
     n_kv, rep = 4, 2
@@ -108,16 +114,16 @@ def test_qwen2_let_folding_is_exact_with_qkv_biases():
 
 def test_quantized_block_explains_itself(stories):
     block, x, ctx, stats, _ = block_setup(stories.model, stories.adapter)
-    qb = stories.adapter.quantize_block(copy.deepcopy(block), QuantSpec(w_bits=4, w_group_size=4, a_bits=8),
-                                        let=True, stats=stats)
+    qb = stories.adapter.quantize_block(copy.deepcopy(block), every_pair(QuantSpec(w_bits=4, w_group_size=4, a_bits=8)),
+                                        stats)
     text = str(qb)
     assert "w4 g4 asym +LWC" in text and "a8 per-token" in text and "LET pairs" in text
 
 
 def test_lwc_without_let_has_only_clipping_parameters(stories):
     block, *_ = block_setup(stories.model, stories.adapter)
-    qb = stories.adapter.quantize_block(copy.deepcopy(block), QuantSpec(w_bits=3))
+    qb = stories.adapter.quantize_block(copy.deepcopy(block), BlockPlan(QuantSpec(w_bits=3)))
     params = list(qb.quant_parameters())
     assert len(params) == 2 * 7  # gamma and beta for q, k, v, o, gate, up, down
     with pytest.raises(ValueError, match="statistics"):
-        stories.adapter.quantize_block(copy.deepcopy(block), QuantSpec(w_bits=3), let=True)
+        stories.adapter.quantize_block(copy.deepcopy(block), every_pair(QuantSpec(w_bits=3)))

@@ -28,8 +28,8 @@ def assert_replay_exact(model, adapter, n=3, seqlen=32, where="cpu", tmp_path=No
     ids = torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(0))
     cache = ActivationCache(n, (seqlen, model.config.hidden_size), torch.float32, "cpu", where=where,
                             path=None if tmp_path is None else tmp_path / "inps.bin")
-    ctx = adapter.capture(model, (ids[i : i + 1] for i in range(n)), cache, "cpu")
-    replayed = adapter.replay(model, cache.all(), ctx)
+    contexts = adapter.capture(model, (ids[i : i + 1] for i in range(n)), cache, "cpu")
+    replayed = adapter.replay(model, cache.all(), contexts)
     expected = torch.cat([final_block_output(model, adapter, ids[i : i + 1]) for i in range(n)])
     assert (replayed - expected).abs().max().item() == 0.0
     cache.close()

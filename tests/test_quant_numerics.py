@@ -15,7 +15,6 @@ from omniq_lightning.quant import (
     fake_quant_per_tensor,
     fake_quant_per_token,
     fake_quant_weight,
-    grid,
     quantize_weight,
     scale_zero,
     tensor_range_params,
@@ -25,8 +24,8 @@ from omniq_lightning.quant import (
 from tests import quant_reference as ref
 
 
-def fmt(bits=4, group=None, symmetric=False, grid="uniform", exponent=1.5):
-    return WeightFormat(bits, group, symmetric, grid, exponent)
+def fmt(bits=4, group=None, symmetric=False, kind="uniform", exponent=1.5):
+    return WeightFormat(bits, group, symmetric, kind, exponent)
 
 SHAPES_GROUPS = [
     ((7, 64), 64),

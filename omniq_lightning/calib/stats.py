@@ -1,4 +1,4 @@
-"""Per-channel input ranges of a block's linear layers, gathered while the block runs."""
+"""Per-channel input ranges of a block's linear layers (and MoE routers), gathered while the block runs."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
+
+from omniq_lightning.nn import LETRouter
 
 
 @contextmanager
@@ -27,7 +29,7 @@ def observe_linear_inputs(block: nn.Module) -> Iterator[dict[str, tuple[torch.Te
         return hook
 
     for name, module in block.named_modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, LETRouter)):
             handles.append(module.register_forward_pre_hook(make_hook(name)))
     try:
         yield stats

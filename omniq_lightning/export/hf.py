@@ -1,13 +1,15 @@
 """Fake-quant models in Hugging Face format (safetensors), loadable by ``transformers`` as they are.
 
-Weights are stored already quantized and folded (LWC clipping and LET transforms included), so a
-weight-only model is an ordinary checkpoint: ``AutoModelForCausalLM.from_pretrained`` reproduces its
-perplexity. ``omniq_quant.json`` records the quantization; for weight-activation settings,
-:func:`load_fake_quant` re-attaches the activation and KV quantizers that plain ``transformers`` lacks.
+Weights are stored already quantized and folded (LWC clipping and LET transforms included), in the model's own
+layout (MoE experts fused as transformers keeps them), so a weight-only model is an ordinary checkpoint:
+``AutoModelForCausalLM.from_pretrained`` reproduces its perplexity. ``omniq_quant.json`` records the
+quantization; for weight-activation settings, :func:`load_fake_quant` re-attaches the activation and KV
+quantizers that plain ``transformers`` lacks (static ranges from ``omniq_runtime.safetensors``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -15,20 +17,29 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from omniq_lightning.io import write_json
 from omniq_lightning.quant import QuantSpec
+from omniq_lightning.transforms import BlockPlan
 
 MANIFEST = "omniq_quant.json"
+RUNTIME = "omniq_runtime.safetensors"  # static activation ranges, by module name in the quantized layout
 
 
-def save_fake_quant(model, tokenizer, spec: QuantSpec, path: str | os.PathLike, extra: dict[str, Any] | None = None) -> Path:
-    """Write the model, tokenizer and manifest to ``path`` (complete or not at all: written beside, then renamed)."""
+def save_fake_quant(model, tokenizer, spec: QuantSpec, path: str | os.PathLike, extra: dict[str, Any] | None = None,
+                    adapter=None) -> Path:
+    """Write the model (in the model's own layout: ``adapter.export_layout``), its runtime quantizer state,
+    the tokenizer and the manifest to ``path`` (complete or not at all: written beside, then renamed)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    tmp.mkdir(parents=True)
+    runtime = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".act_quant." in k}
+    if runtime:
+        save_file(runtime, str(tmp / RUNTIME))
+    with adapter.export_layout(model) if adapter is not None else contextlib.nullcontext():
+        model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     write_json(tmp / MANIFEST, {"format": "omniq-fake-quant-v1", "quant": spec.to_dict(), "name": spec.name,
                                 **(extra or {})})
@@ -53,14 +64,15 @@ def load_fake_quant(path: str | os.PathLike, dtype: str = "float32", attn_implem
     spec = QuantSpec(**read_manifest(path)["quant"])
     if spec.weight_only:
         return loaded
-    runtime = replace(spec, w_bits=16, lwc=False)  # weights are already quantized in the file
-    blocks = loaded.adapter.blocks(loaded.model)
+    runtime = BlockPlan(replace(spec, w_bits=16, lwc=False))  # weights are already quantized in the file
+    adapter = loaded.adapter
+    blocks = adapter.blocks(loaded.model)
     for i in range(len(blocks)):
-        blocks[i] = loaded.adapter.quantize_block(blocks[i], runtime).fold()
-    static = {}
-    for f in sorted(Path(path).glob("*.safetensors")):
-        with safe_open(str(f), framework="pt") as sf:
-            static.update({k: sf.get_tensor(k) for k in sf.keys() if ".act_quant." in k})
-    if static:
-        loaded.model.load_state_dict(static, strict=False)
+        blocks[i] = adapter.finish_block(adapter.quantize_block(adapter.prepare_block(blocks[i]), runtime).fold())
+    runtime = Path(path) / RUNTIME
+    if runtime.is_file():
+        missing = set(load_file(str(runtime))) - set(loaded.model.state_dict())
+        if missing:
+            raise ValueError(f"{runtime} holds quantizer state for modules this model does not have: {sorted(missing)[:5]}")
+        loaded.model.load_state_dict(load_file(str(runtime)), strict=False)
     return loaded

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from omniq_lightning.methods.awq import AWQ
-from omniq_lightning.methods.base import BlockPlan, Method
+from omniq_lightning.methods.base import Method
 from omniq_lightning.methods.gptq import GPTQ
 from omniq_lightning.methods.omniquant import OmniQuant
 from omniq_lightning.methods.rtn import RTN
 from omniq_lightning.methods.smoothquant import SmoothQuant
+from omniq_lightning.transforms import BlockPlan
 
 # Keys of a method config that the pipeline reads rather than the method.
 NON_METHOD_KEYS = ("name", "tag", "batch_size")

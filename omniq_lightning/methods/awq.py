@@ -1,12 +1,13 @@
 """AWQ on the block rails: activation-aware scale search over the adapter's LET pairs, then clipping search.
 
-Scales: for each pair (norm -> linears, v -> o), ``s = mean|x|^r`` normalised by ``sqrt(max(s) min(s))``,
+Scales: for each pair AutoAWQ searches (norm -> linears, v -> o when there is one value head per query head,
+up -> down / fc1 -> fc2), ``s = mean|x|^r`` normalised by ``sqrt(max(s) min(s))``,
 with ``r`` on a grid in [0, 1); the ``r`` that minimises the paper's objective wins: the output error of
 the pair's target linears, ``sum_t || Q(W_t diag(s)) (diag(s)^-1 x_t) - W_t x_t ||^2``, on sampled inputs
 (the same tokens the clipping search uses; cheap enough to search every pair of every block on a CPU).
-Clipping: for each linear, output channel and group, the range is shrunk on a grid (1.0 down to
-``1 - max_shrink``) to minimise that group's output error on sampled inputs; the chosen ratio is
-stored as LWC logits, so folding is the same as for OmniQuant.
+Clipping: for each linear but the query and key projections, output channel and group, the range is shrunk
+on a grid (1.0 down to ``1 - max_shrink``) to minimise that group's output error on sampled inputs; the
+chosen ratio is stored as LWC logits, so folding is the same as for OmniQuant.
 """
 
 from __future__ import annotations
@@ -14,31 +15,43 @@ from __future__ import annotations
 import torch
 
 from omniq_lightning.calib import ActivationCache
-from omniq_lightning.methods.base import BlockPlan, Method, run_with_input_hooks, weight_linears
-from omniq_lightning.nn import NO_CLIP_LOGIT, QuantLinear, clip_logit
+from omniq_lightning.methods.base import Method, run_with_input_hooks, weight_linears
+from omniq_lightning.nn import NO_CLIP_LOGIT, LETRouter, QuantLinear, clip_logit
 from omniq_lightning.quant import fake_quant_weight
-from omniq_lightning.transforms import QuantBlock
+from omniq_lightning.transforms import BlockPlan, QuantBlock
 
 MAX_CLIP_ROWS = 2048  # tokens sampled per linear for the clipping search
+AWQ_ROLES = ("norm", "vo", "up_down")  # AutoAWQ's pairs: norm -> linears, v -> o, up -> down (fc1 -> fc2)
+NO_CLIP_SUFFIXES = ("q_proj", "k_proj", "qkv_proj")
 
 
 @torch.no_grad()
 def linear_inputs(qblock: QuantBlock, inputs: ActivationCache, ctx, max_rows: int) -> dict[str, torch.Tensor]:
-    """Per weight-quantized linear: its inputs (as transformed by the current LET), up to ``max_rows`` tokens
-    spread evenly over the calibration samples."""
+    """Per weight-quantized linear (and MoE router): its inputs (as transformed by the current LET), up to
+    ``max_rows`` tokens spread evenly over the calibration samples, each sample's stride starting at its own
+    offset (so the first token, LLaMA's attention sink, is not over-represented). An MoE expert sees only the
+    tokens routed to it; one that sees none has no entry."""
     rows: dict[str, list[torch.Tensor]] = {}
     per_sample = max(1, max_rows // len(inputs))
+    calls: dict[str, int] = {}
 
     def keep(name: str):
         def fn(x: torch.Tensor) -> None:
             x = x.detach().reshape(-1, x.shape[-1]).float()
             step = max(1, x.shape[0] // per_sample)
-            rows.setdefault(name, []).append(x[::step][:per_sample])
+            j = calls[name] = calls.get(name, -1) + 1
+            rows.setdefault(name, []).append(x[(j * 7919) % step :: step][:per_sample])
 
         return fn
 
-    run_with_input_hooks(qblock, inputs, ctx, {n: keep(n) for n in weight_linears(qblock)})
+    names = [*weight_linears(qblock), *(n for n, m in qblock.block.named_modules() if isinstance(m, LETRouter))]
+    run_with_input_hooks(qblock, inputs, ctx, {n: keep(n) for n in names})
     return {n: torch.cat(v) for n, v in rows.items()}
+
+
+def quantized_targets(qblock: QuantBlock, pair) -> list[str]:
+    """The pair's targets whose weights are quantized (a router or a full-precision gate has no error to search)."""
+    return [t for t in pair.targets if getattr(qblock.block.get_submodule(t), "wq", None) is not None]
 
 
 @torch.no_grad()
@@ -50,7 +63,7 @@ def pair_error(
     quantization and their inputs divided by it (and quantized, when the linear quantizes its input)."""
     s_t = pair.expand_target(s)
     err = 0.0
-    for name in pair.targets:
+    for name in refs:
         lin = qblock.block.get_submodule(name)
         w = lin.effective()[0].float()
         xs = x[name] / s_t
@@ -75,11 +88,15 @@ def search_scales(qblock: QuantBlock, inputs: ActivationCache, ctx, n_grid: int)
     x = linear_inputs(qblock, inputs, ctx, MAX_CLIP_ROWS)
     chosen = {}
     for name, pair in list(qblock.let.items()):
+        targets = [t for t in quantized_targets(qblock, pair) if t in x]
+        if pair.targets[0] not in x or not targets:  # an MoE expert that got no calibration token: unscaled
+            del qblock.let[name]
+            continue
         mean_abs = x[pair.targets[0]].abs().mean(0)
         if mean_abs.numel() != pair.scale.numel():  # e.g. v -> o under grouped-query attention: not searched
             del qblock.let[name]
             continue
-        refs = {t: x[t] @ qblock.block.get_submodule(t).effective()[0].float().T for t in pair.targets}
+        refs = {t: x[t] @ qblock.block.get_submodule(t).effective()[0].float().T for t in targets}
         best = (float("inf"), 0.0, torch.ones_like(pair.scale))
         for r in range(n_grid):
             ratio = r / n_grid
@@ -102,6 +119,8 @@ def search_clipping(qblock: QuantBlock, inputs: ActivationCache, ctx, n_grid: in
     ratios = [1.0 - max_shrink * i / n_grid for i in range(n_grid + 1)]
     for name, lin in qblock.block.named_modules():
         if not isinstance(lin, QuantLinear) or lin.wq is None or lin.wq.lwc_gamma is None or name not in x:
+            continue
+        if name.endswith(NO_CLIP_SUFFIXES):  # as AutoAWQ: query and key projections are not clipped
             continue
         wq = lin.wq
         w = lin.effective()[0].detach().float()
@@ -143,7 +162,7 @@ class AWQ(Method):
 
     def plan(self, spec, family: str, let_for_weight_only: bool) -> BlockPlan:
         self.validate(spec)
-        return BlockPlan(spec, let=True, let_kinds=("norm", "linear"), let_shift=False)
+        return BlockPlan(spec, let_roles=AWQ_ROLES, let_shift=False)
 
     def calibrate(self, qblock, data, run) -> None:
         if not self.clip:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -12,18 +11,7 @@ from torch import nn
 from omniq_lightning.calib import ActivationCache, BlockDataModule, BlockRun
 from omniq_lightning.nn import QuantLinear
 from omniq_lightning.quant import QuantSpec
-from omniq_lightning.transforms import QuantBlock
-
-
-@dataclass(frozen=True)
-class BlockPlan:
-    """How to build a block's ``QuantBlock``: the spec its layers use and whether it gets LET pairs."""
-
-    spec: QuantSpec
-    let: bool
-    let_alpha: float = 0.5
-    let_kinds: tuple[str, ...] = ("norm", "linear", "qk")  # which of the adapter's LET pairs to build
-    let_shift: bool = True  # shifts where the preceding op can absorb them (OPT), never where it cannot
+from omniq_lightning.transforms import BlockPlan, QuantBlock
 
 
 class Method:
@@ -36,7 +24,8 @@ class Method:
         """Refuse quantization settings this method cannot handle (called before any model loads)."""
 
     def plan(self, spec: QuantSpec, family: str, let_for_weight_only: bool) -> BlockPlan:
-        """``family`` and ``let_for_weight_only`` are the adapter's answers (recipe family, LET default)."""
+        """How blocks are built: the spec, which declared transforms (roles) they get. ``family`` and
+        ``let_for_weight_only`` are the adapter's answers (recipe family, LET default)."""
         raise NotImplementedError
 
     def calibrate(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> dict[str, float] | None:

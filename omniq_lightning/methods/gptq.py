@@ -7,18 +7,19 @@ from dataclasses import replace
 import torch
 
 from omniq_lightning.calib import ActivationCache
-from omniq_lightning.methods.base import BlockPlan, Method, full_precision_weights, run_with_input_hooks, weight_linears
+from omniq_lightning.methods.base import Method, full_precision_weights, run_with_input_hooks, weight_linears
 from omniq_lightning.nn import QuantLinear
 from omniq_lightning.quant import GroupGrid, grid_of
-from omniq_lightning.quant.weight import codes_of, round_to_grid
 from omniq_lightning.quant.gptq import ColumnQuantizer, HessianAccumulator, check_damp, gptq_quantize
-from omniq_lightning.transforms import QuantBlock
+from omniq_lightning.quant.weight import codes_of, round_to_grid
+from omniq_lightning.transforms import BlockPlan, QuantBlock
 
 
 @torch.no_grad()
-def collect_hessians(qblock: QuantBlock, inputs: ActivationCache, ctx) -> dict[str, torch.Tensor]:
-    """Each weight-quantized linear's input Hessian over all calibration samples, with the block's
-    weights in full precision (one pass, as GPTQ gathers a block's sub-layer inputs)."""
+def collect_hessians(qblock: QuantBlock, inputs: ActivationCache, ctx) -> dict[str, HessianAccumulator]:
+    """Each weight-quantized linear's input Hessian over all calibration samples (an MoE expert: over the
+    tokens routed to it), with the block's weights in full precision (one pass, as GPTQ gathers a block's
+    sub-layer inputs)."""
     linears = weight_linears(qblock)
     accs = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in linears.items()}
 
@@ -27,7 +28,7 @@ def collect_hessians(qblock: QuantBlock, inputs: ActivationCache, ctx) -> dict[s
 
     with full_precision_weights(linears.values()):
         run_with_input_hooks(qblock, inputs, ctx, {n: record(n, m) for n, m in linears.items()})
-    return {n: a.H for n, a in accs.items()}
+    return accs
 
 
 def column_quantizer(lin: QuantLinear) -> tuple[ColumnQuantizer, GroupGrid]:
@@ -45,16 +46,25 @@ def column_quantizer(lin: QuantLinear) -> tuple[ColumnQuantizer, GroupGrid]:
     return quantize, g
 
 
-def gptq_block(qblock: QuantBlock, inputs: ActivationCache, ctx, damp: float, act_order: bool, blocksize: int) -> None:
-    """Fold any LET transforms, then replace every weight-quantized linear's weight by its GPTQ solution."""
+def gptq_block(qblock: QuantBlock, inputs: ActivationCache, ctx, damp: float, act_order: bool,
+               blocksize: int) -> dict[str, float]:
+    """Fold any LET transforms, then replace every weight-quantized linear's weight by its GPTQ solution. A
+    linear that saw no calibration token (an MoE expert no token was routed to) has no Hessian: it is rounded
+    to nearest on its grid instead, and counted."""
     qblock.fold_transforms()
     hessians = collect_hessians(qblock, inputs, ctx)
+    without_tokens = 0
     for name, lin in weight_linears(qblock).items():
         if lin.wq.rounding is not None:
             raise ValueError("GPTQ rounding and learned rounding both decide the rounding: choose one")
+        if hessians[name].n == 0:
+            lin.fold()
+            without_tokens += 1
+            continue
         quantize, g = column_quantizer(lin)
-        q = gptq_quantize(lin.weight, hessians[name], quantize, blocksize, damp, act_order)
+        q = gptq_quantize(lin.weight, hessians[name].H, quantize, blocksize, damp, act_order)
         lin.set_quantized(codes_of(q, g, lin.wq.fmt))
+    return {"linears_without_tokens": float(without_tokens)} if without_tokens else {}
 
 
 class GPTQ(Method):
@@ -67,7 +77,7 @@ class GPTQ(Method):
         self.act_order, self.blocksize = act_order, blocksize
 
     def plan(self, spec, family: str, let_for_weight_only: bool) -> BlockPlan:
-        return BlockPlan(replace(spec, lwc=False), let=False)
+        return BlockPlan(replace(spec, lwc=False))
 
-    def calibrate(self, qblock, data, run) -> None:
-        gptq_block(qblock, data.inputs, run.ctx, self.damp, self.act_order, self.blocksize)
+    def calibrate(self, qblock, data, run) -> dict[str, float]:
+        return gptq_block(qblock, data.inputs, run.ctx, self.damp, self.act_order, self.blocksize)

@@ -24,7 +24,6 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import lightning as L
-import torch
 
 from omniq_lightning.calib import (
     AtomicCheckpointIO,
@@ -36,17 +35,18 @@ from omniq_lightning.calib import (
     TrainSettings,
     channel_energy,
 )
-from omniq_lightning.methods.awq import awq_block
-from omniq_lightning.methods.base import BlockPlan, Method
+from omniq_lightning.methods.awq import AWQ_ROLES, awq_block
+from omniq_lightning.methods.base import Method
 from omniq_lightning.methods.gptq import gptq_block
 from omniq_lightning.nn import NO_CLIP_LOGIT, ActQuantizer
 from omniq_lightning.quant import QuantSpec
 from omniq_lightning.quant.functional import check_ranges
 from omniq_lightning.quant.gptq import check_damp
 from omniq_lightning.quant.weight import mse_clip_logits
-from omniq_lightning.transforms import QuantBlock
+from omniq_lightning.transforms import BlockPlan, QuantBlock
 
 LET_CHOICES = ("auto", True, False)
+LET_ROLES = ("norm", "vo", "qk")  # OmniQuant's released pairs: norm -> linears, v -> o, q / k
 INITS = ("statistics", "minmax", "mse", "awq")
 ROUNDINGS = ("nearest", "gptq")
 
@@ -154,9 +154,9 @@ class OmniQuant(Method):
             let = (not spec.weight_only) or let_for_weight_only
         self.resolved = {"recipe": self.recipe_name, **self.r.__dict__, "let": bool(let) or self.r.init == "awq",
                          "let_lr": let_lr, "let_alpha": alpha}
-        if self.r.init == "awq":  # AWQ's scales live on the norm and v -> o pairs, without shifts
-            return BlockPlan(spec, let=True, let_alpha=alpha, let_kinds=("norm", "linear"), let_shift=False)
-        return BlockPlan(spec, let=bool(let), let_alpha=alpha)
+        if self.r.init == "awq":  # AWQ's scales live on its pairs, without shifts
+            return BlockPlan(spec, let_roles=AWQ_ROLES, let_alpha=alpha, let_shift=False)
+        return BlockPlan(spec, let_roles=LET_ROLES if let else (), let_alpha=alpha)
 
     def describe(self) -> dict:
         return dict(self.resolved)
@@ -193,7 +193,7 @@ class OmniQuant(Method):
         self.prepare(qblock, data, run)
         stats = self.train(qblock, data, run)
         if self.r.rounding == "gptq":
-            gptq_block(qblock, data.inputs, run.ctx, self.gptq_damp, self.gptq_act_order, blocksize=128)
+            stats |= gptq_block(qblock, data.inputs, run.ctx, self.gptq_damp, self.gptq_act_order, blocksize=128)
         return stats
 
     def train_settings(self, data: BlockDataModule) -> TrainSettings:

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from omniq_lightning.methods.base import BlockPlan, Method
+from omniq_lightning.methods.base import Method
+from omniq_lightning.transforms import BlockPlan
 
 
 class SmoothQuant(Method):
@@ -25,7 +26,7 @@ class SmoothQuant(Method):
 
     def plan(self, spec, family: str, let_for_weight_only: bool) -> BlockPlan:
         self.validate(spec)
-        return BlockPlan(replace(spec, lwc=False), let=True, let_alpha=self.alpha, let_kinds=("norm",), let_shift=False)
+        return BlockPlan(replace(spec, lwc=False), let_roles=("norm",), let_alpha=self.alpha, let_shift=False)
 
     def calibrate(self, qblock, data, run) -> None:
         return None  # the scales are SmoothQuant's statistics, set when the block was built

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from omniq_lightning.models.base import BlockContext, ModelAdapter
+from omniq_lightning.models.base import BlockContext, ModelAdapter, contexts_to
+from omniq_lightning.models.gemma import Gemma2Adapter, GemmaAdapter
 from omniq_lightning.models.llama import LlamaAdapter
 from omniq_lightning.models.loading import LoadedModel, ModelSource, resolve_source
 from omniq_lightning.models.loading import load_model as _load_model
+from omniq_lightning.models.moe import MoEAdapter
 from omniq_lightning.models.opt import OPTAdapter
+from omniq_lightning.models.phi3 import Phi3Adapter
 
-ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, OPTAdapter)
+ADAPTERS: tuple[type[ModelAdapter], ...] = (LlamaAdapter, GemmaAdapter, Gemma2Adapter, Phi3Adapter, MoEAdapter,
+                                            OPTAdapter)
 
 
 def supported_model_types() -> list[str]:
@@ -34,12 +38,17 @@ def load_model(path: str, **kwargs) -> LoadedModel:
 __all__ = [
     "ADAPTERS",
     "BlockContext",
+    "Gemma2Adapter",
+    "GemmaAdapter",
     "LlamaAdapter",
     "LoadedModel",
+    "MoEAdapter",
     "ModelAdapter",
     "ModelSource",
     "OPTAdapter",
+    "Phi3Adapter",
     "adapter_for",
+    "contexts_to",
     "load_model",
     "resolve_source",
     "supported_model_types",

@@ -1,17 +1,24 @@
 """`ModelAdapter`: what the rest of the library may know about a model family, and block capture.
 
-An adapter answers structural questions (where the blocks are, which modules run before and after
-them) and calls a block standalone exactly as the full model would. Capture is family-independent:
-a forward pre-hook on block 0 records the block's hidden-state input and every keyword argument the
-model passes to it (attention mask, position ids, rotary position embeddings, ...), then stops the
-forward pass, so the rest of the model is never run.
+An adapter *declares* structure: where the blocks are, which linears stay in full precision, where an
+equivalence transform can sit (:class:`~omniq_lightning.transforms.PairDecl`), which attention modules
+get quantized matmuls, how its norms scale (``x * w`` or Gemma's ``x * (1 + w)``), and how a block is
+put into (and back out of) the shape the quantizers work on (MoE experts as one linear per expert).
+Statistics and algorithms live in ``transforms/`` and ``methods/``.
+
+Capture is family-independent: for one forward pass every block is replaced by a recorder that keeps
+the keyword arguments the model passes to it (attention mask, position ids, rotary embeddings: per block,
+so models that alternate sliding-window and global attention, with a rotary embedding per layer type,
+replay exactly) and passes its input through; block 0's recorder keeps the hidden states, the last one
+stops the forward pass.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,19 +26,17 @@ import torch
 from torch import nn
 
 from omniq_lightning.nn import QuantLinear, QuantMatMul, register_attention, swap_linears
-from omniq_lightning.quant import QuantSpec
-from omniq_lightning.transforms import LETNorm, LETPair, LETPairSpec, QuantBlock, smoothquant_scale
-
-# Per-channel input ranges of a block's linears, by module name within the block: name -> (min, max).
-InputStats = dict[str, tuple[torch.Tensor, torch.Tensor]]
+from omniq_lightning.quant import WeightFormat
+from omniq_lightning.transforms import BlockPlan, InputStats, LETNorm, LETPair, PairDecl, QuantBlock, initial_pair
 
 # Keyword arguments of a decoder layer that belong to generation, not to a standalone block call.
-_GENERATION_KWARGS = {"past_key_values", "past_key_value", "use_cache", "cache_position", "output_attentions"}
+_GENERATION_KWARGS = {"past_key_values", "past_key_value", "cache", "use_cache", "cache_position", "output_attentions"}
+FULL_PRECISION = WeightFormat(bits=16)
 
 
 @dataclass
 class BlockContext:
-    """Everything besides the hidden states that a block needs to run standalone.
+    """Everything besides the hidden states that one block needs to run standalone.
 
     Captured from a batch of one sequence: tensors with a batch dimension of 1 broadcast over any
     batch of sequences of the same length.
@@ -53,16 +58,48 @@ def _move(value: Any, device: torch.device | str) -> Any:
     return value
 
 
+def contexts_to(contexts: list[BlockContext], device: torch.device | str) -> list[BlockContext]:
+    """Move per-block contexts to ``device``, moving each distinct context once (blocks share them)."""
+    moved: dict[int, BlockContext] = {}
+    return [moved.setdefault(id(c), c.to(device)) for c in contexts]
+
+
 class _StopForward(Exception):
-    """Raised by the capture hook once block 0's input is recorded."""
+    """Raised by the last block's recorder once every block's call is recorded."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for block ``index`` during capture: records its call, returns its input unchanged."""
+
+    def __init__(self, block: nn.Module, index: int, last: bool, sink: Callable[[int, torch.Tensor, dict], None]):
+        super().__init__()
+        self.block = block
+        self.index, self.last, self.sink = index, last, sink
+
+    def forward(self, *args, **kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        self.sink(self.index, hidden, kwargs)
+        if self.last:
+            raise _StopForward
+        return hidden
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # models may read attributes of their layers (e.g. attention_type)
+            return getattr(super().__getattr__("block"), name)
 
 
 class ModelAdapter:
     """Base adapter. Subclasses name the model's parts; nothing outside ``models/`` knows them."""
 
     model_types: tuple[str, ...] = ()
+    family: str = ""  # recipe family for methods' "auto" settings: "llama" or "opt"
+    let_for_weight_only: bool = False  # whether LET is used for weight-only settings when a method leaves it to the family
+    norm_offset: float = 0.0  # norms compute x * (offset + w): 0 for LLaMA / LayerNorm, 1 for Gemma
+    required_attn_implementation: str | None = None  # e.g. "eager" where sdpa would compute something else
 
-    # --- structure -------------------------------------------------------------------------------
+    # --- structure -------------------------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         raise NotImplementedError
 
@@ -70,17 +107,42 @@ class ModelAdapter:
         """Modules that run before block 0 (embeddings, positions): needed on the device to capture."""
         raise NotImplementedError
 
-    def post_block_modules(self, model: nn.Module) -> list[nn.Module]:
-        """Modules that run after the last block (final norm, output head)."""
-        raise NotImplementedError
-
-    def final_norm(self, model: nn.Module) -> nn.Module:
-        raise NotImplementedError
-
     def context_length(self, model: nn.Module) -> int:
-        return int(model.config.max_position_embeddings)
+        return int(model.config.get_text_config().max_position_embeddings)
 
-    # --- running blocks ----------------------------------------------------------------------------
+    def hidden_size(self, model: nn.Module) -> int:
+        """The width of the hidden states between blocks (the text model's, for a multimodal checkpoint)."""
+        return int(model.config.get_text_config().hidden_size)
+
+    def attention_modules(self, block: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def pairs(self, block: nn.Module) -> list[PairDecl]:
+        """Where equivalence transforms can sit in ``block`` (exactly, for this family)."""
+        raise NotImplementedError
+
+    def keep_full_precision(self, block: nn.Module) -> set[str]:
+        """Linears that are never quantized (e.g. MoE shared-expert gates), by name within the block."""
+        return set()
+
+    def prepare_block(self, block: nn.Module) -> nn.Module:
+        """The block in the shape the quantizers work on (same function); e.g. fused MoE experts unfused."""
+        return block
+
+    def finish_block(self, block: nn.Module) -> nn.Module:
+        """The quantized, folded block back in the model's own shape where that is possible (for export)."""
+        return block
+
+    @contextlib.contextmanager
+    def export_layout(self, model: nn.Module) -> Iterator[None]:
+        """While active, the model is in its own layout (what ``save_pretrained`` must write): blocks that stay
+        in the quantizers' shape (e.g. MoE experts with input quantizers) are shown fused."""
+        yield
+
+    def check_plan(self, model: nn.Module, plan: BlockPlan) -> None:
+        """Refuse a plan this model cannot take (e.g. transforms its blocks cannot absorb), before calibration."""
+
+    # --- running blocks ----------------------------------------------------------------------------------------
     @staticmethod
     def call_block(block: nn.Module, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
         """Run one block standalone; returns its output hidden states."""
@@ -90,66 +152,62 @@ class ModelAdapter:
     @torch.no_grad()
     def capture(
         self, model: nn.Module, batches: Iterable[torch.Tensor], store, device: torch.device | str
-    ) -> BlockContext:
-        """Run ``batches`` of token ids (shape ``[1, seqlen]``) up to block 0 and record its inputs.
+    ) -> list[BlockContext]:
+        """Run ``batches`` of token ids (shape ``[1, seqlen]``) through the model with every block replaced by a
+        recorder; writes each batch's block-0 input to ``store[i]`` (an activation cache) and returns the
+        context of every block (from the first batch: all batches share them, same length and no padding).
+        Blocks whose calls are identical share one context object."""
+        blocks = self.blocks(model)
+        originals = list(blocks)
+        calls: dict[int, dict] = {}
+        hidden0: list[torch.Tensor] = []
 
-        Each captured hidden state is written to ``store[i]`` (an activation cache). Returns the
-        block context of the first batch (all batches share it: same length, no padding).
-        """
-        block0 = self.blocks(model)[0]
-        captured: dict[str, Any] = {}
+        def sink(index: int, hidden: torch.Tensor, kwargs: dict) -> None:
+            if index == 0:
+                hidden0.append(hidden)
+            calls.setdefault(index, {k: v for k, v in kwargs.items() if k not in _GENERATION_KWARGS})
 
-        def hook(_module, args, kwargs):
-            hidden = args[0] if args else kwargs.pop("hidden_states")
-            captured["hidden"] = hidden
-            captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in _GENERATION_KWARGS and k != "hidden_states"}
-            raise _StopForward
-
-        handle = block0.register_forward_pre_hook(hook, with_kwargs=True)
-        ctx: BlockContext | None = None
+        for i, block in enumerate(originals):
+            blocks[i] = _Recorder(block, i, i == len(originals) - 1, sink)
         try:
-            for i, ids in enumerate(batches):
+            n = 0
+            for ids in batches:
                 if ids.dim() != 2 or ids.shape[0] != 1:
                     raise ValueError(f"capture expects token ids of shape [1, seqlen], got {tuple(ids.shape)}")
+                hidden0.clear()
                 try:
                     model(input_ids=ids.to(device), use_cache=False)
                 except _StopForward:
                     pass
                 else:
-                    raise RuntimeError("block 0 was never called: is the adapter pointing at the right blocks?")
-                store[i] = captured["hidden"][0]
-                if ctx is None:
-                    ctx = BlockContext(captured["kwargs"])
+                    raise RuntimeError("the last block was never called: is the adapter pointing at the right blocks?")
+                store[n] = hidden0[0][0]
+                n += 1
         finally:
-            handle.remove()
-        if ctx is None:
+            for i, block in enumerate(originals):
+                blocks[i] = block
+        if not calls:
             raise ValueError("capture needs at least one batch of calibration data")
-        return ctx
+        shared: dict[tuple, BlockContext] = {}
+        contexts = []
+        for i in range(len(originals)):
+            kwargs = calls[i]
+            key = tuple((k, id(v)) for k, v in sorted(kwargs.items()))
+            contexts.append(shared.setdefault(key, BlockContext(kwargs)))
+        return contexts
 
     @torch.no_grad()
-    def replay(self, model: nn.Module, hidden: torch.Tensor, ctx: BlockContext) -> torch.Tensor:
+    def replay(self, model: nn.Module, hidden: torch.Tensor, contexts: list[BlockContext]) -> torch.Tensor:
         """Run all blocks standalone on captured block-0 inputs ``[n, seqlen, hidden]``; returns the last block's outputs."""
         out = []
         for x in hidden:
             h = x.unsqueeze(0)
-            for block in self.blocks(model):
+            for block, ctx in zip(self.blocks(model), contexts, strict=True):
                 h = self.call_block(block, h, ctx)
             out.append(h[0])
         return torch.stack(out)
 
-    # --- quantization -------------------------------------------------------------------------------
-    family: str = ""  # recipe family for methods' "auto" settings: "llama" or "opt"
-    # Whether LET is used for weight-only settings when the method leaves it to the family (let: auto).
-    let_for_weight_only: bool = False
-
-    def attention_modules(self, block: nn.Module) -> list[nn.Module]:
-        raise NotImplementedError
-
-    def let_pair_specs(self, block: nn.Module, stats: InputStats, alpha: float, shift: bool = True) -> list[LETPairSpec]:
-        """The LET pairs of ``block`` with their initial factors (SmoothQuant scales, OS+ shifts where
-        ``shift`` allows and the family can absorb them)."""
-        raise NotImplementedError
-
+    # --- quantization ------------------------------------------------------------------------------------------
     def base_attention(self, attn: nn.Module) -> Callable:
         """The attention function the module runs now (eager: its family's own implementation)."""
         from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
@@ -159,27 +217,23 @@ class ModelAdapter:
             return sys.modules[type(attn).__module__].eager_attention_forward
         return ALL_ATTENTION_FUNCTIONS[impl]
 
-    def quantize_block(
-        self,
-        block: nn.Module,
-        spec: QuantSpec,
-        let: bool = False,
-        stats: InputStats | None = None,
-        alpha: float = 0.5,
-        let_kinds: tuple[str, ...] = ("norm", "linear", "qk"),
-        let_shift: bool = True,
-    ) -> QuantBlock:
-        """Swap in ``QuantLinear``s (and ``QuantMatMul``s), register LET pairs; returns a ``QuantBlock``.
+    def quantize_block(self, block: nn.Module, plan: BlockPlan, stats: InputStats | None = None) -> QuantBlock:
+        """Swap in ``QuantLinear``s (and ``QuantMatMul``s) and register the transforms the plan asks for
+        (``plan.let_roles``, initialised from ``stats``: the fp block's per-channel input ranges); ``block``
+        must already be prepared (:meth:`prepare_block`)."""
+        spec = plan.spec
+        decls = [d for d in self.pairs(block) if d.role in plan.let_roles]
+        if decls and stats is None:
+            raise ValueError("LET needs the block's input statistics to initialise its scales")
+        specs = [s for d in decls if (s := initial_pair(d, block, stats, plan.let_alpha, plan.let_shift)) is not None]
+        keep = self.keep_full_precision(block)
 
-        ``stats`` (per-channel input ranges of the fp block) initialises the LET factors; it is
-        required when ``let`` is true. ``let_kinds`` selects pair kinds (norm, linear, qk).
-        """
-        specs: list[LETPairSpec] = []
-        if let:
-            if stats is None:
-                raise ValueError("LET needs the block's input statistics to initialise its scales")
-            specs = [s for s in self.let_pair_specs(block, stats, alpha, let_shift) if s.kind in let_kinds]
-        swap_linears(block, lambda _name, lin: QuantLinear(lin, spec, quantize_input=spec.quantizes_activations))
+        def make(name: str, lin: nn.Linear) -> QuantLinear:
+            if name in keep:
+                return QuantLinear(lin, spec, quantize_input=False, fmt=FULL_PRECISION)
+            return QuantLinear(lin, spec, quantize_input=spec.quantizes_activations, fmt=plan.formats.get(name))
+
+        swap_linears(block, make)
         if spec.quantizes_activations or spec.quantizes_kv:
             name = register_attention()
             for attn in self.attention_modules(block):
@@ -188,30 +242,10 @@ class ModelAdapter:
                 attn.config._attn_implementation = name
         for s in specs:
             if s.kind == "norm" and not isinstance(block.get_submodule(s.source), LETNorm):
-                block.set_submodule(s.source, LETNorm(block.get_submodule(s.source)))
+                block.set_submodule(s.source, LETNorm(block.get_submodule(s.source), self.norm_offset))
         return QuantBlock(block, {s.name: LETPair(s) for s in specs}, self.call_block)
 
-    # --- helpers for subclasses ------------------------------------------------------------------------
+    # --- helpers for subclasses --------------------------------------------------------------------------------
     @classmethod
     def supports(cls, model_type: str) -> bool:
         return model_type in cls.model_types
-
-    @staticmethod
-    def input_absmax(stats: InputStats, name: str, shift: torch.Tensor | None = None) -> torch.Tensor:
-        lo, hi = stats[name]
-        if shift is not None:
-            lo, hi = lo - shift, hi - shift
-        return torch.maximum(lo.abs(), hi.abs())
-
-    @staticmethod
-    def weight_absmax(block: nn.Module, names: list[str]) -> torch.Tensor:
-        """Per input column: the largest |w| over the rows of all named linears."""
-        return torch.cat([block.get_submodule(n).weight.detach().float() for n in names]).abs().amax(0)
-
-    @staticmethod
-    def norm_pair(block, name, norm, targets, stats, alpha, use_shift) -> LETPairSpec:
-        lo, hi = stats[targets[0]]
-        shift = ((lo + hi) / 2).float() if use_shift else None
-        act = ModelAdapter.input_absmax(stats, targets[0], shift)
-        scale = smoothquant_scale(act, ModelAdapter.weight_absmax(block, targets), alpha)
-        return LETPairSpec(name, "norm", norm, targets, scale, shift)

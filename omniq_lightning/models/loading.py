@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +12,7 @@ from torch import nn
 
 from omniq_lightning.models.base import ModelAdapter
 
+log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -96,6 +98,11 @@ def load_model(
     source = resolve_source(path, gguf_file, models_dir)
     adapter = adapter_for(model_type_of(source, trust_remote_code))
     kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    required = adapter.required_attn_implementation
+    if required is not None and attn_implementation != required:
+        log.warning("model_type %s computes its attention correctly only with attn_implementation=%s: using it "
+                    "instead of %s", model_type_of(source, trust_remote_code), required, attn_implementation)
+        attn_implementation = required
     model = AutoModelForCausalLM.from_pretrained(
         source.location,
         dtype=DTYPES[dtype],

@@ -69,6 +69,7 @@ def gptq_quantize(
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True).to(dt)  # upper factor of H^-1
 
     Q = torch.zeros_like(W)
+    order = perm.tolist()  # original column indices, read once (no device sync per column)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         W1 = W[:, i1:i2].clone()
@@ -77,7 +78,7 @@ def gptq_quantize(
         for i in range(i2 - i1):
             w = W1[:, i]
             d = Hinv1[i, i]
-            q = quantize_column(w, int(perm[i1 + i]))
+            q = quantize_column(w, order[i1 + i])
             Q[:, i1 + i] = q
             err = (w - q) / d
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)

@@ -1,10 +1,14 @@
-"""Equivalence transforms (LET scale/shift pairs and their folding) and the quantized block."""
+"""Equivalence transforms (LET scale/shift pairs, their declarations and exact folding) and the quantized block."""
 
-from omniq_lightning.transforms.block import QuantBlock
+from omniq_lightning.transforms.block import BlockPlan, QuantBlock
 from omniq_lightning.transforms.let import (
+    ROLES,
+    InputStats,
     LETNorm,
     LETPair,
     LETPairSpec,
+    PairDecl,
+    initial_pair,
     midpoint_shift,
     scale_input_columns,
     scale_output_rows,
@@ -12,10 +16,15 @@ from omniq_lightning.transforms.let import (
 )
 
 __all__ = [
+    "ROLES",
+    "BlockPlan",
+    "InputStats",
     "LETNorm",
     "LETPair",
     "LETPairSpec",
+    "PairDecl",
     "QuantBlock",
+    "initial_pair",
     "midpoint_shift",
     "scale_input_columns",
     "scale_output_rows",

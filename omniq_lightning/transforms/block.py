@@ -2,14 +2,42 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from omniq_lightning.nn import QuantLinear, WeightQuantizer
-from omniq_lightning.quant import QuantizedWeight
-from omniq_lightning.transforms.let import LETNorm, LETPair
+from omniq_lightning.nn import LETRouter, QuantLinear, WeightQuantizer
+from omniq_lightning.quant import QuantizedWeight, QuantSpec, WeightFormat
+from omniq_lightning.transforms.let import ROLES, LETNorm, LETPair
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """How to build a block's ``QuantBlock``: the spec its layers use, the transforms it gets and per-linear
+    weight formats.
+
+    let_roles: which of the adapter's declared pairs get a transform ("norm", "vo", "qk", "up_down").
+    let_alpha: the SmoothQuant migration strength that initialises their scales.
+    let_shift: shifts where the source can absorb them (OPT), never where it cannot.
+    formats: per-linear weight formats by name within the block (a mixed-precision plan); others use the spec's.
+    """
+
+    spec: QuantSpec
+    let_roles: tuple[str, ...] = ()
+    let_alpha: float = 0.5
+    let_shift: bool = True
+    formats: Mapping[str, WeightFormat] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = set(self.let_roles) - set(ROLES)
+        if unknown:
+            raise ValueError(f"unknown LET roles {sorted(unknown)}; roles are {ROLES}")
+
+    @property
+    def let(self) -> bool:
+        return bool(self.let_roles)
 
 
 class QuantBlock(nn.Module):
@@ -53,7 +81,7 @@ class QuantBlock(nn.Module):
     def apply_let(self) -> None:
         """Recompute every transformed weight from the current LET factors (clears stale ones first)."""
         for m in self.block.modules():
-            if isinstance(m, (QuantLinear, LETNorm)):
+            if isinstance(m, (QuantLinear, LETNorm, LETRouter)):
                 m.clear_let()
         for pair in self.let.values():
             pair.apply(self.block)
@@ -69,7 +97,7 @@ class QuantBlock(nn.Module):
         if len(self.let):
             self.apply_let()
         for name, m in list(self.block.named_modules()):
-            if isinstance(m, QuantLinear):
+            if isinstance(m, (QuantLinear, LETRouter)):
                 m.fold_transform()
             elif isinstance(m, LETNorm):
                 self.block.set_submodule(name, m.fold())

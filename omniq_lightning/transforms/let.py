@@ -4,8 +4,12 @@ For an op ``A`` feeding a linear ``B`` (``y = B(A(x))``), a scale ``s`` and shif
 ``A``'s output give the same function with ``A' = (A - d) / s`` and ``B'(z) = B(z * s + d)``: ``B``'s
 weight columns are multiplied by ``s`` and its bias gains ``W @ d``. The transformed tensors are what
 gets quantized, so the transform can move activation outliers into weights, where they are easier to
-quantize, without changing the full-precision function. All math here is pure functions; the modules
-only hold the learnable factors.
+quantize, without changing the full-precision function.
+
+Adapters *declare* where transforms can sit (:class:`PairDecl`: structure only); this module turns a
+declaration into initial factors from the block's input statistics (SmoothQuant scales, Outlier
+Suppression+ shifts) and holds the learnable factors. All math here is pure functions; the modules only
+hold the factors.
 """
 
 from __future__ import annotations
@@ -19,6 +23,15 @@ from torch import nn
 from omniq_lightning.quant import truncate_ste
 
 MIN_SCALE = 1e-5
+ROLES = ("norm", "vo", "qk", "up_down")  # norm -> linears, v -> o, q / s with k * s, up (fc1) -> down (fc2)
+
+# Per-channel input ranges of a block's linears (and routers), by module name within the block: name -> (min, max).
+InputStats = dict[str, tuple[torch.Tensor, torch.Tensor]]
+Rows = tuple[int, int] | None  # a row slice [start, stop) of a fused linear (Phi-3's qkv_proj, gate_up_proj)
+
+
+def _identity(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def scale_input_columns(w: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor, shift: torch.Tensor | None):
@@ -29,8 +42,19 @@ def scale_input_columns(w: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor
     return w * s.to(w.dtype), b
 
 
-def scale_output_rows(w: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor, shift: torch.Tensor | None = None):
-    """``A'`` for a linear ``A`` whose output becomes ``(A(x) - shift) / s``: rows divided by ``s``."""
+def scale_output_rows(w: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor, shift: torch.Tensor | None = None,
+                      rows: Rows = None):
+    """``A'`` for a linear ``A`` whose output (rows ``rows`` of it, for a fused linear) becomes
+    ``(A(x) - shift) / s``: those rows divided by ``s``."""
+    if rows is not None:
+        a, z = rows
+        part_w, part_b = scale_output_rows(w[a:z], None if b is None else b[a:z], s, shift)
+        w = torch.cat([w[:a], part_w, w[z:]])
+        if part_b is not None:
+            b = torch.cat([b[:a], part_b, b[z:]]) if b is not None else torch.cat(
+                [torch.zeros(a, dtype=w.dtype, device=w.device), part_b,
+                 torch.zeros(w.shape[0] - z, dtype=w.dtype, device=w.device)])
+        return w, b
     if shift is not None:
         b = -shift.to(w.dtype) if b is None else b - shift.to(w.dtype)
     return w / s.to(w.dtype)[:, None], None if b is None else b / s.to(w.dtype)
@@ -49,11 +73,16 @@ def midpoint_shift(act_min: torch.Tensor, act_max: torch.Tensor) -> torch.Tensor
 
 
 class LETNorm(nn.Module):
-    """A norm whose output is transformed to ``(norm(x) - shift) / scale`` while LET is active."""
+    """A norm whose output is transformed to ``(norm(x) - shift) / scale`` while LET is active.
 
-    def __init__(self, norm: nn.Module) -> None:
+    ``offset`` is the norm's weight offset: 0 for ``x * w`` (LLaMA's RMSNorm, LayerNorm), 1 for Gemma's
+    ``x * (1 + w)``; folding divides ``offset + w`` by the scale.
+    """
+
+    def __init__(self, norm: nn.Module, offset: float = 0.0) -> None:
         super().__init__()
         self.norm = norm
+        self.offset = offset
         self._let: tuple[torch.Tensor, torch.Tensor | None] | None = None  # a tuple: never registered
 
     def set_let(self, scale: torch.Tensor, shift: torch.Tensor | None) -> None:
@@ -84,31 +113,92 @@ class LETNorm(nn.Module):
                 bias.data = (bias - shift.to(bias.dtype)) / s
             elif bias is not None:
                 bias.data = bias / s
-            norm.weight.data = norm.weight / s
+            norm.weight.data = (norm.weight + self.offset) / s - self.offset
         self._let = None
         return norm
 
 
-@dataclass
-class LETPairSpec:
-    """An adapter's description of one LET pair inside a block.
+@dataclass(frozen=True)
+class PairDecl:
+    """Where a transform can sit in a block, as an adapter declares it (names and shapes, no values).
 
-    kind:
-      ``"norm"``   norm ``source`` -> linears ``targets`` (scale over the norm's channels)
-      ``"linear"`` linear ``source`` rows -> linear ``targets`` columns (e.g. v -> o)
-      ``"qk"``     q rows divided, k rows multiplied (``source`` = q, ``targets`` = [k]); QK^T unchanged
-    expand_source / expand_target map the learnable factor to the source's / targets' channels (used for
-    grouped-query attention and for one scale per rotary pair).
+    role: ``norm`` (a norm feeding ``targets``: scale over the norm's channels), ``vo`` / ``up_down``
+      (linear ``source``'s output rows -> ``targets``' input columns), ``qk`` (q rows divided, k rows
+      multiplied: ``source`` = q, ``targets`` = [k]; QK^T unchanged).
+    source_rows: for a fused source (Phi-3), the row slice the factor applies to.
+    expand_source / expand_target: map the factor to the source's / targets' channels (grouped-query
+      attention; one scale per rotary pair).
+    reduce: map per-channel statistics of the targets' input to the factor's shape (e.g. the max over the
+      query heads that share a key/value head).
+    absorbs_shift: the source has a bias that can absorb a shift (OPT's LayerNorm and v_proj).
+    qk_shape: the factor's shape for a ``qk`` pair (it starts at ones).
+    positive: the transform is exact only for positive factors (a ReLU between the two ops: OPT's fc1 -> fc2).
     """
 
     name: str
-    kind: str
+    role: str
+    source: str
+    targets: tuple[str, ...]
+    source_rows: Rows = None
+    expand_source: Callable[[torch.Tensor], torch.Tensor] = _identity
+    expand_target: Callable[[torch.Tensor], torch.Tensor] = _identity
+    reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
+    absorbs_shift: bool = False
+    qk_shape: tuple[int, ...] | None = None
+    positive: bool = False
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"unknown pair role {self.role!r}; roles are {ROLES}")
+
+
+@dataclass
+class LETPairSpec:
+    """One pair with its initial factors (see :func:`initial_pair`)."""
+
+    name: str
+    kind: str  # "norm" | "linear" | "qk"
     source: str
     targets: list[str]
     scale_init: torch.Tensor
     shift_init: torch.Tensor | None = None
-    expand_source: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
-    expand_target: Callable[[torch.Tensor], torch.Tensor] = field(default=lambda t: t)
+    expand_source: Callable[[torch.Tensor], torch.Tensor] = field(default=_identity)
+    expand_target: Callable[[torch.Tensor], torch.Tensor] = field(default=_identity)
+    source_rows: Rows = None
+    role: str = ""
+    positive: bool = False
+
+
+def input_absmax(stats: InputStats, name: str, shift: torch.Tensor | None = None) -> torch.Tensor:
+    lo, hi = stats[name]
+    if shift is not None:
+        lo, hi = lo - shift, hi - shift
+    return torch.maximum(lo.abs(), hi.abs())
+
+
+def weight_absmax(block: nn.Module, names: tuple[str, ...] | list[str]) -> torch.Tensor:
+    """Per input column: the largest |w| over the rows of all named linears (or routers)."""
+    return torch.cat([block.get_submodule(n).weight.detach().float() for n in names]).abs().amax(0)
+
+
+def initial_pair(decl: PairDecl, block: nn.Module, stats: InputStats, alpha: float, shift: bool) -> LETPairSpec | None:
+    """A declared pair with SmoothQuant scales (``alpha``) and, where the source can absorb one and ``shift``
+    allows, an Outlier Suppression+ shift. None when its targets saw no calibration tokens (an MoE expert no
+    token was routed to): that pair is left out."""
+    kind = {"norm": "norm", "qk": "qk"}.get(decl.role, "linear")
+    common = dict(expand_source=decl.expand_source, expand_target=decl.expand_target, source_rows=decl.source_rows,
+                  role=decl.role, positive=decl.positive)
+    if decl.role == "qk":
+        device = block.get_submodule(decl.source).weight.device
+        return LETPairSpec(decl.name, kind, decl.source, list(decl.targets), torch.ones(decl.qk_shape, device=device),
+                           **common)
+    if decl.targets[0] not in stats:
+        return None
+    lo, hi = stats[decl.targets[0]]
+    d = midpoint_shift(lo, hi) if shift and decl.absorbs_shift else None
+    act = decl.reduce(input_absmax(stats, decl.targets[0], d))
+    scale = smoothquant_scale(act, decl.reduce(weight_absmax(block, decl.targets)), alpha)
+    return LETPairSpec(decl.name, kind, decl.source, list(decl.targets), scale, d, **common)
 
 
 class LETPair(nn.Module):
@@ -119,7 +209,9 @@ class LETPair(nn.Module):
         if spec.kind not in ("norm", "linear", "qk"):
             raise ValueError(f"unknown LET pair kind {spec.kind!r}")
         self.kind, self.source, self.targets = spec.kind, spec.source, list(spec.targets)
+        self.role = spec.role or spec.kind
         self.expand_source, self.expand_target = spec.expand_source, spec.expand_target
+        self.source_rows, self.positive = spec.source_rows, spec.positive
         self.scale = nn.Parameter(spec.scale_init.detach().float().clone())
         self.shift = None if spec.shift_init is None else nn.Parameter(spec.shift_init.detach().float().clone())
         self.min_scale = 0.0  # OmniQuant truncates |scale| at 1e-2 while training (the method sets it)
@@ -127,6 +219,8 @@ class LETPair(nn.Module):
     def effective_scale(self) -> torch.Tensor:
         """The scale as applied: truncated to ``|s| >= min_scale`` (straight-through), so a half-precision
         forward never divides by a tiny scale; folding uses the same value, so the fold stays exact."""
+        if self.positive:  # clamped (straight-through) so that it never changes sign
+            return truncate_ste(self.scale.abs(), max(self.min_scale, MIN_SCALE))
         return truncate_ste(self.scale, self.min_scale)
 
     def apply(self, block: nn.Module) -> None:
@@ -142,7 +236,7 @@ class LETPair(nn.Module):
                 lin = block.get_submodule(name)
                 lin.set_let(*scale_input_columns(*lin.effective(), s_tgt, d_tgt))
         elif self.kind == "linear":
-            src.set_let(*scale_output_rows(*src.effective(), s_src, d_src))
+            src.set_let(*scale_output_rows(*src.effective(), s_src, d_src, self.source_rows))
             for name in self.targets:
                 lin = block.get_submodule(name)
                 lin.set_let(*scale_input_columns(*lin.effective(), s_tgt, d_tgt))
@@ -154,4 +248,5 @@ class LETPair(nn.Module):
 
     def extra_repr(self) -> str:
         trunc = f", |scale| >= {self.min_scale:g}" if self.min_scale else ""
-        return f"{self.kind}: {self.source} -> {', '.join(self.targets)}, shift={self.shift is not None}{trunc}"
+        rows = f" rows {self.source_rows[0]}:{self.source_rows[1]}" if self.source_rows else ""
+        return f"{self.role}: {self.source}{rows} -> {', '.join(self.targets)}, shift={self.shift is not None}{trunc}"
