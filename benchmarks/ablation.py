@@ -72,6 +72,9 @@ ROWS: list[tuple[str, str, list[str], set[str] | None]] = [
     # closed form after training
     ("rounding=gptq", "after training", ["method.rounding=gptq"], None),
     # the candidates for the default, then the recipe named default
+    ("awq + gptq", "combined", ["method.init=awq", "method.keep_best=true", "method.rounding=gptq"], None),
+    ("awq + gptq + mse_channel", "combined",
+     ["method.init=awq", "method.keep_best=true", "method.rounding=gptq", "method.loss=mse_channel"], None),
     ("awq + learned rounding", "combined",
      ["method.init=awq", "method.learn_rounding=true", "method.keep_best=true"], None),
     ("default", "combined", ["method.recipe=default"], None),

@@ -91,6 +91,14 @@ __device__ __forceinline__ RowParams row_params(float lo, float hi, QGrid g) {
   return p;
 }
 
+// A weight group's range on an asymmetric grid holds 0 (as GPTQ widens it), so its zero point is one of the codes.
+__device__ __forceinline__ void widen_to_zero(float& lo, float& hi, QGrid g) {
+  if (!g.symmetric) {
+    lo = fminf(lo, 0.0f);
+    hi = fmaxf(hi, 0.0f);
+  }
+}
+
 template <typename T>
 __device__ __forceinline__ void row_min_max(const T* row, int64_t cols, int lane, float& lo, float& hi) {
   float mn = INFINITY, mx = -INFINITY;
@@ -121,6 +129,7 @@ __global__ void __launch_bounds__(THREADS) weight_fq_forward_kernel(const T* __r
   const T* row = w + r * cols;
   float lo, hi;
   row_min_max(row, cols, lane, lo, hi);
+  widen_to_zero(lo, hi, g);
   if (gamma != nullptr) hi = sigmoid(gamma[r]) * hi;
   if (beta != nullptr) lo = sigmoid(beta[r]) * lo;
   const RowParams p = row_params(lo, hi, g);
@@ -175,8 +184,10 @@ __global__ void __launch_bounds__(THREADS) weight_fq_backward_kernel(
   if (r >= rows) return;
   const T* row = w + r * cols;
   const T* grow = grad_out + r * cols;
-  float lo_raw, hi_raw;
-  row_min_max(row, cols, lane, lo_raw, hi_raw);
+  float row_lo, row_hi;
+  row_min_max(row, cols, lane, row_lo, row_hi);
+  float lo_raw = row_lo, hi_raw = row_hi;
+  widen_to_zero(lo_raw, hi_raw, g);
   const float sg = gamma != nullptr ? sigmoid(gamma[r]) : 1.0f;
   const float sb = beta != nullptr ? sigmoid(beta[r]) : 1.0f;
   const float hi = gamma != nullptr ? sg * hi_raw : hi_raw;
@@ -208,8 +219,8 @@ __global__ void __launch_bounds__(THREADS) weight_fq_backward_kernel(
         g_lo += dy;
       }
     }
-    n_hi += x == hi_raw ? 1.0f : 0.0f;
-    n_lo += x == lo_raw ? 1.0f : 0.0f;
+    n_hi += x == row_hi ? 1.0f : 0.0f;
+    n_lo += x == row_lo ? 1.0f : 0.0f;
   }
   if (grad_gamma == nullptr && grad_beta == nullptr && !released) return;
   g_scale = warp_sum(g_scale);
@@ -223,9 +234,12 @@ __global__ void __launch_bounds__(THREADS) weight_fq_backward_kernel(
     if (grad_beta != nullptr) grad_beta[r] = d_lo * (1.0f - sb) * sb * lo_raw;
   }
   if (!released) return;
+  // through the widening (clamp(max=0) / clamp(min=0)): a bound passes its gradient while on its side of 0
+  const float pass_lo = g.symmetric || row_lo <= 0.0f ? 1.0f : 0.0f;
+  const float pass_hi = g.symmetric || row_hi >= 0.0f ? 1.0f : 0.0f;
   __syncwarp();  // this warp's straight-through writes above are visible to the lanes that overwrite them
-  add_range_gradient(row, grow, gw, cols, lane, lo_raw, hi_raw, gamma != nullptr ? d_hi * sg : d_hi,
-                     beta != nullptr ? d_lo * sb : d_lo, warp_sum(n_hi), warp_sum(n_lo), p, g);
+  add_range_gradient(row, grow, gw, cols, lane, row_lo, row_hi, (gamma != nullptr ? d_hi * sg : d_hi) * pass_hi,
+                     (beta != nullptr ? d_lo * sb : d_lo) * pass_lo, warp_sum(n_hi), warp_sum(n_lo), p, g);
 }
 
 // Dynamic per-token activation fake-quant: one row per token.

@@ -20,13 +20,13 @@ from tqdm.auto import tqdm
 
 from omniq_lightning.calib import ActivationCache, BlockDataModule, BlockRun, RunState, observe_linear_inputs
 from omniq_lightning.data import calibration_windows, load_corpus, tokenize
-from omniq_lightning.eval import perplexity, placed_for_evaluation
-from omniq_lightning.export import save_fake_quant
+from omniq_lightning.eval import perplexity, placed_for_evaluation, zero_shot
+from omniq_lightning.export import ExportRequest, check_export, save_fake_quant, write_packed
 from omniq_lightning.io import write_json
 from omniq_lightning.methods import METHODS, Method, build_method
 from omniq_lightning.models import BlockContext, LoadedModel, ModelAdapter, load_model
 from omniq_lightning.nn import ActQuantizer, QuantLinear
-from omniq_lightning.quant import QuantSpec
+from omniq_lightning.quant import QuantizedWeight, QuantSpec, WeightFormat
 from omniq_lightning.quant.cuda import status as cuda_extension_status
 from omniq_lightning.tracking import build_logger, log_summary
 
@@ -110,7 +110,8 @@ def check_spec_fits(loaded: LoadedModel, spec: QuantSpec) -> None:
 
 
 def evaluate(cfg: DictConfig, loaded: LoadedModel, device: torch.device) -> dict[str, dict[str, Any]]:
-    """Perplexity on every configured corpus."""
+    """Perplexity on every configured corpus (``perplexity``) and, when ``eval.tasks`` names any, zero-shot
+    accuracy through lm-evaluation-harness (``zero_shot``)."""
     seqlen = int(cfg.eval.seqlen)
     check_seqlen(seqlen, loaded, "eval")
     max_memory = cfg.eval.get("max_memory")
@@ -126,7 +127,16 @@ def evaluate(cfg: DictConfig, loaded: LoadedModel, device: torch.device) -> dict
             results[name] = {**res.to_dict(), "source": corpus.origin, "placement": list(placement.devices),
                              "seconds": round(time.perf_counter() - t0, 3)}
             log.info("%s perplexity %.4f (%d windows of %d tokens)", name, res.perplexity, res.windows, seqlen)
-    return results
+        out: dict[str, dict[str, Any]] = {"perplexity": results}
+        tasks = list(cfg.eval.get("tasks") or [])
+        if tasks:
+            t0 = time.perf_counter()
+            out["zero_shot"] = zero_shot(loaded.model, loaded.tokenizer, tasks, cfg.paths.data_dir, cfg.eval.get("limit"),
+                                         int(cfg.eval.get("task_batch_size", 8)), str(placement.input_device),
+                                         loaded.adapter.context_length(loaded.model))
+            log.info("zero-shot %s (%.0f s)", {t: r.get("acc") for t, r in out["zero_shot"].items()},
+                     time.perf_counter() - t0)
+    return out
 
 
 # --- the block loop -----------------------------------------------------------------------------------
@@ -301,6 +311,26 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
+def quantized_weights(state: RunState, adapter: ModelAdapter, model) -> dict[str, QuantizedWeight]:
+    """Every quantized linear's codes and grid, as saved with its finished block, keyed by its name in the model."""
+    prefix = adapter.blocks_prefix(model)
+    out: dict[str, QuantizedWeight] = {}
+    for i in range(len(adapter.blocks(model))):
+        tensors = state.load_block(i)
+        for name, fmt in json.loads(state.block_metadata(i).get("formats", "{}")).items():
+            key = f"qweight.{name}"
+            out[f"{prefix}.{i}.{name}"] = QuantizedWeight(tensors[f"{key}.codes"], tensors[f"{key}.scale"],
+                                                         tensors[f"{key}.zero"], WeightFormat(**fmt))
+    return out
+
+
+def export_sizes(path: Path, model) -> dict[str, float]:
+    """The checkpoint's tensor bytes against the same model's parameters in fp16."""
+    stored = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+    fp16 = 2 * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    return {"bytes": stored, "fp16_bytes": fp16, "fraction_of_fp16": round(stored / fp16, 4)}
+
+
 def bits_per_weight(model, adapter: ModelAdapter, spec: QuantSpec) -> float:
     """Average storage bits per weight of the blocks' linears in their weight format (``WeightFormat.storage_bits``:
     the codes, a 16-bit scale per group and, for asymmetric grids, the zero point or midpoint)."""
@@ -321,6 +351,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     if name not in AVAILABLE_METHODS:
         raise ValueError(f"unknown method '{name}'; available methods: {', '.join(AVAILABLE_METHODS)}")
     spec = QuantSpec.from_config(cfg.quant)  # validated up front, before any model loads
+    export_format = str(cfg.get("export", {}).get("format", "fake"))
     method = None if name == "fp" else build_method(name, OmegaConf.to_container(cfg.method, resolve=True))
     if method is not None:
         method.validate(spec)
@@ -336,7 +367,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     loaded = load(cfg)
     if method is not None:
         check_spec_fits(loaded, spec)
-        loaded.adapter.check_plan(loaded.model, method.plan(spec, loaded.adapter.family, loaded.adapter.let_for_weight_only))
+        plan = method.plan(spec, loaded.adapter.family, loaded.adapter.let_for_weight_only)
+        loaded.adapter.check_plan(loaded.model, plan)
+        check_export(export_format, ExportRequest(plan.spec, frozenset({plan.spec.weight_format, *plan.formats.values()}),
+                                                  moe=not loaded.adapter.packed_export))
     t_loaded = time.perf_counter()
     results: dict[str, Any] = {
         "model": {"name": cfg.model.name, "path": loaded.source.location, "gguf_file": loaded.source.gguf_file,
@@ -346,10 +380,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     }
     t_q0 = t_quant = t_loaded
     if method is None:
-        results["perplexity"] = evaluate(cfg, loaded, device)
+        results.update(evaluate(cfg, loaded, device))
     else:
         if cfg.eval.fp_baseline:
-            results["perplexity_fp"] = evaluate(cfg, loaded, device)
+            results.update({f"{k}_fp": v for k, v in evaluate(cfg, loaded, device).items()})
         t_q0 = time.perf_counter()
         logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), out_dir,
                               f"{cfg.model.name}-{cfg.method.tag}", config)
@@ -357,12 +391,19 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         results["method_settings"] = method.describe()
         t_quant = time.perf_counter()
         results["bits_per_weight"] = round(bits_per_weight(loaded.model, loaded.adapter, spec), 4)
-        results["perplexity"] = evaluate(cfg, loaded, device)
+        results.update(evaluate(cfg, loaded, device))
         results["export"] = str(save_fake_quant(loaded.model, loaded.tokenizer, spec, out_dir / "model",
                                                 {"method": name, "model": cfg.model.name}, loaded.adapter))
+        if export_format != "fake":
+            quantized = quantized_weights(state, loaded.adapter, loaded.model)
+            packed = write_packed(out_dir / "model", quantized, spec, export_format, out_dir / f"model-{export_format}")
+            results["export_packed"] = {"format": export_format, "path": str(packed), **export_sizes(packed, loaded.model)}
         table = [{"corpus": c, "fp": results.get("perplexity_fp", {}).get(c, {}).get("perplexity"),
                   name: r["perplexity"]} for c, r in results["perplexity"].items()]
-        log_summary(logger, {f"ppl/{c}": r["perplexity"] for c, r in results["perplexity"].items()}, table)
+        summary_metrics = {f"ppl/{c}": r["perplexity"] for c, r in results["perplexity"].items()}
+        summary_metrics |= {f"zero_shot/{t}/{m}": v for t, r in results.get("zero_shot", {}).items()
+                            for m, v in r.items() if m in ("acc", "acc_norm", "perplexity")}
+        log_summary(logger, summary_metrics, table)
     t_done = time.perf_counter()
     results.update({
         "wall_seconds": {
@@ -394,5 +435,11 @@ def summary(results: dict[str, Any], out_dir: Path) -> str:
         label = "quantized " if quant else ""
         lines.append(f"  {name:<12} perplexity {fp_txt}{label}{r['perplexity']:.4f}  "
                      f"({r['windows']} windows x {r['seqlen']} tokens)")
+    for task, r in results.get("zero_shot", {}).items():
+        fp = results.get("zero_shot_fp", {}).get(task)
+        shown = {m: v for m, v in r.items() if m in ("acc", "acc_norm")}
+        fp_txt = f" (full precision {', '.join(f'{m} {fp[m]:.4f}' for m in shown)})" if fp else ""
+        lines.append(f"  {task:<14} {', '.join(f'{m} {v:.4f}' for m, v in shown.items())}{fp_txt}  "
+                     f"({r['documents']} documents{'' if r['limit'] is None else ', limit'})")
     lines.append(f"  time {results['wall_seconds']['total']:.1f} s; output folder {out_dir}")
     return "\n".join(lines)

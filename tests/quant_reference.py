@@ -58,6 +58,9 @@ def weight_fake_quant(w, bits, group_size, symmetric, gamma=None, beta=None, gra
     g = w.reshape(-1, gs)
     v = np.zeros_like(g) if offset is None else np.asarray(offset, np.float64).reshape(g.shape)
     lo_raw, hi_raw = g.min(1, keepdims=True), g.max(1, keepdims=True)
+    widened = grid == "uniform" and not symmetric
+    if widened:  # the range holds 0, so the zero point is a code
+        lo_raw, hi_raw = np.minimum(lo_raw, 0.0), np.maximum(hi_raw, 0.0)
     sg = sigmoid(np.asarray(gamma, np.float64).reshape(-1, 1)) if gamma is not None else np.ones_like(hi_raw)
     sb = sigmoid(np.asarray(beta, np.float64).reshape(-1, 1)) if beta is not None else np.ones_like(lo_raw)
     hi, lo = sg * hi_raw, sb * lo_raw
@@ -93,7 +96,12 @@ def weight_fake_quant(w, bits, group_size, symmetric, gamma=None, beta=None, gra
     else:
         d_hi = d_range
         d_lo = -d_range + d_lo_elem.sum(1, keepdims=True)
-    return _finish(w, g, grad_w, grad_v, d_hi, d_lo, sg, sb, hi_raw, lo_raw, gamma, beta, offset, released, y)
+    if widened:  # clamp(max=0) / clamp(min=0): the gradient passes only while the bound is on its side of 0
+        d_lo_w, d_hi_w = np.where(g.min(1, keepdims=True) <= 0, 1.0, 0.0), np.where(g.max(1, keepdims=True) >= 0, 1.0, 0.0)
+    else:
+        d_lo_w = d_hi_w = 1.0
+    return _finish(w, g, grad_w, grad_v, d_hi, d_lo, sg, sb, hi_raw, lo_raw, gamma, beta, offset, released, y,
+                   d_hi_w, d_lo_w)
 
 
 def _power(w, g, v, lo_raw, hi_raw, sg, sb, lo, hi, bits, symmetric, gamma, beta, grad_out, offset, ranges, p):
@@ -126,9 +134,10 @@ def _power(w, g, v, lo_raw, hi_raw, sg, sb, lo, hi, bits, symmetric, gamma, beta
                    ranges == "released", y)
 
 
-def _finish(w, g, grad_w, grad_v, d_hi, d_lo, sg, sb, hi_raw, lo_raw, gamma, beta, offset, released, y):
+def _finish(w, g, grad_w, grad_v, d_hi, d_lo, sg, sb, hi_raw, lo_raw, gamma, beta, offset, released, y,
+            pass_hi=1.0, pass_lo=1.0):
     if released:
-        grad_w = grad_w + _to_extremes(g, d_hi * sg, d_lo * sb)
+        grad_w = grad_w + _to_extremes(g, d_hi * sg * pass_hi, d_lo * sb * pass_lo)
     grad_gamma = (d_hi * sg * (1 - sg) * hi_raw).reshape(-1) if gamma is not None else None
     grad_beta = (d_lo * sb * (1 - sb) * lo_raw).reshape(-1) if beta is not None else None
     result = (y, grad_w.reshape(w.shape), grad_gamma, grad_beta)

@@ -352,3 +352,17 @@ def test_weight_format_counts_its_storage_exactly():
         WeightFormat(grid="log")
     with pytest.raises(ValueError, match="w_grid_exponent"):
         WeightFormat(grid="power", grid_exponent=0.5)
+
+
+@pytest.mark.parametrize("ranges", ["detached", "released"])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_one_signed_groups_widen_to_zero_so_the_zero_point_is_a_code(ranges, bits):
+    """An asymmetric group whose weights are all positive (or all negative) gets a range that holds 0, as GPTQ's
+    quantizer does: its zero point is then one of the codes, which every packed format requires."""
+    w, gamma, beta, _ = weight_case_all((6, 32), 8, bits, False, True, seed=bits)
+    w = w.abs()
+    w[1] = -w[1]  # one all-negative row too
+    check_weight_case(w, gamma, beta, None, fmt(bits, 8), ranges)
+    q = quantize_weight(w.float(), fmt(bits, 8), gamma.float(), beta.float())
+    assert q.zero.min() >= 0 and q.zero.max() <= 2**bits - 1
+    assert torch.equal(q.zero, q.zero.round())

@@ -1,6 +1,7 @@
-"""Evaluation: perplexity, and where the model sits while it is evaluated (zero-shot tasks come later)."""
+"""Evaluation: perplexity, zero-shot tasks (lm-evaluation-harness), and where the model sits while evaluated."""
 
 from omniq_lightning.eval.perplexity import PerplexityResult, perplexity
 from omniq_lightning.eval.placement import placed_for_evaluation
+from omniq_lightning.eval.tasks import TASKS, zero_shot
 
-__all__ = ["PerplexityResult", "perplexity", "placed_for_evaluation"]
+__all__ = ["TASKS", "PerplexityResult", "perplexity", "placed_for_evaluation", "zero_shot"]

@@ -1,5 +1,30 @@
-"""Exports: fake-quant Hugging Face checkpoints (packed low-bit formats come later)."""
+"""Exports: fake-quant Hugging Face checkpoints, and packed low-bit checkpoints (compressed-tensors, GPTQ)."""
 
 from omniq_lightning.export.hf import MANIFEST, load_fake_quant, read_manifest, save_fake_quant
+from omniq_lightning.export.packed import (
+    FORMATS,
+    ExportRequest,
+    UnsupportedFormat,
+    check_export,
+    dequantize_ct,
+    dequantize_gptq,
+    pack_bits,
+    unpack_bits,
+    write_packed,
+)
 
-__all__ = ["MANIFEST", "load_fake_quant", "read_manifest", "save_fake_quant"]
+__all__ = [
+    "FORMATS",
+    "MANIFEST",
+    "ExportRequest",
+    "UnsupportedFormat",
+    "check_export",
+    "dequantize_ct",
+    "dequantize_gptq",
+    "load_fake_quant",
+    "pack_bits",
+    "read_manifest",
+    "save_fake_quant",
+    "unpack_bits",
+    "write_packed",
+]

@@ -98,6 +98,7 @@ class ModelAdapter:
     let_for_weight_only: bool = False  # whether LET is used for weight-only settings when a method leaves it to the family
     norm_offset: float = 0.0  # norms compute x * (offset + w): 0 for LLaMA / LayerNorm, 1 for Gemma
     required_attn_implementation: str | None = None  # e.g. "eager" where sdpa would compute something else
+    packed_export: bool = True  # whether packed formats (compressed-tensors, GPTQ) can hold its layout
 
     # --- structure -------------------------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -138,6 +139,11 @@ class ModelAdapter:
         """While active, the model is in its own layout (what ``save_pretrained`` must write): blocks that stay
         in the quantizers' shape (e.g. MoE experts with input quantizers) are shown fused."""
         yield
+
+    def blocks_prefix(self, model: nn.Module) -> str:
+        """The blocks' path in the model (``model.layers``): block i's linears are ``{prefix}.{i}.{name}``."""
+        blocks = self.blocks(model)
+        return next(name for name, m in model.named_modules() if m is blocks)
 
     def check_plan(self, model: nn.Module, plan: BlockPlan) -> None:
         """Refuse a plan this model cannot take (e.g. transforms its blocks cannot absorb), before calibration."""

@@ -96,6 +96,7 @@ class MoEAdapter(LlamaAdapter):
 
     model_types = ("mixtral", "qwen2_moe", "qwen3_moe")
     family = "llama"
+    packed_export = False
 
     def prepare_block(self, block: nn.Module) -> nn.Module:
         mlp = block.mlp

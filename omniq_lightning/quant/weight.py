@@ -3,7 +3,8 @@
 A ``[out, in]`` weight is viewed as groups (rows of ``group_size`` input columns, or whole output
 channels). Each group gets a grid from its range ``[lo, hi]`` (LWC-clipped when logits are given):
 
-* ``uniform``: ``x_hat = (q - zero) * scale`` with integer codes ``q`` (see :mod:`.functional`).
+* ``uniform``: ``x_hat = (q - zero) * scale`` with integer codes ``q`` (see :mod:`.functional`); an asymmetric
+  group's range is widened to contain 0, so its zero point is itself one of the codes.
 * ``power``: companding. With ``mid``/``half`` the centre and half-width of the range (symmetric:
   ``0``/``max|.|``), ``t = (x - mid) / half`` is mapped to ``c = sign(t) |t|^(1/p)``, rounded on the
   uniform grid of ``2^b`` points over ``[-1, 1]``, and decoded to ``x_hat = mid + half * sign(c') |c'|^p``.
@@ -66,6 +67,9 @@ def group_grid(
     """The grid of each row of grouped weights ``gx`` (``[n_groups, group]``), LWC-clipped; differentiable in
     the logits (and, with ``ranges="released"``, in ``gx`` through its min and max)."""
     lo, hi = row_ranges(gx, ranges)
+    if fmt.grid == "uniform" and not fmt.symmetric:
+        # widened to hold 0 (as GPTQ does), so the zero point is always a code in 0..2^b-1: what packed formats store
+        lo, hi = torch.clamp(lo, max=0.0), torch.clamp(hi, min=0.0)
     lo, hi = lwc_bounds(lo, hi, _logits_view("gamma", gamma, gx.shape[0], gx.dtype),
                         _logits_view("beta", beta, gx.shape[0], gx.dtype))
     if fmt.grid == "uniform":
