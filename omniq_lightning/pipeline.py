@@ -24,11 +24,13 @@ from omniq_lightning.eval import perplexity, placed_for_evaluation, zero_shot
 from omniq_lightning.export import ExportRequest, check_export, save_fake_quant, write_packed
 from omniq_lightning.io import write_json
 from omniq_lightning.methods import METHODS, Method, build_method
+from omniq_lightning.mixed import BitPlan, linear_shapes, plan_for_run, quant_settings
 from omniq_lightning.models import BlockContext, LoadedModel, ModelAdapter, load_model
-from omniq_lightning.nn import ActQuantizer, QuantLinear
+from omniq_lightning.nn import ActQuantizer
 from omniq_lightning.quant import QuantizedWeight, QuantSpec, WeightFormat
 from omniq_lightning.quant.cuda import status as cuda_extension_status
 from omniq_lightning.tracking import build_logger, log_summary
+from omniq_lightning.transforms import BlockPlan
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +193,20 @@ def clip_let_stats(qblock) -> dict[str, float]:
     return stats
 
 
-def quantize(cfg: DictConfig, loaded: LoadedModel, spec: QuantSpec, method: Method, device: torch.device,
-             state: RunState, logger) -> list[dict[str, Any]]:
-    """Quantize every block in order, resuming finished blocks from ``state``; returns per-block records."""
-    model, adapter = loaded.model, loaded.adapter
+def calibration_data(cfg: DictConfig, loaded: LoadedModel) -> torch.Tensor:
+    """The calibration windows ``[nsamples, seqlen]`` (seeded: the same settings give the same windows)."""
     seqlen, n = int(cfg.calib.seqlen), int(cfg.calib.nsamples)
     check_seqlen(seqlen, loaded, "calib")
     corpus = load_corpus(cfg.calib.corpus, "calib", cfg.paths.data_dir)
-    windows = calibration_windows(tokenize(corpus, loaded.tokenizer), n, seqlen, int(cfg.calib.seed))
+    return calibration_windows(tokenize(corpus, loaded.tokenizer), n, seqlen, int(cfg.calib.seed))
+
+
+def quantize(cfg: DictConfig, loaded: LoadedModel, plan: BlockPlan, method: Method, device: torch.device,
+             state: RunState, logger, windows: torch.Tensor, bit_plan: BitPlan | None = None) -> list[dict[str, Any]]:
+    """Quantize every block in order, resuming finished blocks from ``state``; returns per-block records. With a
+    mixed-precision ``bit_plan``, each block's linears take their planned formats."""
+    model, adapter = loaded.model, loaded.adapter
+    n, seqlen = windows.shape
     cache_dtype = resolve_cache_dtype(str(cfg.calib.cache_dtype), next(model.parameters()).dtype)
     cache_dir = Path(cfg.calib.cache_dir)
 
@@ -217,13 +225,15 @@ def quantize(cfg: DictConfig, loaded: LoadedModel, spec: QuantSpec, method: Meth
     aug = new_cache("aug") if getattr(method, "aug_loss", False) else None
     precision = resolve_precision(str(cfg.trainer.precision), device)
     batch_size = int(cfg.method.get("batch_size", 1))
-    plan = method.plan(spec, adapter.family, adapter.let_for_weight_only)
     blocks = adapter.blocks(model)
+    prefix = adapter.blocks_prefix(model)
+    base_plan = plan
     records = []
     progress = bool(cfg.trainer.enable_progress_bar)
     for i in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
         t0 = time.perf_counter()
         ctx = contexts[i]
+        plan = base_plan if bit_plan is None else replace(base_plan, formats=bit_plan.for_block(f"{prefix}.{i}"))
         model_dtype = next(blocks[i].parameters()).dtype
         block = adapter.prepare_block(blocks[i].to(device=device, dtype=torch.float32))
         finished = state.is_finished(i)
@@ -331,17 +341,15 @@ def export_sizes(path: Path, model) -> dict[str, float]:
     return {"bytes": stored, "fp16_bytes": fp16, "fraction_of_fp16": round(stored / fp16, 4)}
 
 
-def bits_per_weight(model, adapter: ModelAdapter, spec: QuantSpec) -> float:
-    """Average storage bits per weight of the blocks' linears in their weight format (``WeightFormat.storage_bits``:
-    the codes, a 16-bit scale per group and, for asymmetric grids, the zero point or midpoint)."""
+def bits_per_weight(model, adapter: ModelAdapter, spec: QuantSpec, bit_plan: BitPlan | None = None) -> float:
+    """Average storage bits per weight of the blocks' quantized linears in their weight formats (the spec's, or
+    each linear's in a mixed plan), counted by ``WeightFormat.storage_bits``: the codes, a 16-bit scale per group
+    and, for asymmetric grids, the zero point or midpoint."""
+    shapes = linear_shapes(model, adapter)
+    if bit_plan is not None:
+        return bit_plan.avg_bits(shapes)
     fmt = spec.weight_format
-    total_bits = total_weights = 0
-    for block in adapter.blocks(model):
-        for m in block.modules():
-            if isinstance(m, (torch.nn.Linear, QuantLinear)):
-                total_bits += fmt.storage_bits(m.out_features, m.in_features)
-                total_weights += m.out_features * m.in_features
-    return total_bits / max(total_weights, 1)
+    return sum(fmt.storage_bits(*s) for s in shapes.values()) / max(sum(o * i for o, i in shapes.values()), 1)
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
@@ -350,7 +358,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     name = cfg.method.name
     if name not in AVAILABLE_METHODS:
         raise ValueError(f"unknown method '{name}'; available methods: {', '.join(AVAILABLE_METHODS)}")
-    spec = QuantSpec.from_config(cfg.quant)  # validated up front, before any model loads
+    spec, mixed = quant_settings(cfg.quant)  # validated up front, before any model loads
     export_format = str(cfg.get("export", {}).get("format", "fake"))
     method = None if name == "fp" else build_method(name, OmegaConf.to_container(cfg.method, resolve=True))
     if method is not None:
@@ -365,12 +373,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     state = None if method is None else RunState.open(out_dir, config)
 
     loaded = load(cfg)
+    bit_plan, windows = None, None
     if method is not None:
-        check_spec_fits(loaded, spec)
+        if mixed is None:
+            check_spec_fits(loaded, spec)
         plan = method.plan(spec, loaded.adapter.family, loaded.adapter.let_for_weight_only)
         loaded.adapter.check_plan(loaded.model, plan)
-        check_export(export_format, ExportRequest(plan.spec, frozenset({plan.spec.weight_format, *plan.formats.values()}),
-                                                  moe=not loaded.adapter.packed_export))
+        formats = {plan.spec.weight_format} if mixed is None else set(mixed.candidates)
+        check_export(export_format, ExportRequest(plan.spec, frozenset(formats), moe=not loaded.adapter.packed_export))
+        windows = calibration_data(cfg, loaded)
+        if mixed is not None:
+            bit_plan, plan_info = plan_for_run(loaded.model, loaded.adapter, mixed, windows, out_dir, device)
+            loaded.model.to("cpu")
     t_loaded = time.perf_counter()
     results: dict[str, Any] = {
         "model": {"name": cfg.model.name, "path": loaded.source.location, "gguf_file": loaded.source.gguf_file,
@@ -387,13 +401,18 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         t_q0 = time.perf_counter()
         logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), out_dir,
                               f"{cfg.model.name}-{cfg.method.tag}", config)
-        results["blocks"] = quantize(cfg, loaded, spec, method, device, state, logger)
+        results["blocks"] = quantize(cfg, loaded, plan, method, device, state, logger, windows, bit_plan)
         results["method_settings"] = method.describe()
         t_quant = time.perf_counter()
-        results["bits_per_weight"] = round(bits_per_weight(loaded.model, loaded.adapter, spec), 4)
+        results["bits_per_weight"] = round(bits_per_weight(loaded.model, loaded.adapter, spec, bit_plan), 4)
+        if bit_plan is not None:
+            results["bit_plan"] = plan_info
         results.update(evaluate(cfg, loaded, device))
-        results["export"] = str(save_fake_quant(loaded.model, loaded.tokenizer, spec, out_dir / "model",
-                                                {"method": name, "model": cfg.model.name}, loaded.adapter))
+        extra = {"method": name, "model": cfg.model.name}
+        if bit_plan is not None:  # the bits of each layer
+            extra["formats"] = {n: f.to_dict() for n, f in sorted(bit_plan.formats.items())}
+        results["export"] = str(save_fake_quant(loaded.model, loaded.tokenizer, spec, out_dir / "model", extra,
+                                                loaded.adapter))
         if export_format != "fake":
             quantized = quantized_weights(state, loaded.adapter, loaded.model)
             packed = write_packed(out_dir / "model", quantized, spec, export_format, out_dir / f"model-{export_format}")

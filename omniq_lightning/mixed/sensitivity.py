@@ -1,0 +1,139 @@
+"""How much each linear's quantization costs the model, per candidate format (the input of bit allocation).
+
+Both estimators predict the increase of the model's next-token NLL on calibration windows, so linears of
+different blocks compare on one scale:
+
+* ``measured``: quantize that linear alone (round-to-nearest in the candidate format, every other weight
+  in full precision) and measure the NLL increase: one model forward per linear, candidate and window.
+* ``proxy``: the diagonal (empirical) Fisher of the NLL times the squared quantization error,
+  ``1/2 sum_ij F_ij (Q(W) - W)_ij^2`` (the second-order estimate HAWQ and OBD use): one forward and
+  backward per window, then no model run at all per candidate.
+
+Scores are written to ``sensitivity.json`` as they are computed (atomically, linear by linear for the
+measured estimator), and a rerun continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omniq_lightning.io import write_json
+from omniq_lightning.quant import WeightFormat, fake_quant_weight
+
+
+def linear_shapes(model: nn.Module, adapter) -> dict[str, tuple[int, int]]:
+    """Every linear of every block that gets quantized, by its name in the model: ``(out, in)``."""
+    prefix = adapter.blocks_prefix(model)
+    shapes = {}
+    for i, block in enumerate(adapter.blocks(model)):
+        keep = adapter.keep_full_precision(block)
+        for name, m in block.named_modules():
+            if isinstance(m, nn.Linear) and name not in keep:
+                shapes[f"{prefix}.{i}.{name}"] = (m.out_features, m.in_features)
+    return shapes
+
+
+@torch.no_grad()
+def nll(model: nn.Module, windows: torch.Tensor, device: torch.device) -> float:
+    """Mean next-token NLL of ``model`` over the token windows ``[n, seqlen]``."""
+    total = 0.0
+    for w in windows:
+        ids = w[None].to(device)
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        total += F.cross_entropy(logits, ids[0, 1:]).item()
+    return total / len(windows)
+
+
+def fisher_diagonal(model: nn.Module, windows: torch.Tensor, names: Sequence[str], device: torch.device):
+    """The empirical Fisher diagonal of the windows' mean NLL for the named linears' weights (float32, CPU)."""
+    params = {n: model.get_submodule(n).weight for n in names}
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    fisher = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
+    try:
+        for w in windows:
+            ids = w[None].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            grads = torch.autograd.grad(F.cross_entropy(logits, ids[0, 1:]), list(params.values()))
+            for n, g in zip(params, grads, strict=True):
+                fisher[n] += g.detach().float().pow(2).cpu() / len(windows)
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+    return fisher
+
+
+def _key(fmt: WeightFormat) -> str:
+    return json.dumps(fmt.to_dict(), sort_keys=True)
+
+
+class SensitivityStore:
+    """``sensitivity.json``: per linear, per candidate format (its JSON), the predicted NLL increase."""
+
+    def __init__(self, path: Path, estimator: str, windows: int) -> None:
+        self.path, self.estimator, self.windows = path, estimator, windows
+        self.scores: dict[str, dict[str, float]] = {}
+        self.seconds = 0.0
+        if path.is_file():
+            data = json.loads(path.read_text())
+            if data.get("estimator") == estimator and data.get("windows") == windows:
+                self.scores, self.seconds = data["scores"], float(data.get("seconds", 0.0))
+
+    def get(self, name: str, fmt: WeightFormat) -> float | None:
+        return self.scores.get(name, {}).get(_key(fmt))
+
+    def put(self, name: str, fmt: WeightFormat, value: float) -> None:
+        self.scores.setdefault(name, {})[_key(fmt)] = value
+
+    def save(self) -> None:
+        write_json(self.path, {"estimator": self.estimator, "windows": self.windows, "seconds": round(self.seconds, 3),
+                               "scores": self.scores})
+
+
+def sensitivities(model: nn.Module, shapes: Mapping[str, tuple[int, int]], candidates: Sequence[WeightFormat],
+                  windows: torch.Tensor, estimator: str, store: SensitivityStore, device: torch.device,
+                  progress: Callable[[str], None] = print) -> dict[str, dict[WeightFormat, float]]:
+    """Every linear's predicted NLL increase per candidate that fits it (a group size must divide its width)."""
+    fits = {n: [c for c in candidates if in_f % (c.group_size or in_f) == 0] for n, (_, in_f) in shapes.items()}
+    missing = [n for n in shapes if any(store.get(n, c) is None for c in fits[n])]
+    model.to(device)
+    t0 = time.perf_counter()
+    if missing and estimator == "proxy":
+        fisher = fisher_diagonal(model, windows, missing, device)
+        for n in missing:
+            w = model.get_submodule(n).weight.detach().float().cpu()
+            for c in fits[n]:
+                err = fake_quant_weight(w, c) - w
+                store.put(n, c, 0.5 * float((fisher[n] * err.pow(2)).sum()))
+        store.seconds += time.perf_counter() - t0
+        store.save()
+    elif missing:
+        base = nll(model, windows, device)
+        for k, n in enumerate(missing):
+            lin = model.get_submodule(n)
+            w0 = lin.weight.detach().clone()
+            try:
+                for c in fits[n]:
+                    lin.weight.data = fake_quant_weight(w0, c)
+                    store.put(n, c, nll(model, windows, device) - base)
+            finally:
+                lin.weight.data = w0
+            store.seconds += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            store.save()  # resumable linear by linear
+            if k % 20 == 0:
+                progress(f"sensitivity (measured): {k + 1}/{len(missing)} linears")
+    if not all(fits.values()):
+        raise ValueError(f"no candidate format fits {[n for n, f in fits.items() if not f][:3]}: add a candidate "
+                         "whose group size divides those widths (or a per-channel one)")
+    return {n: {c: store.get(n, c) for c in fits[n]} for n in shapes}

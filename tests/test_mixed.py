@@ -1,0 +1,121 @@
+"""Importance-based mixed precision: the allocator, the plan file, and every method on a mixed plan."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+
+from omniq_lightning.mixed import BitPlan, Option, allocate, hull, parse_candidate
+from omniq_lightning.quant import WeightFormat
+
+QUICK = ["calib.nsamples=16", "eval.max_windows=20", "eval.fp_baseline=false", "trainer.enable_progress_bar=false"]
+CANDIDATES = "quant.candidates=[w2,w3,w4,w8]"
+
+
+def random_problem(seed: int, n: int = 12):
+    rnd = random.Random(seed)
+    options = {}
+    for i in range(n):
+        size = rnd.choice([64 * 64, 64 * 172, 172 * 64])
+        loss = rnd.uniform(0.1, 10.0)
+        options[f"l{i}"] = [Option(WeightFormat(b), WeightFormat(b).storage_bits(64, size // 64), loss * 4.0 ** -b)
+                            for b in (2, 3, 4, 8)]
+    return options
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_allocation_fits_the_budget_and_no_upgrade_is_left(seed):
+    options = random_problem(seed)
+    cheapest = sum(min(o.bits for o in opts) for opts in options.values())
+    dearest = sum(max(o.bits for o in opts) for opts in options.values())
+    budget = random.Random(seed).randint(cheapest, dearest)
+    chosen = allocate(options, budget)
+    used = sum(o.bits for o in chosen.values())
+    assert used <= budget
+    for n, opts in options.items():  # maximal: no single upgrade that lowers the loss still fits
+        assert not any(0 < o.bits - chosen[n].bits <= budget - used and o.loss < chosen[n].loss for o in opts)
+
+
+def test_the_allocation_is_optimal_where_it_can_be_checked_by_enumeration():
+    for seed in range(20):
+        options = random_problem(seed, n=4)
+        names = list(options)
+        budget = sum(opts[1].bits for opts in options.values())  # "all at 3 bits"
+        best = min(sum(o.loss for o in combo) for combo in itertools.product(*options.values())
+                   if sum(o.bits for o in combo) <= budget)
+        chosen = allocate(options, budget)
+        assert sum(o.bits for o in chosen.values()) <= budget
+        assert sum(o.loss for o in chosen.values()) == pytest.approx(best, rel=1e-12), (seed, names)
+
+
+def test_a_budget_below_the_cheapest_plan_is_refused():
+    options = random_problem(0, n=3)
+    with pytest.raises(ValueError, match="below the cheapest plan"):
+        allocate(options, 10)
+
+
+def test_hull_drops_dominated_and_non_convex_options():
+    f = WeightFormat(4)
+    pts = hull([Option(f, 10, 5.0), Option(f, 20, 4.9), Option(f, 30, 1.0), Option(f, 40, 2.0)])
+    assert [(o.bits, o.loss) for o in pts] == [(10, 5.0), (30, 1.0)]
+
+
+def test_candidates_are_named_like_presets():
+    assert parse_candidate("w3g64") == WeightFormat(3, 64)
+    assert parse_candidate("w8") == WeightFormat(8)
+    assert parse_candidate("w4sym") == WeightFormat(4, None, True)
+    with pytest.raises(ValueError, match="not a weight format"):
+        parse_candidate("int3")
+
+
+@pytest.fixture(scope="module")
+def runs(quick_run):
+    """Uniform w3a16 and mixed plans at the same average bits, on stories260K (RTN and GPTQ: no training)."""
+    uniform = {m: quick_run(m, "w3a16") for m in ("rtn", "gptq")}
+    budget = uniform["rtn"][1]["bits_per_weight"]
+    mixed = {m: quick_run(m, "mixed", f"quant.avg_bits={budget}", CANDIDATES) for m in ("rtn", "gptq")}
+    return uniform, mixed, budget
+
+
+def test_mixed_beats_uniform_at_the_same_budget(runs):
+    """Margins measured across seeds and thread counts (benchmarks/RESULTS.md, mixed precision)."""
+    uniform, mixed, budget = runs
+    for m in ("rtn", "gptq"):
+        assert mixed[m][1]["bits_per_weight"] <= budget + 1e-9
+        assert mixed[m][0] < 0.95 * uniform[m][0], m
+
+
+def test_the_plan_round_trips_through_its_json_file(runs, quick_run, tmp_path):
+    _, mixed, budget = runs
+    plan_file = mixed["rtn"][2] / "bit_plan.json"
+    plan = BitPlan.load(plan_file)
+    data = json.loads(plan_file.read_text())
+    assert data["avg_bits"] == pytest.approx(mixed["rtn"][1]["bits_per_weight"], abs=1e-4) and data["budget"] == budget
+    assert BitPlan.load(plan.save(tmp_path / "again.json", {n: (1, 1) for n in plan.formats})).formats == plan.formats
+    edited = dict(data)
+    first = sorted(edited["linears"])[0]
+    edited["linears"][first] = WeightFormat(8).to_dict()  # a user's edit
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    ppl, res, out = quick_run("rtn", "mixed", f"quant.plan={tmp_path / 'edited.json'}", CANDIDATES)
+    assert res["bit_plan"]["source"] == "given"
+    manifest = json.loads((out / "model" / "omniq_quant.json").read_text())
+    assert manifest["formats"][first]["bits"] == 8  # the export records the bits of each layer
+
+
+@pytest.mark.parametrize("method", ["awq", "omniquant"])
+def test_every_method_runs_on_a_mixed_plan(quick_run, method):
+    extra = ["method.epochs=1"] if method == "omniquant" else []
+    ppl, res, out = quick_run(method, "mixed", "quant.avg_bits=3.5", CANDIDATES, *extra)
+    assert res["bits_per_weight"] <= 3.5 and res["bit_plan"]["source"] == "allocated"
+    assert ppl < quick_run("rtn", "w2a16")[0]
+
+
+def test_measured_sensitivity_is_cached_and_resumed(quick_run):
+    ppl, res, out = quick_run("rtn", "mixed", "quant.avg_bits=3.5", "quant.sensitivity=measured", CANDIDATES)
+    store = json.loads((out / "sensitivity.json").read_text())
+    assert store["estimator"] == "measured" and len(store["scores"]) == 35  # 5 blocks x 7 linears
+    assert all(len(v) == 4 for v in store["scores"].values())
+    assert res["bit_plan"]["sensitivity_seconds"] > 0
