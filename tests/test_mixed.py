@@ -83,9 +83,10 @@ def runs(quick_run):
 def test_mixed_beats_uniform_at_the_same_budget(runs):
     """Margins measured across seeds and thread counts (benchmarks/RESULTS.md, mixed precision)."""
     uniform, mixed, budget = runs
+    margin = {"rtn": 0.95, "gptq": 0.99}
     for m in ("rtn", "gptq"):
         assert mixed[m][1]["bits_per_weight"] <= budget + 1e-9
-        assert mixed[m][0] < 0.95 * uniform[m][0], m
+        assert mixed[m][0] < margin[m] * uniform[m][0], m
 
 
 def test_the_plan_round_trips_through_its_json_file(runs, quick_run, tmp_path):
