@@ -19,10 +19,11 @@ from pathlib import Path
 
 from cells import REPO, local_model, recorded, run_cell, settings_match, write_section
 
-METHODS = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant"]
+METHODS = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant", "vptq"]
 # A model whose widths a group size does not divide refuses that setting (SmolLM2-135M: 128 does not divide
 # its hidden width 576); add a dividing one as a column with e.g. --quants w3a16g64 w4a16g64.
-QUANTS = ["w4a16", "w4a16g128", "w3a16", "w3a16g128", "w2a16g64", "w6a6", "w4a4"]
+QUANTS = ["w4a16", "w4a16g128", "w3a16", "w3a16g128", "w2a16g64", "w6a6", "w4a4", "vq2", "vq3", "vq4"]
+VECTOR = {"vq2", "vq3", "vq4"}  # vector formats (method=vptq only)
 WEIGHT_ACTIVATION = {"w8a8", "w6a6", "w4a4"}
 
 # The CPU protocol (2 cores): small calibration, few epochs, a fixed number of evaluation windows.
@@ -51,6 +52,8 @@ def cell_overrides(model: str, method: str, quant: str, model_args: list[str], n
 def skip_reason(method: str, quant: str) -> str | None:
     if method == "smoothquant" and quant not in WEIGHT_ACTIVATION:
         return "n/a: SmoothQuant needs activation quantization"
+    if (method == "vptq") != (quant in VECTOR) and method != "fp":
+        return "n/a: vector formats are VPTQ's" if method != "vptq" else "n/a: VPTQ takes vector formats"
     return None
 
 

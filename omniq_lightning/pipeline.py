@@ -26,9 +26,11 @@ from omniq_lightning.io import write_json
 from omniq_lightning.methods import METHODS, Method, build_method
 from omniq_lightning.mixed import BitPlan, linear_shapes, plan_for_run, quant_settings
 from omniq_lightning.models import BlockContext, LoadedModel, ModelAdapter, load_model
-from omniq_lightning.nn import ActQuantizer
+from omniq_lightning.nn import ActQuantizer, ClusterActQuantizer
 from omniq_lightning.quant import QuantizedWeight, QuantSpec, WeightFormat
 from omniq_lightning.quant.cuda import status as cuda_extension_status
+from omniq_lightning.quant.spec import VectorFormat
+from omniq_lightning.quant.vq import VectorQuantizedWeight
 from omniq_lightning.tracking import build_logger, log_summary
 from omniq_lightning.transforms import BlockPlan
 
@@ -102,13 +104,24 @@ def check_spec_fits(loaded: LoadedModel, spec: QuantSpec) -> None:
     """Every linear layer of every block can take the spec (group size divides its input width)."""
     if not spec.quantizes_weights:
         return
+    fmt = spec.weight_format
     for i, block in enumerate(loaded.adapter.blocks(loaded.model)):
         for name, m in block.named_modules():
             if isinstance(m, torch.nn.Linear):
                 try:
                     spec.validate_linear(m.in_features)
+                    if isinstance(fmt, VectorFormat):
+                        fmt.validate_shape(m.out_features, m.in_features)
                 except ValueError as exc:
                     raise ValueError(f"block {i} {name}: {exc}") from None
+
+
+def check_method_format(method: Method, spec: QuantSpec) -> None:
+    """Vector formats need a method that fits codebooks; scalar methods need a grid."""
+    vector = isinstance(spec.weight_format, VectorFormat)
+    if vector and not method.vector_formats:
+        raise ValueError(f"quant={spec.name} vector-quantizes the weights, which method={method.name} cannot do: use "
+                         "method=vptq, or a scalar preset such as quant=w2a16g64")
 
 
 def evaluate(cfg: DictConfig, loaded: LoadedModel, device: torch.device) -> dict[str, dict[str, Any]]:
@@ -160,7 +173,7 @@ def run_over(fn, src: ActivationCache, dst: ActivationCache, target: ActivationC
 @torch.no_grad()
 def observe_static_ranges(qblock, inputs: ActivationCache, ctx: BlockContext) -> None:
     """Record the ranges of per-tensor (static) activation quantizers on the block's calibration inputs."""
-    static = [m for m in qblock.modules() if isinstance(m, ActQuantizer) and m.granularity == "tensor" and m.active]
+    static = [m for m in qblock.modules() if isinstance(m, (ActQuantizer, ClusterActQuantizer)) and m.static and m.active]
     if not static:
         return
     for m in static:
@@ -321,7 +334,8 @@ def git_commit() -> str | None:
     return commit + ("-dirty" if dirty else "")
 
 
-def quantized_weights(state: RunState, adapter: ModelAdapter, model) -> dict[str, QuantizedWeight]:
+def quantized_weights(state: RunState, adapter: ModelAdapter, model
+                      ) -> dict[str, QuantizedWeight | VectorQuantizedWeight]:
     """Every quantized linear's codes and grid, as saved with its finished block, keyed by its name in the model."""
     prefix = adapter.blocks_prefix(model)
     out: dict[str, QuantizedWeight] = {}
@@ -329,8 +343,11 @@ def quantized_weights(state: RunState, adapter: ModelAdapter, model) -> dict[str
         tensors = state.load_block(i)
         for name, fmt in json.loads(state.block_metadata(i).get("formats", "{}")).items():
             key = f"qweight.{name}"
-            out[f"{prefix}.{i}.{name}"] = QuantizedWeight(tensors[f"{key}.codes"], tensors[f"{key}.scale"],
-                                                         tensors[f"{key}.zero"], WeightFormat(**fmt))
+            if fmt.get("kind") == VectorFormat.kind:
+                out[f"{prefix}.{i}.{name}"] = VectorQuantizedWeight.from_tensors(tensors, key, VectorFormat.from_dict(fmt))
+            else:
+                out[f"{prefix}.{i}.{name}"] = QuantizedWeight(tensors[f"{key}.codes"], tensors[f"{key}.scale"],
+                                                             tensors[f"{key}.zero"], WeightFormat(**fmt))
     return out
 
 
@@ -341,11 +358,13 @@ def export_sizes(path: Path, model) -> dict[str, float]:
     return {"bytes": stored, "fp16_bytes": fp16, "fraction_of_fp16": round(stored / fp16, 4)}
 
 
-def bits_per_weight(model, adapter: ModelAdapter, spec: QuantSpec, bit_plan: BitPlan | None = None) -> float:
-    """Average storage bits per weight of the blocks' quantized linears in their weight formats (the spec's, or
-    each linear's in a mixed plan), counted by ``WeightFormat.storage_bits``: the codes, a 16-bit scale per group
-    and, for asymmetric grids, the zero point or midpoint."""
-    shapes = linear_shapes(model, adapter)
+def bits_per_weight(shapes: dict[str, tuple[int, int]], spec: QuantSpec, bit_plan: BitPlan | None = None) -> float:
+    """Average storage bits per weight of the blocks' quantized linears (``linear_shapes`` of the model before
+    quantization) in their weight formats (the spec's, or each linear's in a mixed plan), counted by
+    ``WeightFormat.storage_bits``: the codes, a 16-bit scale per group and, for asymmetric grids, the zero point
+    or midpoint."""
+    if not shapes:
+        raise ValueError("no quantizable linears found: bits per weight are undefined")
     if bit_plan is not None:
         return bit_plan.avg_bits(shapes)
     fmt = spec.weight_format
@@ -362,6 +381,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     export_format = str(cfg.get("export", {}).get("format", "fake"))
     method = None if name == "fp" else build_method(name, OmegaConf.to_container(cfg.method, resolve=True))
     if method is not None:
+        check_method_format(method, spec)
         method.validate(spec)
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.device)
@@ -398,13 +418,14 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     else:
         if cfg.eval.fp_baseline:
             results.update({f"{k}_fp": v for k, v in evaluate(cfg, loaded, device).items()})
+        shapes = linear_shapes(loaded.model, loaded.adapter)  # before quantization swaps the linears
         t_q0 = time.perf_counter()
         logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), out_dir,
                               f"{cfg.model.name}-{cfg.method.tag}", config)
         results["blocks"] = quantize(cfg, loaded, plan, method, device, state, logger, windows, bit_plan)
         results["method_settings"] = method.describe()
         t_quant = time.perf_counter()
-        results["bits_per_weight"] = round(bits_per_weight(loaded.model, loaded.adapter, spec, bit_plan), 4)
+        results["bits_per_weight"] = round(bits_per_weight(shapes, spec, bit_plan), 4)
         if bit_plan is not None:
             results["bit_plan"] = plan_info
         results.update(evaluate(cfg, loaded, device))

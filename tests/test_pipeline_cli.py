@@ -15,7 +15,7 @@ from tests.conftest import REPO
 
 def test_every_model_and_quant_config_composes():
     """Every yaml file in configs/model and configs/quant (a new one is covered without listing it here)."""
-    from omniq_lightning.quant import QuantSpec
+    from omniq_lightning.mixed import quant_settings
 
     models = sorted(p.stem for p in (REPO / "configs" / "model").glob("*.yaml"))
     assert {"stories260k", "smollm2-135m", "llama3.2-1b", "qwen3-0.6b", "gemma3-1b", "phi3-mini", "mixtral-8x7b"} <= set(models)
@@ -24,10 +24,11 @@ def test_every_model_and_quant_config_composes():
         assert cfg.model.name == model and cfg.eval.seqlen == cfg.model.seqlen
         assert cfg.model.trust_remote_code is False
     for preset in sorted(p.stem for p in (REPO / "configs" / "quant").glob("*.yaml")):
-        quant = compose([f"quant={preset}"]).quant
-        if quant.get("name") == "mixed":
-            continue
-        assert QuantSpec.from_config(quant).name == preset
+        spec, mixed = quant_settings(compose([f"quant={preset}"]).quant)
+        if preset == "mixed":
+            assert mixed is not None and mixed.avg_bits > 2
+        else:
+            assert mixed is None and spec.name == preset
 
 
 def test_fp_run_writes_results(tmp_path):

@@ -1,5 +1,6 @@
-"""Exports: fake-quant Hugging Face checkpoints, and packed low-bit checkpoints (compressed-tensors, GPTQ)."""
+"""Exports: fake-quant Hugging Face checkpoints, and packed low-bit checkpoints (compressed-tensors, GPTQ, vector-quantized)."""
 
+from omniq_lightning.export.bits import pack_bits, unpack_bits
 from omniq_lightning.export.hf import MANIFEST, load_fake_quant, read_manifest, save_fake_quant
 from omniq_lightning.export.packed import (
     FORMATS,
@@ -8,10 +9,9 @@ from omniq_lightning.export.packed import (
     check_export,
     dequantize_ct,
     dequantize_gptq,
-    pack_bits,
-    unpack_bits,
     write_packed,
 )
+from omniq_lightning.export.vq import dequantize_vq, load_vq_checkpoint
 
 __all__ = [
     "FORMATS",
@@ -21,6 +21,8 @@ __all__ = [
     "check_export",
     "dequantize_ct",
     "dequantize_gptq",
+    "dequantize_vq",
+    "load_vq_checkpoint",
     "load_fake_quant",
     "pack_bits",
     "read_manifest",

@@ -20,10 +20,17 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from omniq_lightning.io import write_json
+from omniq_lightning.nn import ClusterActQuantizer
 from omniq_lightning.quant import QuantSpec
 from omniq_lightning.transforms import BlockPlan
 
 MANIFEST = "omniq_quant.json"
+QUANTIZERS = ("act_quant", "q_quant", "k_quant", "v_quant")
+
+
+def is_quantizer_state(key: str) -> bool:
+    """Whether a state-dict key belongs to an activation or key/value quantizer (static ranges, clusters)."""
+    return any(f".{q}." in key for q in QUANTIZERS)
 RUNTIME = "omniq_runtime.safetensors"  # static activation ranges, by module name in the quantized layout
 
 
@@ -35,7 +42,7 @@ def save_fake_quant(model, tokenizer, spec: QuantSpec, path: str | os.PathLike, 
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    runtime = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if ".act_quant." in k}
+    runtime = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if is_quantizer_state(k)}
     if runtime:
         save_file(runtime, str(tmp / RUNTIME))
     with adapter.export_layout(model) if adapter is not None else contextlib.nullcontext():
@@ -71,8 +78,13 @@ def load_fake_quant(path: str | os.PathLike, dtype: str = "float32", attn_implem
         blocks[i] = adapter.finish_block(adapter.quantize_block(adapter.prepare_block(blocks[i]), runtime).fold())
     runtime = Path(path) / RUNTIME
     if runtime.is_file():
-        missing = set(load_file(str(runtime))) - set(loaded.model.state_dict())
+        state = load_file(str(runtime))
+        for key in [k for k in state if k.endswith(".labels")]:  # per-cluster quantizers (RPTQ) replace the defaults
+            module = key[: -len(".labels")]
+            sub_state = {k[len(module) + 1 :]: v for k, v in state.items() if k.startswith(module + ".")}
+            loaded.model.set_submodule(module, ClusterActQuantizer.from_state(sub_state))
+        missing = set(state) - set(loaded.model.state_dict())
         if missing:
             raise ValueError(f"{runtime} holds quantizer state for modules this model does not have: {sorted(missing)[:5]}")
-        loaded.model.load_state_dict(load_file(str(runtime)), strict=False)
+        loaded.model.load_state_dict(state, strict=False)
     return loaded

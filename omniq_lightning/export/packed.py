@@ -1,4 +1,5 @@
-"""Packed low-bit checkpoints that serving stacks load: compressed-tensors and GPTQ.
+"""Packed low-bit checkpoints that serving stacks load: compressed-tensors and GPTQ (and this project's vector-
+quantized layout, ``export/vq.py``).
 
 Both are written from the integer codes kept when each block was folded (``QuantizedWeight``: never
 re-derived from dequantized weights), so a resumed run exports the same bytes.
@@ -24,7 +25,6 @@ Packing is the dense little-endian bitstream both use: value ``i`` of a row occu
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 import shutil
@@ -36,47 +36,14 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from omniq_lightning.export.bits import pack_bits, unpack_bits
+from omniq_lightning.export.vq import VQ_FORMAT, vq_config, vq_tensors
 from omniq_lightning.quant import QuantizedWeight, QuantSpec, WeightFormat
+from omniq_lightning.quant.spec import VectorFormat
+from omniq_lightning.quant.vq import VectorQuantizedWeight
 
-FORMATS = ("fake", "compressed-tensors", "gptq")
+FORMATS = ("fake", "compressed-tensors", "gptq", VQ_FORMAT)
 CT_BITS, GPTQ_BITS = (4, 8), (2, 3, 4, 8)
-
-
-# ---- bit packing (pure functions) -------------------------------------------------------------------------------
-
-
-def pack_bits(values: torch.Tensor, bits: int, dim: int = -1) -> torch.Tensor:
-    """Pack unsigned integers (``0 <= v < 2^bits``) along ``dim`` into int32 words: a dense little-endian
-    bitstream (value i at bits ``[i*b, (i+1)*b)``), ``ceil(n*b/32)`` words per row."""
-    v = values.movedim(dim, -1).to(torch.int64)
-    if v.numel() and (v.min() < 0 or v.max() >= 2**bits):
-        raise ValueError(f"values out of range for {bits}-bit packing")
-    n = v.shape[-1]
-    words = math.ceil(n * bits / 32)
-    out = torch.zeros(*v.shape[:-1], words + 1, dtype=torch.int64, device=v.device)
-    pos = torch.arange(n, device=v.device) * bits
-    word, shift = pos // 32, pos % 32
-    low = (v << shift) & 0xFFFFFFFF  # what lands in the value's first word
-    out.scatter_add_(-1, word.expand_as(v), low)
-    spill = shift + bits > 32  # the rest of a value that straddles a word boundary
-    if spill.any():
-        high = v >> (32 - shift).clamp(max=32)
-        out.scatter_add_(-1, (word + 1).expand_as(v), torch.where(spill, high, torch.zeros_like(high)))
-    out = out[..., :words]
-    out = torch.where(out >= 2**31, out - 2**32, out)  # two's complement int32
-    return out.to(torch.int32).movedim(-1, dim)
-
-
-def unpack_bits(words: torch.Tensor, bits: int, n: int, dim: int = -1) -> torch.Tensor:
-    """The inverse of :func:`pack_bits`: ``n`` unsigned values per row (int64)."""
-    w = words.movedim(dim, -1).to(torch.int64) & 0xFFFFFFFF
-    w = torch.cat([w, torch.zeros_like(w[..., :1])], dim=-1)
-    pos = torch.arange(n, device=w.device) * bits
-    word, shift = pos // 32, pos % 32
-    lo = torch.gather(w, -1, word.expand(*w.shape[:-1], n)) >> shift
-    hi = torch.gather(w, -1, (word + 1).expand(*w.shape[:-1], n)) << (32 - shift)
-    v = (lo | torch.where(shift + bits > 32, hi, torch.zeros_like(hi))) & (2**bits - 1)
-    return v.movedim(-1, dim)
 
 
 # ---- what each format can hold ------------------------------------------------------------------------------------
@@ -108,6 +75,17 @@ def why_not(fmt: str, req: ExportRequest) -> str | None:
     formats = {f for f in req.formats if f.quantized}
     if not formats:
         return "the weights are not quantized"
+    vector = {f for f in formats if isinstance(f, VectorFormat)}
+    if fmt == VQ_FORMAT:
+        if vector != formats:
+            return "it holds vector-quantized weights only (method=vptq with quant=vq2, vq3 or vq4)"
+        if req.moe:
+            return "mixture-of-experts checkpoints are exported in the fake-quant format only for now"
+        if not spec.weight_only:
+            return "it holds weight-only quantization"
+        return None
+    if vector:
+        return f"it holds scalar integer grids (vector-quantized weights export as export.format={VQ_FORMAT})"
     if any(f.grid != "uniform" for f in formats):
         return "it holds uniform integer grids only (this run uses a non-uniform grid)"
     if req.moe:
@@ -221,7 +199,8 @@ def _ct_version() -> str:
 # ---- the checkpoint --------------------------------------------------------------------------------------------------
 
 
-def write_packed(fake_dir: str | os.PathLike, quantized: Mapping[str, QuantizedWeight], spec: QuantSpec, fmt: str,
+def write_packed(fake_dir: str | os.PathLike, quantized: Mapping[str, QuantizedWeight | VectorQuantizedWeight],
+                 spec: QuantSpec, fmt: str,
                  path: str | os.PathLike) -> Path:
     """Rewrite a fake-quant export (``fake_dir``: the model's own layout, config, tokenizer) as a ``fmt``
     checkpoint at ``path``: each quantized linear's ``weight`` is replaced by its packed tensors (from
@@ -244,8 +223,12 @@ def write_packed(fake_dir: str | os.PathLike, quantized: Mapping[str, QuantizedW
                 module = key[: -len(".weight")] if key.endswith(".weight") else None
                 if module in quantized:
                     q = quantized[module]
-                    tensors.update(ct_tensors(q, module, f.get_tensor(key).dtype, w8a8) if fmt != "gptq"
-                                   else gptq_tensors(q, module, v1))
+                    if fmt == VQ_FORMAT:
+                        tensors.update(vq_tensors(q, module))
+                    elif fmt == "gptq":
+                        tensors.update(gptq_tensors(q, module, v1))
+                    else:
+                        tensors.update(ct_tensors(q, module, f.get_tensor(key).dtype, w8a8))
                     done.add(module)
                 elif fmt == "gptq" and key.endswith(".bias") and key[: -len(".bias")] in quantized:
                     tensors[key] = f.get_tensor(key).to(torch.float16)
@@ -261,7 +244,12 @@ def write_packed(fake_dir: str | os.PathLike, quantized: Mapping[str, QuantizedW
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config = json.loads((tmp / "config.json").read_text())
     fmts = {q.fmt for q in quantized.values()}
-    config["quantization_config"] = ct_config(quantized, spec) if fmt != "gptq" else gptq_config(next(iter(fmts)), v1)
+    if fmt == VQ_FORMAT:
+        config["quantization_config"] = vq_config(quantized)
+    elif fmt == "gptq":
+        config["quantization_config"] = gptq_config(next(iter(fmts)), v1)
+    else:
+        config["quantization_config"] = ct_config(quantized, spec)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     if path.exists():
         shutil.rmtree(path)

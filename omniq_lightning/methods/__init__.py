@@ -8,15 +8,18 @@ from omniq_lightning.methods.awq import AWQ
 from omniq_lightning.methods.base import Method
 from omniq_lightning.methods.gptq import GPTQ
 from omniq_lightning.methods.omniquant import OmniQuant
+from omniq_lightning.methods.rptq import RPTQ
 from omniq_lightning.methods.rtn import RTN
 from omniq_lightning.methods.smoothquant import SmoothQuant
+from omniq_lightning.methods.vptq import VPTQ
 from omniq_lightning.transforms import BlockPlan
 
 # Keys of a method config that the pipeline reads rather than the method.
 NON_METHOD_KEYS = ("name", "tag", "batch_size")
 
 METHODS: dict[str, type[Method]] = {
-    "rtn": RTN, "gptq": GPTQ, "awq": AWQ, "smoothquant": SmoothQuant, "omniquant": OmniQuant,
+    "rtn": RTN, "gptq": GPTQ, "awq": AWQ, "smoothquant": SmoothQuant, "omniquant": OmniQuant, "rptq": RPTQ,
+    "vptq": VPTQ,
 }
 
 
@@ -31,4 +34,4 @@ def build_method(name: str, settings: dict[str, Any]) -> Method:
         raise ValueError(f"bad settings for method '{name}' ({exc}); given: {sorted(params)}") from exc
 
 
-__all__ = ["AWQ", "GPTQ", "SmoothQuant", "METHODS", "BlockPlan", "Method", "OmniQuant", "RTN", "build_method"]
+__all__ = ["AWQ", "GPTQ", "METHODS", "RPTQ", "RTN", "BlockPlan", "Method", "OmniQuant", "SmoothQuant", "VPTQ", "build_method"]

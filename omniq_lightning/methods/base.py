@@ -19,6 +19,7 @@ class Method:
     ``finalize`` folds them into plain weights and returns the block to put back into the model."""
 
     name: str = ""
+    vector_formats: bool = False  # whether it quantizes weights onto codebooks (quant.w_vq) rather than grids
 
     def validate(self, spec: QuantSpec) -> None:
         """Refuse quantization settings this method cannot handle (called before any model loads)."""

@@ -87,7 +87,14 @@ RECIPES: dict[str, Recipe] = {
     # this project's calibration before the best-practice study: detached ranges, no truncation
     "detached": Recipe(**{**RELEASED.__dict__, "ranges": "detached", "let_min_scale": 0.0}),
 }
-RECIPES["default"] = RECIPES["released"]
+# This project's default, from the best-practice study (benchmarks/RESULTS.md, "Gradient-based PTQ"): clipping
+# and LET start from AWQ's grid search instead of min/max statistics, the best iterate on the calibration loss
+# is kept (a step that makes the block worse is never the answer), and the trained weights are rounded by GPTQ
+# against the block's own inputs. The trainable set stays the clipping logits and LET factors.
+RECIPES["default"] = Recipe(**{**RELEASED.__dict__, "init": "awq", "keep_best": True, "rounding": "gptq"})
+# Opt-in: a per-weight rounding offset learned with the clipping (AdaRound / SignRound's degree of freedom).
+RECIPES["learned-rounding"] = Recipe(**{**RELEASED.__dict__, "init": "awq", "keep_best": True,
+                                        "learn_rounding": True})
 SETTINGS = tuple(f.name for f in fields(Recipe))
 
 

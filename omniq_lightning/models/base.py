@@ -27,7 +27,16 @@ from torch import nn
 
 from omniq_lightning.nn import QuantLinear, QuantMatMul, register_attention, swap_linears
 from omniq_lightning.quant import WeightFormat
-from omniq_lightning.transforms import BlockPlan, InputStats, LETNorm, LETPair, PairDecl, QuantBlock, initial_pair
+from omniq_lightning.transforms import (
+    BlockPlan,
+    InputStats,
+    LETNorm,
+    LETPair,
+    PairDecl,
+    QuantBlock,
+    ReorderDecl,
+    initial_pair,
+)
 
 # Keyword arguments of a decoder layer that belong to generation, not to a standalone block call.
 _GENERATION_KWARGS = {"past_key_values", "past_key_value", "cache", "use_cache", "cache_position", "output_attentions"}
@@ -121,6 +130,10 @@ class ModelAdapter:
     def pairs(self, block: nn.Module) -> list[PairDecl]:
         """Where equivalence transforms can sit in ``block`` (exactly, for this family)."""
         raise NotImplementedError
+
+    def reorder_sites(self, block: nn.Module) -> list[ReorderDecl]:
+        """RPTQ's sites in ``block`` (where channels may be clustered, and permuted where that folds exactly)."""
+        return []
 
     def keep_full_precision(self, block: nn.Module) -> set[str]:
         """Linears that are never quantized (e.g. MoE shared-expert gates), by name within the block."""
@@ -249,7 +262,7 @@ class ModelAdapter:
         for s in specs:
             if s.kind == "norm" and not isinstance(block.get_submodule(s.source), LETNorm):
                 block.set_submodule(s.source, LETNorm(block.get_submodule(s.source), self.norm_offset))
-        return QuantBlock(block, {s.name: LETPair(s) for s in specs}, self.call_block)
+        return QuantBlock(block, {s.name: LETPair(s) for s in specs}, self.call_block, self.reorder_sites(block))
 
     # --- helpers for subclasses --------------------------------------------------------------------------------
     @classmethod

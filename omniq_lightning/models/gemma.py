@@ -6,8 +6,19 @@ from __future__ import annotations
 from torch import nn
 
 from omniq_lightning.models.base import ModelAdapter
-from omniq_lightning.models.llama import attention_pairs, gated_mlp_pairs
-from omniq_lightning.transforms import PairDecl
+from omniq_lightning.models.llama import (
+    DOWN,
+    GATE,
+    O_PROJ,
+    UP,
+    K,
+    Q,
+    V,
+    attention_pairs,
+    gated_mlp_pairs,
+    reorder_sites,
+)
+from omniq_lightning.transforms import PairDecl, ReorderDecl
 
 
 class GemmaAdapter(ModelAdapter):
@@ -36,6 +47,9 @@ class GemmaAdapter(ModelAdapter):
 
     def pairs(self, block: nn.Module) -> list[PairDecl]:
         return attention_pairs(block, "input_layernorm") + gated_mlp_pairs("pre_feedforward_layernorm")
+
+    def reorder_sites(self, block: nn.Module) -> list[ReorderDecl]:
+        return reorder_sites(block, Q, K, V, O_PROJ, (GATE, UP), DOWN)
 
 
 class Gemma2Adapter(GemmaAdapter):

@@ -6,7 +6,7 @@ from torch import nn
 
 from omniq_lightning.models.base import ModelAdapter
 from omniq_lightning.models.heads import heads_of
-from omniq_lightning.transforms import PairDecl
+from omniq_lightning.transforms import PairDecl, ReorderDecl
 
 Q, K, V, O_PROJ = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"
 GATE, UP, DOWN = "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"
@@ -35,6 +35,21 @@ def gated_mlp_pairs(norm: str, prefix: str = "mlp.") -> list[PairDecl]:
     return [PairDecl("mlp_in", "norm", norm, (gate, up)), PairDecl("up_down", "up_down", up, (down,))]
 
 
+def reorder_sites(block: nn.Module, q: str, k: str, v: str, o: str, fc_in: tuple[str, ...], fc_out: str) -> list[ReorderDecl]:
+    """RPTQ's five sites: R1 the q/k/v input, R2 post-rotary q/k per key head, R3 v rows and o columns per
+    value head, R4 the MLP input, R5 the down (fc2) input with the rows of the linears that produce it.
+    The released defaults: 32 clusters for R1, R4 and R5, 4 per head for R2 and R3."""
+    heads = heads_of(block.self_attn)
+    per_head = dict(clusters=4, n_kv=heads.n_kv, rep=heads.rep, head_dim=heads.head_dim)
+    return [
+        ReorderDecl("R1", "inputs", stats=q, targets=(q, k, v)),
+        ReorderDecl("R2", "qk", stats="qk", **per_head),
+        ReorderDecl("R3", "rows", stats="v", sources=(v,), targets=(o,), **per_head),
+        ReorderDecl("R4", "inputs", stats=fc_in[0], targets=fc_in),
+        ReorderDecl("R5", "rows", stats=fc_out, sources=fc_in, targets=(fc_out,)),
+    ]
+
+
 class LlamaAdapter(ModelAdapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3")
     family = "llama"
@@ -52,3 +67,6 @@ class LlamaAdapter(ModelAdapter):
     def pairs(self, block: nn.Module) -> list[PairDecl]:
         """RMSNorm -> q/k/v and -> gate/up (no shifts: RMSNorm has no bias to absorb them), v -> o, q/k, up -> down."""
         return attention_pairs(block, "input_layernorm") + gated_mlp_pairs("post_attention_layernorm")
+
+    def reorder_sites(self, block: nn.Module) -> list[ReorderDecl]:
+        return reorder_sites(block, Q, K, V, O_PROJ, (GATE, UP), DOWN)

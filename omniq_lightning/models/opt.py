@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from omniq_lightning.models.base import ModelAdapter
-from omniq_lightning.transforms import BlockPlan, PairDecl
+from omniq_lightning.transforms import BlockPlan, PairDecl, ReorderDecl
 
 Q, K, V, O_PROJ = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"
 
@@ -24,6 +24,20 @@ class OPTAdapter(ModelAdapter):
 
     def attention_modules(self, block: nn.Module) -> list[nn.Module]:
         return [block.self_attn]
+
+    def reorder_sites(self, block: nn.Module) -> list[ReorderDecl]:
+        """RPTQ's released sites (OPT): R1 q/k/v input, R2 q/k per head, R3 v rows and out_proj columns per head,
+        R4 fc1 input, R5 fc1 rows and fc2 columns (ReLU is elementwise)."""
+        attn = block.self_attn
+        head_dim = attn.head_dim
+        per_head = dict(clusters=4, n_kv=attn.num_heads, rep=1, head_dim=head_dim)
+        return [
+            ReorderDecl("R1", "inputs", stats=Q, targets=(Q, K, V)),
+            ReorderDecl("R2", "qk", stats="qk", **per_head),
+            ReorderDecl("R3", "rows", stats="v", sources=(V,), targets=(O_PROJ,), **per_head),
+            ReorderDecl("R4", "inputs", stats="fc1", targets=("fc1",)),
+            ReorderDecl("R5", "rows", stats="fc2", sources=("fc1",), targets=("fc2",)),
+        ]
 
     def check_plan(self, model: nn.Module, plan: BlockPlan) -> None:
         if "norm" in plan.let_roles and not self.blocks(model)[0].do_layer_norm_before:

@@ -35,6 +35,11 @@ class ActQuantizer(nn.Module):
     def active(self) -> bool:
         return self.bits != NO_QUANT_BITS
 
+    @property
+    def static(self) -> bool:
+        """Whether its range is observed on calibration data before use."""
+        return self.granularity == "tensor"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.active:
             return x
@@ -52,3 +57,78 @@ class ActQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"a{self.bits} per-{self.granularity} {'sym' if self.symmetric else 'asym'}"
+
+
+class ClusterActQuantizer(nn.Module):
+    """RPTQ's activation quantizer: channels grouped into clusters (``labels``: a cluster id per channel,
+    broadcast against the activation's trailing dimensions, e.g. ``[C]`` for a linear's input or
+    ``[heads, 1, head_dim]`` for attention keys), one range per cluster.
+
+    Static (default): each cluster's range is observed over all calibration tokens (``observing``), then
+    fixed. Dynamic: each token's range within each cluster, at run time.
+    """
+
+    def __init__(self, bits: int, labels: torch.Tensor, n_clusters: int, symmetric: bool = False,
+                 dynamic: bool = False) -> None:
+        super().__init__()
+        self.bits, self.symmetric, self.dynamic, self.n_clusters = bits, symmetric, dynamic, n_clusters
+        self.observing = False
+        # its settings travel with its state (an export re-creates it from these buffers alone)
+        self.register_buffer("config", torch.tensor([bits, int(symmetric), int(dynamic), n_clusters]))
+        self.register_buffer("labels", labels.long().clone())  # its own copy: buffers are saved one by one
+        self.register_buffer("lo", torch.full((n_clusters,), float("inf")))
+        self.register_buffer("hi", torch.full((n_clusters,), float("-inf")))
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor]) -> ClusterActQuantizer:
+        """Re-create a quantizer from its saved buffers (``config``, ``labels``, ``lo``, ``hi``)."""
+        bits, symmetric, dynamic, n = (int(v) for v in state["config"].tolist())
+        q = cls(bits, state["labels"], n, bool(symmetric), bool(dynamic))
+        q.load_state_dict(state)
+        return q
+
+    @property
+    def active(self) -> bool:
+        return self.bits != NO_QUANT_BITS
+
+    @property
+    def static(self) -> bool:
+        return not self.dynamic
+
+    def reset_range(self) -> None:
+        self.lo.fill_(float("inf"))
+        self.hi.fill_(float("-inf"))
+
+    def _per_cluster(self, x: torch.Tensor, reduce: str) -> torch.Tensor:
+        """Per cluster: the min or max over every element of ``x`` in it."""
+        labels = self.labels.to(x.device).expand_as(x).reshape(-1)
+        fill = float("inf") if reduce == "amin" else float("-inf")
+        out = torch.full((self.n_clusters,), fill, device=x.device, dtype=torch.float32)
+        return out.scatter_reduce(0, labels, x.detach().reshape(-1).float(), reduce, include_self=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.active:
+            return x
+        if self.observing:
+            with torch.no_grad():
+                self.lo.copy_(torch.minimum(self.lo, self._per_cluster(x, "amin")))
+                self.hi.copy_(torch.maximum(self.hi, self._per_cluster(x, "amax")))
+            return x
+        labels = self.labels.to(x.device).expand_as(x)
+        if self.dynamic:  # each token's own range in each cluster
+            tokens = x.detach().float().reshape(-1, x.shape[-1])
+            lab = labels.reshape(-1, x.shape[-1])
+            lo = torch.full((tokens.shape[0], self.n_clusters), float("inf"), device=x.device)
+            hi = torch.full_like(lo, float("-inf"))
+            lo = lo.scatter_reduce(1, lab, tokens, "amin").gather(1, lab).reshape(x.shape)
+            hi = hi.scatter_reduce(1, lab, tokens, "amax").gather(1, lab).reshape(x.shape)
+        else:
+            if not torch.isfinite(self.lo).all():
+                raise RuntimeError("a per-cluster activation quantizer was used before its ranges were observed")
+            lo, hi = self.lo.to(x.device)[labels], self.hi.to(x.device)[labels]
+        scale, zero = tensor_range_params(lo, hi, self.bits, self.symmetric)
+        return fake_quant_per_tensor(x, scale, zero, self.bits, self.symmetric)
+
+    def extra_repr(self) -> str:
+        kind = "dynamic per token" if self.dynamic else "static"
+        return f"a{self.bits} per-cluster ({self.n_clusters} clusters, {kind}) {'sym' if self.symmetric else 'asym'}"

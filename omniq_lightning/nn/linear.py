@@ -9,6 +9,8 @@ from torch import nn
 from omniq_lightning.nn.act import ActQuantizer
 from omniq_lightning.nn.weight import WeightQuantizer
 from omniq_lightning.quant import QuantizedWeight, QuantSpec, WeightFormat, validate_weight
+from omniq_lightning.quant.spec import VectorFormat
+from omniq_lightning.quant.vq import VectorQuantizedWeight
 
 
 class QuantLinear(nn.Module):
@@ -21,18 +23,18 @@ class QuantLinear(nn.Module):
     """
 
     def __init__(self, linear: nn.Linear, spec: QuantSpec, quantize_input: bool = True,
-                 fmt: WeightFormat | None = None) -> None:
+                 fmt: WeightFormat | VectorFormat | None = None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.fmt = fmt if fmt is not None else spec.weight_format
-        self.wq: WeightQuantizer | None = None
-        if self.fmt.quantized:
+        self.wq: WeightQuantizer | None = None  # scalar grids; a vector format's method sets the weight itself
+        if self.fmt.quantized and isinstance(self.fmt, WeightFormat):
             validate_weight(self.weight, self.fmt.group_size)
             self.wq = WeightQuantizer(self.fmt, self.out_features, self.in_features, spec.lwc, spec.lwc_init,
                                       device=self.weight.device)
-        self.quantized: QuantizedWeight | None = None  # the codes, once folded
+        self.quantized: QuantizedWeight | VectorQuantizedWeight | None = None  # the codes, once folded
         self.act_quant = (
             ActQuantizer(spec.a_bits, spec.a_granularity, spec.a_symmetric)
             if quantize_input and spec.quantizes_activations
@@ -43,7 +45,7 @@ class QuantLinear(nn.Module):
     @property
     def weight_quant(self) -> bool:
         """Whether the weight is still to be quantized (False once folded, or for 16-bit weights)."""
-        return self.wq is not None
+        return self.quantized is None and self.fmt.quantized
 
     def set_let(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self._let = (weight, bias)
@@ -80,7 +82,7 @@ class QuantLinear(nn.Module):
         self._let = None
 
     @torch.no_grad()
-    def set_quantized(self, q: QuantizedWeight) -> None:
+    def set_quantized(self, q: QuantizedWeight | VectorQuantizedWeight) -> None:
         """Store a weight that is already on its grid (codes and grid): no further weight quantization."""
         if q.shape != (self.out_features, self.in_features):
             raise ValueError(f"quantized weight of shape {q.shape} does not fit a {self.out_features}x{self.in_features} layer")
@@ -94,6 +96,9 @@ class QuantLinear(nn.Module):
         self.fold_transform()
         if self.wq is not None:
             self.set_quantized(self.wq.quantize(self.weight))
+        elif self.weight_quant:
+            raise RuntimeError(f"this linear's weight format {self.fmt.name} is set by its method (e.g. method=vptq "
+                               "for vector formats), which did not quantize it")
 
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` with this layer's (folded) weight; only valid without an input quantizer."""

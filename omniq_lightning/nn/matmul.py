@@ -25,8 +25,11 @@ class QuantMatMul(nn.Module):
         self.k_quant = ActQuantizer(kv_bits, "token", symmetric)
         self.v_quant = ActQuantizer(kv_bits, "token", symmetric)
         self.base_attention = base_attention
+        self.observer: Callable | None = None  # sees (query, key, value) as they arrive (e.g. RPTQ's statistics)
 
     def forward(self, module, query, key, value, attention_mask, **kwargs):
+        if self.observer is not None:
+            self.observer(query, key, value)
         return self.base_attention(
             module, self.q_quant(query), self.k_quant(key), self.v_quant(value), attention_mask, **kwargs
         )

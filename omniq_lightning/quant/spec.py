@@ -6,6 +6,7 @@ along the input dimension of a linear layer; ``w_group_size=None`` means one ran
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -117,6 +118,107 @@ class WeightFormat:
         return asdict(self)
 
 
+CODEBOOK_BITS = 16  # centroids, normalisation statistics: fp16
+COLUMN_INDEX_BITS = 16  # the index of an outlier column (layers up to 65536 inputs)
+MAX_CENTROIDS = 2**16
+
+
+def _check_codebook(what: str, v: int, k: int, allow_zero: bool = False) -> None:
+    if allow_zero and k == 0:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 16:
+        raise ValueError(f"{what} vector length must be an integer in [1, 16], got {v!r}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 2 or k > MAX_CENTROIDS or k & (k - 1):
+        raise ValueError(f"{what} centroids must be a power of two in [2, {MAX_CENTROIDS}] (an index is log2(k) "
+                         f"bits){' or 0 for none' if allow_zero else ''}, got {k!r}")
+
+
+@dataclass(frozen=True)
+class VectorFormat:
+    """How one linear's weight is vector-quantized.
+
+    Attributes:
+        vector: vector length v (along the output dimension).
+        centroids: codebook size k (a power of two: an index is log2(k) bits, so log2(k)/v bits per weight).
+        residual_centroids: size of a second codebook for the residual (same v), or 0 for none.
+        outlier_fraction: the fraction of input columns (top by diag(H)) with a codebook of their own.
+        outlier_vector, outlier_centroids: that codebook's v and k.
+        normalize: standardise each input column first (mean and std stored in 16 bits).
+    """
+
+    vector: int = 4
+    centroids: int = 256
+    residual_centroids: int = 0
+    outlier_fraction: float = 0.0
+    outlier_vector: int = 4
+    outlier_centroids: int = 256
+    normalize: bool = True
+
+    def __post_init__(self) -> None:
+        _check_codebook("w_vq", self.vector, self.centroids)
+        _check_codebook("w_vq residual", self.vector, self.residual_centroids, allow_zero=True)
+        if isinstance(self.outlier_fraction, bool) or not 0.0 <= float(self.outlier_fraction) < 1.0:
+            raise ValueError(f"w_vq.outlier_fraction must be in [0, 1), got {self.outlier_fraction!r}")
+        object.__setattr__(self, "outlier_fraction", float(self.outlier_fraction))
+        if self.outlier_fraction:
+            _check_codebook("w_vq outlier", self.outlier_vector, self.outlier_centroids)
+        if not isinstance(self.normalize, bool):
+            raise ValueError(f"w_vq.normalize must be true or false, got {self.normalize!r}")
+
+    quantized = True
+    kind = "vector"
+
+    @property
+    def index_bits(self) -> float:
+        """Index bits per weight of the main (and residual) codebooks: log2(k)/v (+ log2(k_r)/v)."""
+        r = math.log2(self.residual_centroids) if self.residual_centroids else 0
+        return (math.log2(self.centroids) + r) / self.vector
+
+    @property
+    def name(self) -> str:
+        res = f"+r{self.residual_centroids}" if self.residual_centroids else ""
+        out = f"+o{self.outlier_fraction:g}v{self.outlier_vector}k{self.outlier_centroids}" if self.outlier_fraction else ""
+        return f"vq-v{self.vector}k{self.centroids}{res}{out}{'' if self.normalize else '-nonorm'}"
+
+    def outlier_count(self, in_features: int) -> int:
+        return math.ceil(self.outlier_fraction * in_features) if self.outlier_fraction else 0
+
+    def validate_shape(self, out_features: int, in_features: int) -> None:
+        vs = [self.vector] + ([self.outlier_vector] if self.outlier_fraction else [])
+        bad = [v for v in vs if out_features % v]
+        if bad:
+            raise ValueError(f"vector length {bad[0]} does not divide the output width {out_features}: choose a "
+                             f"w_vq.vector (and outlier_vector) that divides {out_features}")
+        if in_features > 2**COLUMN_INDEX_BITS:
+            raise ValueError(f"layers wider than {2**COLUMN_INDEX_BITS} inputs are not supported, got {in_features}")
+
+    def validate_linear(self, in_features: int) -> None:
+        """Nothing to check on the input width (vectors run along the output; see ``validate_shape``)."""
+
+    def storage_bits(self, out_features: int, in_features: int) -> int:
+        """Exact bits to store a ``[out, in]`` weight: indices, codebooks, outlier column indices, normalisation."""
+        n_out = self.outlier_count(in_features)
+        n_main = in_features - n_out
+        rows = out_features // self.vector
+        bits = rows * n_main * int(math.log2(self.centroids)) + self.vector * self.centroids * CODEBOOK_BITS
+        if self.residual_centroids:
+            bits += rows * n_main * int(math.log2(self.residual_centroids))
+            bits += self.vector * self.residual_centroids * CODEBOOK_BITS
+        if n_out:
+            bits += (out_features // self.outlier_vector) * n_out * int(math.log2(self.outlier_centroids))
+            bits += self.outlier_vector * self.outlier_centroids * CODEBOOK_BITS + n_out * COLUMN_INDEX_BITS
+        if self.normalize:
+            bits += 2 * in_features * CODEBOOK_BITS
+        return bits
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> VectorFormat:
+        return cls(**{k: v for k, v in d.items() if k != "kind"})
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How weights, activations and the KV cache are quantized.
@@ -133,6 +235,8 @@ class QuantSpec:
         a_granularity: "token" (dynamic range per token) or "tensor" (one static range).
         a_symmetric: symmetric activation grid.
         kv_bits: bits of the key/value cache, or 16 for none.
+        w_vq: vector quantization of the weights (``VectorFormat``, VPTQ) instead of a scalar grid; the other
+            ``w_*`` settings and ``lwc`` then do not apply.
     """
 
     w_bits: int = 4
@@ -146,8 +250,16 @@ class QuantSpec:
     a_granularity: str = "token"
     a_symmetric: bool = False
     kv_bits: int = NO_QUANT_BITS
+    w_vq: VectorFormat | None = None
 
     def __post_init__(self) -> None:
+        if self.w_vq is not None and not isinstance(self.w_vq, VectorFormat):
+            if not isinstance(self.w_vq, Mapping):
+                raise ValueError(f"w_vq must be a mapping of vector-quantization settings or null, got {self.w_vq!r}")
+            unknown = sorted(set(self.w_vq) - set(VectorFormat.__dataclass_fields__))
+            if unknown:
+                raise ValueError(f"unknown w_vq setting(s) {unknown}; allowed: {sorted(VectorFormat.__dataclass_fields__)}")
+            object.__setattr__(self, "w_vq", VectorFormat(**dict(self.w_vq)))
         check_bits("a_bits", self.a_bits)
         check_bits("kv_bits", self.kv_bits)
         fmt = WeightFormat(self.w_bits, self.w_group_size, self.w_symmetric, self.w_grid, self.w_grid_exponent)
@@ -160,13 +272,15 @@ class QuantSpec:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @property
-    def weight_format(self) -> WeightFormat:
+    def weight_format(self) -> WeightFormat | VectorFormat:
         """The format of every quantized linear's weight (a per-linear plan may override it)."""
+        if self.w_vq is not None:
+            return self.w_vq
         return WeightFormat(self.w_bits, self.w_group_size, self.w_symmetric, self.w_grid, self.w_grid_exponent)
 
     @property
     def quantizes_weights(self) -> bool:
-        return self.w_bits != NO_QUANT_BITS
+        return self.w_vq is not None or self.w_bits != NO_QUANT_BITS
 
     @property
     def quantizes_activations(self) -> bool:
@@ -182,10 +296,15 @@ class QuantSpec:
 
     @property
     def name(self) -> str:
-        """Short conventional name, e.g. ``w4a16g128`` or ``w4a4``."""
+        """Short conventional name, e.g. ``w4a16g128``, ``w4a4`` or ``vq2`` (index bits of a vector format)."""
+        if self.w_vq is not None:
+            acts = f"a{self.a_bits}" if self.quantizes_activations else ""
+            return f"vq{self.w_vq.index_bits:g}{acts}{f'kv{self.kv_bits}' if self.quantizes_kv else ''}"
         group = f"g{self.w_group_size}" if self.w_group_size else ""
-        kv = f"kv{self.kv_bits}" if self.quantizes_kv and self.kv_bits != self.a_bits else ""
         grid = "" if self.w_grid == "uniform" else f"-{self.w_grid}{self.w_grid_exponent:g}"
+        if self.quantizes_kv and not self.quantizes_activations:  # RPTQ's naming: W4A4KV = only K and V at 4 bits
+            return f"w{self.w_bits}a{self.kv_bits}kv{group}{grid}"
+        kv = f"kv{self.kv_bits}" if self.quantizes_kv and self.kv_bits != self.a_bits else ""
         return f"w{self.w_bits}a{self.a_bits}{group}{kv}{grid}"
 
     def validate_linear(self, in_features: int) -> None:
@@ -193,7 +312,10 @@ class QuantSpec:
         check_group_size(self.w_group_size, in_features)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if self.w_vq is None:
+            d.pop("w_vq")
+        return d
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any]) -> QuantSpec:

@@ -14,6 +14,7 @@ from omniq_lightning.transforms.let import (
     scale_output_rows,
     smoothquant_scale,
 )
+from omniq_lightning.transforms.reorder import ReorderDecl
 
 __all__ = [
     "ROLES",
@@ -24,6 +25,7 @@ __all__ = [
     "LETPairSpec",
     "PairDecl",
     "QuantBlock",
+    "ReorderDecl",
     "initial_pair",
     "midpoint_shift",
     "scale_input_columns",

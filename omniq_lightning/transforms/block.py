@@ -11,6 +11,7 @@ from torch import nn
 from omniq_lightning.nn import LETRouter, QuantLinear, WeightQuantizer
 from omniq_lightning.quant import QuantizedWeight, QuantSpec, WeightFormat
 from omniq_lightning.transforms.let import ROLES, LETNorm, LETPair
+from omniq_lightning.transforms.reorder import ReorderDecl
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,13 @@ class QuantBlock(nn.Module):
     ``fold()`` writes the learned transforms and clipping into plain weights and returns the block.
     """
 
-    def __init__(self, block: nn.Module, let_pairs: dict[str, LETPair], call: Callable) -> None:
+    def __init__(self, block: nn.Module, let_pairs: dict[str, LETPair], call: Callable,
+                 reorder_sites: list[ReorderDecl] | None = None) -> None:
         super().__init__()
         self.block = block
         self.let = nn.ModuleDict(let_pairs)
         self._call = call
+        self.reorder_sites = list(reorder_sites or [])  # where RPTQ may cluster channels (the adapter's declaration)
         self.quantized: dict[str, QuantizedWeight] = {}  # codes of every quantized linear, once folded
 
     def quant_linears(self) -> list[QuantLinear]:
