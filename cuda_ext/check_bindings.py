@@ -36,7 +36,7 @@ from omniq_lightning.quant.cuda import EXT_NAME, NVCC_FLAGS  # noqa: E402
 
 TORCH_DEFAULT_STD = "-std=c++20"  # what torch >= 2.13's cpp_extension adds when the caller sets no -std=
 CXX_STANDARD_DIAGNOSTIC = "3306"  # "a default bit-field initializer is a C++20 feature"
-SOURCES = ("fake_quant.cu", "fake_quant.cuh")
+SOURCES = ("fake_quant.cu", "fake_quant.cuh", "vq.cuh")
 
 
 def cache_root() -> Path:

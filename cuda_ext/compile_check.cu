@@ -1,6 +1,7 @@
-// Compile check for CI: nvcc builds every kernel in fake_quant.cuh for each supported dtype without
+// Compile check for CI: nvcc builds every kernel in fake_quant.cuh and vq.cuh for each supported dtype without
 // torch (the CPU torch wheel cannot build the bindings). `nvcc -arch=sm_80 -c compile_check.cu` must pass.
 #include "fake_quant.cuh"
+#include "vq.cuh"  // not templated: compiled as it stands
 
 namespace omniq {
 #define OMNIQ_INSTANTIATE(T)                                                                              \

@@ -7,6 +7,7 @@
 #include <torch/extension.h>
 
 #include "fake_quant.cuh"
+#include "vq.cuh"
 
 namespace {
 
@@ -123,6 +124,77 @@ torch::Tensor token_backward(torch::Tensor grad_out, torch::Tensor x, int64_t bi
   return grad_x;
 }
 
+// ---- vector-quantized weights (vq.cuh) --------------------------------------------------------------------
+// A weight arrives as its codebook parts, in order: indices int32 [ncols, rows] (column-major), centroids
+// float32 [k, v], the input column of each part column (int64), and whether the part adds to what is there.
+
+std::vector<omniq::VQPart> vq_parts(const std::vector<torch::Tensor>& idx, const std::vector<torch::Tensor>& centroids,
+                                    const std::vector<torch::Tensor>& cols, const torch::Device& device) {
+  TORCH_CHECK(idx.size() == centroids.size() && idx.size() == cols.size(), "one index, centroid and column tensor per part");
+  std::vector<omniq::VQPart> parts;
+  for (size_t i = 0; i < idx.size(); ++i) {
+    const auto& ix = idx[i];
+    const auto& cb = centroids[i];
+    const auto& cl = cols[i];
+    TORCH_CHECK(ix.device() == device && cb.device() == device && cl.device() == device, "part ", i, " must be on ", device);
+    TORCH_CHECK(ix.scalar_type() == at::kInt && ix.dim() == 2 && ix.is_contiguous(), "indices must be contiguous int32 [ncols, rows]");
+    TORCH_CHECK(cb.scalar_type() == at::kFloat && cb.dim() == 2 && cb.is_contiguous(), "centroids must be contiguous float32 [k, v]");
+    TORCH_CHECK(cl.scalar_type() == at::kLong && cl.dim() == 1 && cl.numel() == ix.size(0), "columns must be int64 [ncols]");
+    TORCH_CHECK(cb.size(1) >= 1 && cb.size(1) <= omniq::VQ_MAX_VECTOR, "vector length must be in 1..", omniq::VQ_MAX_VECTOR);
+    parts.push_back(omniq::VQPart{ix.data_ptr<int32_t>(), cb.data_ptr<float>(), cl.data_ptr<int64_t>(), ix.size(1), ix.size(0),
+                                  static_cast<int>(cb.size(1)), static_cast<int>(cb.size(0))});
+  }
+  return parts;
+}
+
+torch::Tensor vq_dequantize(std::vector<torch::Tensor> idx, std::vector<torch::Tensor> centroids, std::vector<torch::Tensor> cols,
+                            std::vector<int64_t> accumulate, std::optional<torch::Tensor> mean, std::optional<torch::Tensor> std_,
+                            int64_t out_features, int64_t in_features) {
+  TORCH_CHECK(!idx.empty() && idx[0].is_cuda(), "indices must be CUDA tensors");
+  const c10::cuda::CUDAGuard guard(idx[0].device());
+  auto parts = vq_parts(idx, centroids, cols, idx[0].device());
+  TORCH_CHECK(accumulate.size() == parts.size(), "one accumulate flag per part");
+  auto W = torch::empty({out_features, in_features}, idx[0].options().dtype(at::kFloat));
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (size_t i = 0; i < parts.size(); ++i) {
+    TORCH_CHECK(parts[i].rows * parts[i].v == out_features, "part ", i, " does not cover ", out_features, " rows");
+    omniq::launch_vq_lookup(parts[i], W.data_ptr<float>(), in_features, accumulate[i] != 0, stream);
+  }
+  if (mean.has_value()) {
+    TORCH_CHECK(std_.has_value(), "mean and std come together");
+    auto m = mean->contiguous(), s = std_->contiguous();
+    TORCH_CHECK(m.scalar_type() == at::kFloat && s.scalar_type() == at::kFloat && m.numel() == in_features && s.numel() == in_features,
+                "mean and std must be float32 [in_features]");
+    omniq::launch_vq_denormalize(W.data_ptr<float>(), m.data_ptr<float>(), s.data_ptr<float>(), out_features, in_features, stream);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return W;
+}
+
+torch::Tensor vq_gemv(torch::Tensor x, std::vector<torch::Tensor> idx, std::vector<torch::Tensor> centroids,
+                      std::vector<torch::Tensor> cols, std::optional<torch::Tensor> mean, std::optional<torch::Tensor> std_,
+                      int64_t out_features) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "x must be a CUDA tensor [tokens, in_features]");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto parts = vq_parts(idx, centroids, cols, x.device());
+  auto xs = x.to(at::kFloat).contiguous();
+  std::optional<torch::Tensor> shift;
+  if (mean.has_value()) {
+    TORCH_CHECK(std_.has_value(), "mean and std come together");
+    shift = xs.matmul(*mean);          // x . mean, per token
+    xs = (xs * *std_).contiguous();    // the normalisation folded into the input
+  }
+  auto acc = torch::empty({x.size(0), out_features}, xs.options());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  for (size_t i = 0; i < parts.size(); ++i) {
+    TORCH_CHECK(parts[i].rows * parts[i].v == out_features, "part ", i, " does not cover ", out_features, " rows");
+    omniq::launch_vq_gemv(parts[i], xs.data_ptr<float>(), acc.data_ptr<float>(), x.size(0), x.size(1), out_features, i > 0, stream);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  if (shift.has_value()) acc.add_(shift->unsqueeze(1));
+  return acc.to(x.scalar_type());
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -131,4 +203,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("weight_backward", &weight_backward, "weight fake-quant with LWC (backward; released: differentiable ranges)");
   m.def("token_forward", &token_forward, "per-token activation fake-quant (forward)");
   m.def("token_backward", &token_backward, "per-token activation fake-quant (backward; released: differentiable ranges)");
+  m.def("vq_dequantize", &vq_dequantize, "vector-quantized weight -> float32 [out, in] (bit-exact with the torch reference)");
+  m.def("vq_gemv", &vq_gemv, "x [tokens, in] @ W^T for a vector-quantized W, W never formed");
 }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run on the GPU machine, from the repository root, with .gpu/ carried (see cuda_ext/GPU.md):
 #   bash cuda_ext/gpu_suite.sh [tests|bench|all]
-# tests: the CUDA kernel tests and the GPU pipeline smoke tests; bench: the kernel and calibration benchmarks.
+# tests: the CUDA kernel tests (fake-quant and VQ) and the GPU pipeline smoke tests; bench: the kernel and
+# calibration benchmarks.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 what=${1:-all}
@@ -17,11 +18,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, transformers, lightning; print('torch', torch.__version__, 'transformers', transformers.__version__, 'lightning', lightning.__version__, torch.cuda.get_device_name())"
 status=0
 if [ "$what" = tests ] || [ "$what" = all ]; then
-  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_ext.py tests/test_gpu_pipeline.py 2>&1 | tee "$out/gpu-tests.log" | tail -40
+  python3 -m pytest -q -p no:cacheprovider tests/test_cuda_ext.py tests/test_gpu_pipeline.py tests/test_vptq.py -k "cuda or kernel or gpu" 2>&1 | tee "$out/gpu-tests.log" | tail -40
   status=${PIPESTATUS[0]}
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   python3 benchmarks/fake_quant.py 2>&1 | tee "$out/fake_quant.log" | tail -30
   python3 benchmarks/calibration.py 2>&1 | tee "$out/calibration.log" | tail -30
+  python3 benchmarks/vq_kernels.py 2>&1 | tee "$out/vq_kernels.log" | tail -30
 fi
 exit $status

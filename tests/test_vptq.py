@@ -168,3 +168,42 @@ def test_vq_at_2_bits_beats_scalar_2_bit_methods(vq_run, quick_run):
     vq = vq_run[0]
     scalar = {m: quick_run(m, "w2a16")[0] for m in ("rtn", "gptq")}
     assert 3 * vq < min(scalar.values())
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+def test_cuda_kernel_dequantization_is_bit_exact(fmt):
+    from omniq_lightning.nn.vq_linear import dequantize_with_kernel
+
+    W, _, H = layer(seed=4)
+    q = vq_quantize(W, H, fmt, iters=5).to("cuda")
+    w = dequantize_with_kernel(q)
+    assert w is not None, "the CUDA extension did not build (see the log line of omniq_lightning.quant.cuda)"
+    assert torch.equal(w, q.dequantize())
+
+
+@needs_cuda
+@pytest.mark.parametrize("fmt", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_cuda_kernel_gemv_matches_the_reference(fmt, dtype):
+    """The lookup GEMV sums in float32 in another order than a matmul: equal to float32 rounding, then to the
+    output dtype's rounding."""
+    from omniq_lightning.nn.vq_linear import VQLinear, gemv_with_kernel
+
+    W, _, H = layer(seed=5)
+    q = vq_quantize(W, H, fmt, iters=5).to("cuda")
+    x = torch.randn(3, W.shape[1], device="cuda").to(dtype)
+    ref = (x.double() @ q.dequantize().double().T)
+    y = gemv_with_kernel(x, q)
+    assert y is not None and y.dtype == dtype and y.shape == ref.shape
+    tol = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}[dtype]
+    scale = float((x.double().abs() @ q.dequantize().double().abs().T).max())
+    assert float((y.double() - ref).abs().max()) <= tol * scale
+    lin = VQLinear(q, torch.randn(W.shape[0], device="cuda"))  # few tokens: GEMV; many: dequantize + matmul
+    for tokens in (2, 64):
+        xt = torch.randn(tokens, W.shape[1], device="cuda")
+        expect = xt.double() @ q.dequantize().double().T + lin.bias.double()
+        assert torch.allclose(lin(xt).double(), expect, rtol=1e-4, atol=1e-4)

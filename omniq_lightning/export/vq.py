@@ -58,8 +58,8 @@ def vq_config(quantized: Mapping[str, VectorQuantizedWeight]) -> dict:
             "config_for_layers": {n: {**q.fmt.to_dict(), "shape": list(q.shape)} for n, q in sorted(quantized.items())}}
 
 
-def dequantize_vq(tensors: Mapping[str, torch.Tensor], prefix: str, layer: Mapping) -> torch.Tensor:
-    """The float32 weight ``[out, in]`` a linear of the checkpoint holds (``layer``: its config_for_layers entry)."""
+def read_vq(tensors: Mapping[str, torch.Tensor], prefix: str, layer: Mapping) -> VectorQuantizedWeight:
+    """A linear of the checkpoint as stored (``layer``: its config_for_layers entry)."""
     fmt = VectorFormat.from_dict({k: v for k, v in layer.items() if k != "shape"})
     out_f, in_f = (int(x) for x in layer["shape"])
     cols = tensors[f"{prefix}.vq.outlier_columns"].to(torch.int64) + COLUMN_OFFSET
@@ -76,15 +76,20 @@ def dequantize_vq(tensors: Mapping[str, torch.Tensor], prefix: str, layer: Mappi
                 raise ValueError(f"{prefix}: {tag} indices have {idx.shape[0]} rows, expected {out_f // vectors[tag]}")
             books[tag] = Codebook(c, idx)
     mean = tensors.get(f"{prefix}.vq.col_mean")
-    q = VectorQuantizedWeight(books["main"], books.get("residual"), books.get("outlier"), cols,
-                              None if mean is None else mean.float(),
-                              None if mean is None else tensors[f"{prefix}.vq.col_std"].float(), fmt, out_f, in_f)
-    return q.dequantize()
+    return VectorQuantizedWeight(books["main"], books.get("residual"), books.get("outlier"), cols,
+                                 None if mean is None else mean.float(),
+                                 None if mean is None else tensors[f"{prefix}.vq.col_std"].float(), fmt, out_f, in_f)
 
 
-def load_vq_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None):
+def dequantize_vq(tensors: Mapping[str, torch.Tensor], prefix: str, layer: Mapping) -> torch.Tensor:
+    """The float32 weight ``[out, in]`` a linear of the checkpoint holds."""
+    return read_vq(tensors, prefix, layer).dequantize()
+
+
+def load_vq_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None, keep_quantized: bool = False):
     """The model a vector-quantized checkpoint holds, with every weight dequantized (plain torch): equal, bit
-    for bit, to the fake-quant model it was exported from."""
+    for bit, to the fake-quant model it was exported from. ``keep_quantized``: the quantized linears become
+    ``VQLinear`` modules instead, which keep the indices and codebooks (CUDA kernels where built)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = Path(path)
@@ -115,4 +120,10 @@ def load_vq_checkpoint(path: str | os.PathLike, dtype: torch.dtype | None = None
                          f"{unexpected[:5]})")
     if getattr(hf_config, "tie_word_embeddings", False):
         model.tie_weights()
+    if keep_quantized:
+        from omniq_lightning.nn.vq_linear import VQLinear
+
+        for name, layer in layers.items():
+            bias = tensors.get(f"{name}.bias")
+            model.set_submodule(name, VQLinear(read_vq(tensors, name, layer), bias))
     return model.eval()
