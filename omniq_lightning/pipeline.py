@@ -185,27 +185,6 @@ def observe_static_ranges(qblock, inputs: ActivationCache, ctx: BlockContext) ->
         m.observing = False
 
 
-def learned_state(qblock) -> dict[str, torch.Tensor]:
-    trainable = {id(p) for p in qblock.quant_parameters()}
-    return {f"learned.{n}": p.detach().clone() for n, p in qblock.named_parameters() if id(p) in trainable}
-
-
-def clip_let_stats(qblock) -> dict[str, float]:
-    """Summary statistics of the learned clipping (sigmoid of the logits) and LET scales."""
-    stats: dict[str, float] = {}
-    wqs = [wq for wq in qblock.weight_quantizers() if wq.lwc_gamma is not None]
-    if wqs:
-        stats["clip_max_mean"] = torch.cat([torch.sigmoid(wq.lwc_gamma).flatten() for wq in wqs]).mean().item()
-        stats["clip_min_mean"] = torch.cat([torch.sigmoid(wq.lwc_beta).flatten() for wq in wqs]).mean().item()
-    offsets = [wq.rounding.flatten() for wq in qblock.weight_quantizers() if wq.rounding is not None]
-    if offsets:  # how far learned rounding moved from round-to-nearest
-        stats["rounding_offset_abs_mean"] = torch.cat(offsets).abs().mean().item()
-    for name, pair in qblock.let.items():
-        stats[f"let_{name}_scale_mean"] = pair.scale.detach().mean().item()
-        stats[f"let_{name}_scale_max"] = pair.scale.detach().max().item()
-    return stats
-
-
 def calibration_data(cfg: DictConfig, loaded: LoadedModel) -> torch.Tensor:
     """The calibration windows ``[nsamples, seqlen]`` (seeded: the same settings give the same windows)."""
     seqlen, n = int(cfg.calib.seqlen), int(cfg.calib.nsamples)
@@ -269,8 +248,8 @@ def quantize(cfg: DictConfig, loaded: LoadedModel, plan: BlockPlan, method: Meth
                            logger=logger, progress_bar=progress)
             calibrated = method.calibrate(qblock, BlockDataModule(q_in, fp_out, batch_size, aug), run) or {}
             observe_static_ranges(qblock, q_in, ctx)  # again: the learned transforms moved the ranges
-            block_stats = {**clip_let_stats(qblock), **calibrated}
-            learned = learned_state(qblock)
+            learned, learned_stats = qblock.learned_record()
+            block_stats = {**learned_stats, **calibrated}
             folded = adapter.finish_block(method.finalize(qblock))
             codes = {k: v for name, q in qblock.quantized.items() for k, v in q.tensors(f"qweight.{name}").items()}
             formats = {name: q.fmt.to_dict() for name, q in qblock.quantized.items()}

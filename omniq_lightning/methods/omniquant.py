@@ -200,6 +200,7 @@ class OmniQuant(Method):
         self.prepare(qblock, data, run)
         stats = self.train(qblock, data, run)
         if self.r.rounding == "gptq":
+            qblock.record_learned()  # GPTQ folds the transforms and the clipping into the weights
             stats |= gptq_block(qblock, data.inputs, run.ctx, self.gptq_damp, self.gptq_act_order, blocksize=128)
         return stats
 

@@ -56,6 +56,36 @@ class QuantBlock(nn.Module):
         self._call = call
         self.reorder_sites = list(reorder_sites or [])  # where RPTQ may cluster channels (the adapter's declaration)
         self.quantized: dict[str, QuantizedWeight] = {}  # codes of every quantized linear, once folded
+        self._learned: tuple[dict[str, torch.Tensor], dict[str, float]] | None = None
+
+    def learned_tensors(self) -> dict[str, torch.Tensor]:
+        """The learned tensors (clipping logits, LET factors, rounding offsets), by name, prefixed ``learned.``."""
+        trainable = {id(p) for p in self.quant_parameters()}
+        return {f"learned.{n}": p.detach().clone() for n, p in self.named_parameters() if id(p) in trainable}
+
+    def learned_statistics(self) -> dict[str, float]:
+        """Summary statistics of the learned clipping (sigmoid of the logits), rounding offsets and LET scales."""
+        stats: dict[str, float] = {}
+        wqs = [wq for wq in self.weight_quantizers() if wq.lwc_gamma is not None]
+        if wqs:
+            stats["clip_max_mean"] = torch.cat([torch.sigmoid(wq.lwc_gamma).flatten() for wq in wqs]).mean().item()
+            stats["clip_min_mean"] = torch.cat([torch.sigmoid(wq.lwc_beta).flatten() for wq in wqs]).mean().item()
+        offsets = [wq.rounding.flatten() for wq in self.weight_quantizers() if wq.rounding is not None]
+        if offsets:  # how far learned rounding moved from round-to-nearest
+            stats["rounding_offset_abs_mean"] = torch.cat(offsets).abs().mean().item()
+        for name, pair in self.let.items():
+            stats[f"let_{name}_scale_mean"] = pair.scale.detach().mean().item()
+            stats[f"let_{name}_scale_max"] = pair.scale.detach().max().item()
+        return stats
+
+    def record_learned(self) -> None:
+        """Keep the learned tensors and their statistics as they are now, before a step that folds them (GPTQ
+        rounding after training), for the block's record."""
+        self._learned = (self.learned_tensors(), self.learned_statistics())
+
+    def learned_record(self) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        """The recorded learned tensors and statistics, or the current ones if none were recorded."""
+        return self._learned if self._learned is not None else (self.learned_tensors(), self.learned_statistics())
 
     def quant_linears(self) -> list[QuantLinear]:
         return [m for m in self.block.modules() if isinstance(m, QuantLinear)]
