@@ -22,6 +22,7 @@ from cells import REPO, write_section
 
 QUICK = ["calib.nsamples=16", "eval.max_windows=20", "eval.fp_baseline=false", "trainer.enable_progress_bar=false"]
 MIXED = "quant.candidates=[w2,w3,w4,w8]"
+VQ2_TINY = ["quant.w_vq.vector=2", "quant.w_vq.centroids=16", "quant.w_vq.normalize=false"]  # tests/test_vptq.py
 # claim -> (better run, worse run); a run is (method, quant, overrides)
 CLAIMS = {
     "omniquant < rtn, w3a16": (("omniquant", "w3a16", ["method.epochs=10"]), ("rtn", "w3a16", [])),
@@ -34,6 +35,12 @@ CLAIMS = {
     "smoothquant < rtn, w4a4": (("smoothquant", "w4a4", []), ("rtn", "w4a4", [])),
     "mixed rtn < uniform rtn, 3.03 bits": (("rtn", "mixed", ["quant.avg_bits=BUDGET", MIXED]), ("rtn", "w3a16", [])),
     "mixed gptq < uniform gptq, 3.03 bits": (("gptq", "mixed", ["quant.avg_bits=BUDGET", MIXED]), ("gptq", "w3a16", [])),
+    "rptq < rtn static per tensor, w4a8": (("rptq", "w4a8", []), ("rtn", "w4a8", ["quant.a_granularity=tensor"])),
+    "rptq < smoothquant static per tensor, w4a8": (("rptq", "w4a8", []),
+                                                   ("smoothquant", "w4a8", ["quant.a_granularity=tensor"])),
+    "rptq < rtn static per tensor, w4a4": (("rptq", "w4a4", []), ("rtn", "w4a4", ["quant.a_granularity=tensor"])),
+    "vptq 2 index bits < gptq w2": (("vptq", "vq2", VQ2_TINY), ("gptq", "w2a16", [])),
+    "vptq 2 index bits < awq w2": (("vptq", "vq2", VQ2_TINY), ("awq", "w2a16", [])),
 }
 
 

@@ -19,8 +19,9 @@ def nearest(points: torch.Tensor, centroids: torch.Tensor, batch: int = 65536) -
     c_sq = centroids.pow(2).sum(1)
     for i in range(0, points.shape[0], batch):
         p = points[i : i + batch]
-        d = p.pow(2).sum(1, keepdim=True) - 2 * p @ centroids.T + c_sq[None]
-        dist[i : i + batch], labels[i : i + batch] = d.min(1)
+        d = torch.addmm(c_sq[None], p, centroids.T, alpha=-2)  # |c|^2 - 2 p.c: the |p|^2 term does not move the argmin
+        m, labels[i : i + batch] = d.min(1)
+        dist[i : i + batch] = m + p.pow(2).sum(1)
     return labels, dist.clamp(min=0)
 
 
@@ -42,8 +43,10 @@ def kmeans_plus_plus(points: torch.Tensor, k: int, gen: torch.Generator, weights
 
 
 def kmeans(points: torch.Tensor, k: int, iters: int = 50, seed: int = 0, weights: torch.Tensor | None = None,
-           batch: int = 65536, tol: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """``k`` centroids ``[k, d]`` of ``points [n, d]`` (optionally weighted) and every point's label ``[n]``."""
+           batch: int = 65536, tol: float = 1e-6, init_sample: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` centroids ``[k, d]`` of ``points [n, d]`` (optionally weighted) and every point's label ``[n]``.
+    ``init_sample``: seed k-means++ from that many points drawn without replacement (seeded) instead of all of
+    them (k-means++ is k sequential passes, the cost that dominates on large layers)."""
     if points.dim() != 2:
         raise ValueError(f"k-means takes points of shape [n, d], got {tuple(points.shape)}")
     n = points.shape[0]
@@ -52,7 +55,11 @@ def kmeans(points: torch.Tensor, k: int, iters: int = 50, seed: int = 0, weights
     x = points.float() if points.dtype != torch.float64 else points
     w = None if weights is None else weights.to(x.dtype).clamp(min=0)
     gen = torch.Generator().manual_seed(seed)
-    centroids = kmeans_plus_plus(x, k, gen, w, batch)
+    if init_sample is not None and n > max(init_sample, k):
+        pick = torch.randperm(n, generator=gen)[:init_sample].to(x.device)
+        centroids = kmeans_plus_plus(x[pick], k, gen, None if w is None else w[pick], batch)
+    else:
+        centroids = kmeans_plus_plus(x, k, gen, w, batch)
     labels, dist = nearest(x, centroids, batch)
     prev = float("inf")
     for _ in range(iters):

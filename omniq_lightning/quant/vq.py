@@ -138,13 +138,21 @@ def column_vectors(w: torch.Tensor, v: int) -> torch.Tensor:
     return w.reshape(out // v, v, cols).permute(0, 2, 1).reshape(-1, v)
 
 
-def fit_codebook(w: torch.Tensor, col_weight: torch.Tensor, v: int, k: int, iters: int, seed: int) -> torch.Tensor:
+KMEANS_POINTS = 65536  # at most this many vectors (a seeded sample) fit a codebook; all are then assigned
+KMEANS_INIT_PER_CENTROID = 16  # k-means++ seeds from 16 k of them
+
+
+def fit_codebook(w: torch.Tensor, col_weight: torch.Tensor, v: int, k: int, iters: int, seed: int,
+                 max_points: int = KMEANS_POINTS) -> torch.Tensor:
     """k-means centroids ``[k, v]`` (fp16 values) of the vectors of ``w [out, cols]``, each weighted by its
-    column's ``col_weight``."""
+    column's ``col_weight``; a layer with more than ``max_points`` vectors is fitted on a seeded sample."""
     pts = column_vectors(w, v)
     weights = col_weight[None].expand(w.shape[0] // v, -1).reshape(-1)
+    if pts.shape[0] > max(max_points, k):
+        pick = torch.randperm(pts.shape[0], generator=torch.Generator().manual_seed(seed))[:max_points].to(pts.device)
+        pts, weights = pts[pick], weights[pick]
     k_eff = min(k, pts.shape[0])
-    c, _ = kmeans(pts, k_eff, iters=iters, seed=seed, weights=weights)
+    c, _ = kmeans(pts, k_eff, iters=iters, seed=seed, weights=weights, init_sample=KMEANS_INIT_PER_CENTROID * k_eff)
     if k_eff < k:  # fewer vectors than centroids: the rest are never chosen, but the codebook keeps its size
         c = torch.cat([c, c[:1].expand(k - k_eff, -1)])
     return fp16_values(c)
