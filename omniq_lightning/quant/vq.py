@@ -139,7 +139,7 @@ def column_vectors(w: torch.Tensor, v: int) -> torch.Tensor:
 
 
 KMEANS_POINTS = 65536  # at most this many vectors (a seeded sample) fit a codebook; all are then assigned
-KMEANS_INIT_PER_CENTROID = 16  # k-means++ seeds from 16 k of them
+KMEANS_INIT_POINTS = 8192  # k-means++ seeds from max(16 k, 8192) of them (all of them in smaller layers)
 
 
 def fit_codebook(w: torch.Tensor, col_weight: torch.Tensor, v: int, k: int, iters: int, seed: int,
@@ -152,7 +152,7 @@ def fit_codebook(w: torch.Tensor, col_weight: torch.Tensor, v: int, k: int, iter
         pick = torch.randperm(pts.shape[0], generator=torch.Generator().manual_seed(seed))[:max_points].to(pts.device)
         pts, weights = pts[pick], weights[pick]
     k_eff = min(k, pts.shape[0])
-    c, _ = kmeans(pts, k_eff, iters=iters, seed=seed, weights=weights, init_sample=KMEANS_INIT_PER_CENTROID * k_eff)
+    c, _ = kmeans(pts, k_eff, iters=iters, seed=seed, weights=weights, init_sample=max(16 * k_eff, KMEANS_INIT_POINTS))
     if k_eff < k:  # fewer vectors than centroids: the rest are never chosen, but the codebook keeps its size
         c = torch.cat([c, c[:1].expand(k - k_eff, -1)])
     return fp16_values(c)
