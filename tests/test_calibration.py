@@ -228,3 +228,25 @@ def test_block_is_back_on_the_run_device_before_gptq_rounding(stories, tmp_path,
     gptq_at = events.index(("gptq",))
     assert teardown < gptq_at
     assert ("to", device) in events[teardown:gptq_at], events
+
+
+@pytest.mark.parametrize("learn_rounding", [False, True], ids=["nearest", "learned-rounding"])
+@pytest.mark.parametrize("let", [True, False], ids=["let", "no-let"])
+@pytest.mark.parametrize("lwc", [True, False], ids=["lwc", "no-lwc"])
+def test_the_trainable_set_of_each_combination(stories, lwc, let, learn_rounding):
+    """Clipping logits with LWC, LET scales with LET (RMSNorm: no shifts), one rounding offset per weight with
+    learned rounding, and nothing else, whatever the combination."""
+    from dataclasses import replace
+
+    qblock, ctx, data = tiny_block_setup(stories, spec=replace(W4A4, lwc=lwc), let=let)
+    run_info = BlockRun(index=0, n_blocks=5, ctx=ctx, device=torch.device("cpu"), precision="32-true",
+                        checkpoint_dir=None, resume_checkpoint=None, progress_bar=False)
+    OmniQuant(recipe="released", learn_rounding=learn_rounding).prepare(qblock, data, run_info)
+    module = BlockLightningModule(qblock, ctx, 0, TrainSettings(lrs={"lwc": 1e-2, "let": 5e-3, "rounding": 5e-3}))
+    trainable = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    expected = ({"lwc_gamma", "lwc_beta"} if lwc else set()) | ({"scale"} if let else set()) | (
+        {"rounding"} if learn_rounding else set())
+    assert {n.split(".")[-1] for n in trainable} == expected
+    if learn_rounding:
+        offsets = [p for n, p in trainable.items() if n.endswith("rounding")]
+        assert sum(p.numel() for p in offsets) == sum(m.weight.numel() for m in qblock.quant_linears())
