@@ -50,8 +50,10 @@ def reorder_sites(block: nn.Module, q: str, k: str, v: str, o: str, fc_in: tuple
     ]
 
 
-class LlamaAdapter(ModelAdapter):
-    model_types = ("llama", "mistral", "qwen2", "qwen3")
+class DecoderLayersAdapter(ModelAdapter):
+    """The layout LLaMA-style families share in transformers: ``model.model.layers``, embeddings and rotary
+    embeddings before the blocks, attention in ``self_attn``."""
+
     family = "llama"
     let_for_weight_only = False  # OmniQuant's released LLaMA weight-only recipes use LWC alone
 
@@ -63,6 +65,10 @@ class LlamaAdapter(ModelAdapter):
 
     def attention_modules(self, block: nn.Module) -> list[nn.Module]:
         return [block.self_attn]
+
+
+class LlamaAdapter(DecoderLayersAdapter):
+    model_types = ("llama", "mistral", "qwen2", "qwen3")
 
     def pairs(self, block: nn.Module) -> list[PairDecl]:
         """RMSNorm -> q/k/v and -> gate/up (no shifts: RMSNorm has no bias to absorb them), v -> o, q/k, up -> down."""

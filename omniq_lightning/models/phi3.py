@@ -4,29 +4,19 @@ from __future__ import annotations
 
 from torch import nn
 
-from omniq_lightning.models.base import ModelAdapter
 from omniq_lightning.models.heads import heads_of
+from omniq_lightning.models.llama import DecoderLayersAdapter
 from omniq_lightning.transforms import PairDecl
 
 QKV, O_PROJ, GATE_UP, DOWN = "self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"
 
 
-class Phi3Adapter(ModelAdapter):
+class Phi3Adapter(DecoderLayersAdapter):
     """Pairs on fused linears: input_layernorm -> qkv_proj; v rows of qkv_proj -> o_proj (GQA-aware);
     post_attention_layernorm -> gate_up_proj; up rows of gate_up_proj -> down_proj. No q/k pair (q and k
     share the fused projection and partial rotary leaves some channels unrotated: not declared)."""
 
     model_types = ("phi3",)
-    family = "llama"
-
-    def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return model.model.layers
-
-    def pre_block_modules(self, model: nn.Module) -> list[nn.Module]:
-        return [model.model.embed_tokens, model.model.rotary_emb]
-
-    def attention_modules(self, block: nn.Module) -> list[nn.Module]:
-        return [block.self_attn]
 
     def pairs(self, block: nn.Module) -> list[PairDecl]:
         heads = heads_of(block.self_attn)

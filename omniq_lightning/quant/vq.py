@@ -171,8 +171,7 @@ def vq_quantize(W: torch.Tensor, H: torch.Tensor | None, fmt: VectorFormat, damp
         diag = torch.ones_like(diag)
     if fmt.normalize:
         mean = fp16_values(W.mean(0))
-        std = fp16_values(W.std(0, unbiased=False).clamp(min=1e-6))
-        std = torch.where(std > 0, std, torch.full_like(std, 1e-6))
+        std = fp16_values(W.std(0, unbiased=False).clamp(min=1e-6))  # 1e-6 stays nonzero in fp16
     else:
         mean = std = None
     U = W if mean is None else (W - mean[None]) / std[None]
@@ -186,11 +185,10 @@ def vq_quantize(W: torch.Tensor, H: torch.Tensor | None, fmt: VectorFormat, damp
     main_c = fit_codebook(U[:, main_cols], diag[main_cols], fmt.vector, fmt.centroids, iters, seed)
     res_c = None
     if fmt.residual_centroids:
-        first = main_c[nearest(column_vectors(U[:, main_cols], fmt.vector), main_c)[0]]
-        resid = column_vectors(U[:, main_cols], fmt.vector) - first
-        rows = out_f // fmt.vector
-        res_w = resid.reshape(rows, len(main_cols), fmt.vector).permute(0, 2, 1).reshape(out_f, len(main_cols))
-        res_c = fit_codebook(res_w, diag[main_cols], fmt.vector, fmt.residual_centroids, iters, seed + 1)
+        u_main = U[:, main_cols]
+        labels = nearest(column_vectors(u_main, fmt.vector), main_c)[0].reshape(out_f // fmt.vector, -1)
+        res_c = fit_codebook(u_main - Codebook(main_c, labels).lookup(), diag[main_cols], fmt.vector,
+                             fmt.residual_centroids, iters, seed + 1)
     out_c = None
     if n_out:
         out_c = fit_codebook(U[:, outlier_cols], diag[outlier_cols], fmt.outlier_vector, fmt.outlier_centroids,
