@@ -225,3 +225,30 @@ def test_local_task_files_reproduce_the_official_prompts(data_dir):
     assert len(hs) == 10042 and all(len(r["choices"]) == 4 for r in hs)
     assert hs[0]["query"] == "Roof shingle removal: A man is sitting on a roof. He"  # lm-eval's first query
     assert not any("[" in r["query"] and "]" in r["query"] for r in hs)
+
+
+def test_roundtrip_benchmark_reads_every_packed_format_back(tmp_path, data_dir):
+    """``benchmarks/roundtrip.py`` (the SmolLM2 round trip in RESULTS.md) on a stories260K run exported in both
+    packed formats: each loads back with the perplexity the run measured, and a run without one is refused."""
+    from omniq_lightning.config import compose
+    from omniq_lightning.pipeline import run
+
+    for fmt in ("gptq", "compressed-tensors"):  # the second run loads the first one's finished blocks
+        run(compose(["method=rtn", "quant=w4a16", f"export.format={fmt}", *QUICK, f"output_dir={tmp_path}"]))
+    report_file = tmp_path / "roundtrip.json"
+    done = subprocess.run([sys.executable, "benchmarks/roundtrip.py", str(tmp_path), "--json", str(report_file),
+                           "--data-dir", str(data_dir)], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(report_file.read_text())
+    assert set(report["formats"]) == {"gptq", "compressed-tensors"}
+    for fmt, r in report["formats"].items():
+        assert 0 < r["fraction_of_fp16"] < 1, fmt
+        for how, row in r["loaded"].items():
+            assert row["relative_difference"] < 1e-3, (fmt, how)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "results.json").write_text((tmp_path / "results.json").read_text())
+    (bare / "model").symlink_to(tmp_path / "model")
+    refused = subprocess.run([sys.executable, "benchmarks/roundtrip.py", str(bare)], cwd=REPO, capture_output=True,
+                             text=True)
+    assert refused.returncode != 0 and "export.format=" in refused.stderr
