@@ -3,12 +3,14 @@
     python benchmarks/ablation.py                                  # every row, both models
     python benchmarks/ablation.py --models stories260k --rows base loss=mse_channel
     python benchmarks/ablation.py --rows default --seeds 0 1 2     # run-to-run noise (calibration windows)
+    python benchmarks/ablation.py --base default --rows epochs=0 loss=mse_channel   # axes from the default
 
 Each row changes one setting of OmniQuant's base recipe (``--base``, default ``released``: the released
 OmniQuant code), except the rows marked "combined" (the candidates for the default) and the baselines
 (AWQ, GPTQ, SmoothQuant, RTN) run on the same protocol for reference. Every cell is a resumable
 ``train.py`` run (the same calibration and evaluation windows in every cell of a model); its perplexity
-and calibration wall time go into the table between the ``ablation`` markers of ``benchmarks/RESULTS.md``.
+and calibration wall time go into the table between the ``ablation`` markers of ``benchmarks/RESULTS.md``
+(``ablation-<base>`` for another base, whose cells live in their own folder).
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ ROWS: list[tuple[str, str, list[str], set[str] | None]] = [
      WEIGHT_ACTIVATION),
     # closed form after training
     ("rounding=gptq", "after training", ["method.rounding=gptq"], None),
+    # what training adds to a recipe's closed-form steps (from base=default: AWQ's search, then GPTQ, untrained)
+    ("epochs=0", "training", ["method.epochs=0"], None),
     # the candidates for the default, then the recipe named default
     ("awq + gptq", "combined", ["method.init=awq", "method.keep_best=true", "method.rounding=gptq"], None),
     ("awq + gptq + mse_channel", "combined",
@@ -98,12 +102,14 @@ def cell_overrides(model: str, setting: str, row: tuple | None, baseline: str | 
     return [*common, "method=omniquant", *recipe, f"method.epochs={spec['epochs']}", *row[2]]
 
 
-def matches_protocol(model: str) -> Callable[[dict], bool]:
+def matches_protocol(model: str, overrides: list[str]) -> Callable[[dict], bool]:
+    """Whether a finished cell ran under this model's protocol and with the cell's own OmniQuant settings (the
+    last ``method.*`` override of each key wins, as in Hydra)."""
     numeric = {k: v for k, v in MODELS[model]["protocol"].items() if isinstance(v, int)}
+    method = dict(o.split("=", 1) for o in overrides if o.startswith("method.") and "=" in o)
 
     def matches(res: dict) -> bool:
-        epochs = {"method.epochs": MODELS[model]["epochs"]} if res["config"]["method"]["name"] == "omniquant" else {}
-        return settings_match(res, {**numeric, **epochs})
+        return settings_match(res, {**numeric, **(method if res["config"]["method"]["name"] == "omniquant" else {})})
 
     return matches
 
@@ -178,10 +184,12 @@ def main() -> None:
     wanted = set(args.rows) if args.rows else None
     results: dict = {}
     for model in args.models:
-        out_root = args.out / model
-        out_root.mkdir(parents=True, exist_ok=True)
-        model_args = local_model(model, out_root)
-        matches = matches_protocol(model)
+        model_root = args.out / model
+        model_root.mkdir(parents=True, exist_ok=True)
+        model_args = local_model(model, model_root)
+        # cells of another base recipe live apart: a row's name means a different run there
+        out_root = model_root if args.base == "released" else model_root / f"base-{args.base}"
+        out_root.mkdir(exist_ok=True)
         entries = [(r[0], r, None) for r in ROWS] + [(f"method={b}", None, b) for b in BASELINES]
         for setting in MODELS[model]["settings"]:
             for name, row, baseline in entries:
@@ -192,9 +200,10 @@ def main() -> None:
                 for seed in args.seeds:
                     out = out_root / cell_name(name, setting, seed)
                     selected = (wanted is None or name in wanted) and (args.settings is None or setting in args.settings)
+                    overrides = cell_overrides(model, setting, row, baseline, args.base, seed, model_args)
+                    matches = matches_protocol(model, overrides)
                     if selected:
                         print(f"cell {model} {setting} {name} seed {seed} ...", flush=True)
-                        overrides = cell_overrides(model, setting, row, baseline, args.base, seed, model_args)
                         res = run_cell(overrides, out, out_root / f"{out.name}.log", matches)
                         print(f"  {value(res, MODELS[model]['corpus']) if isinstance(res, dict) else res}", flush=True)
                     else:
@@ -202,8 +211,9 @@ def main() -> None:
                     if res is not None:
                         results[(model, name, setting, seed)] = res
     if not args.no_write:
-        write_section(args.results, "<!-- ablation:begin -->", "<!-- ablation:end -->",
-                      table(results, args.models, args.base, args.seeds), "## Best practices: the ablation")
+        tag = "ablation" if args.base == "released" else f"ablation-{args.base}"
+        write_section(args.results, f"<!-- {tag}:begin -->", f"<!-- {tag}:end -->",
+                      table(results, args.models, args.base, args.seeds), f"## Best practices: the ablation ({tag})")
         print(f"table written to {args.results}")
 
 
