@@ -26,14 +26,14 @@ WEIGHT_ACTIVATION = {"w8a8", "w6a6", "w4a4"}
 # Per model: its settings, its protocol, the corpus the table reports, and OmniQuant's epochs.
 MODELS = {
     "smollm2-135m": {
-        "settings": ["w4a16", "w3a16", "w2a16g64", "w4a4"],
+        "settings": ["w4a16", "w3a16", "w2a16g64", "w4a4", "w6a6"],
         "protocol": {"calib.nsamples": 16, "calib.seqlen": 512, "eval.corpora": "[wikitext2]", "eval.seqlen": 2048,
                      "eval.max_windows": 8},
         "corpus": "wikitext2",
         "epochs": 3,
     },
     "stories260k": {
-        "settings": ["w4a16", "w3a16", "w4a4"],
+        "settings": ["w4a16", "w3a16", "w4a4", "w6a6"],
         "protocol": {"calib.nsamples": 16, "eval.max_windows": 20},
         "corpus": "tinystories",
         "epochs": 10,

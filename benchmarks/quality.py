@@ -2,18 +2,21 @@
 
     python benchmarks/quality.py                      # SmolLM2-135M, the CPU protocol below, all cells
     python benchmarks/quality.py --methods rtn gptq --quants w3a16   # a subset (the table keeps other cells)
+    python benchmarks/quality.py --methods awq omniquant --quants w4a16 --seeds 1 2   # run-to-run noise
 
 Each cell is one ``python train.py`` run in its own output folder under ``--out``; a finished cell
 (``results.json`` with this protocol's evaluation) is reused, an interrupted one resumes where it
 stopped (the pipeline's own block-level resume), so the command can be run again until the table is
 full. The table (perplexity, bits per weight counting scales and zero points, calibration wall time,
 peak memory) replaces the section between the ``quality`` markers in ``benchmarks/RESULTS.md``; a PNG
-plots perplexity against bits per weight.
+plots perplexity against bits per weight. The grid is calibration seed 0; cells run with other seeds
+(``--seeds``: other calibration windows, the same evaluation windows) give the run-to-run noise table.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -43,10 +46,17 @@ PROTOCOLS = {"cpu": PROTOCOL, "paper": PAPER_PROTOCOL}
 METHOD_SETTINGS = {"cpu": {"omniquant": {"method.epochs": 3}}, "paper": {}}
 
 
-def cell_overrides(model: str, method: str, quant: str, model_args: list[str], name: str) -> list[str]:
+def cell_overrides(model: str, method: str, quant: str, model_args: list[str], name: str, seed: int = 0) -> list[str]:
     settings = {**PROTOCOLS[name], **METHOD_SETTINGS[name].get(method, {})}
     quant_arg = [] if method == "fp" else [f"quant={quant}"]
-    return [f"model={model}", *model_args, f"method={method}", *quant_arg, *[f"{k}={v}" for k, v in settings.items()]]
+    return [f"model={model}", *model_args, f"method={method}", *quant_arg, f"seed={seed}",
+            *[f"{k}={v}" for k, v in settings.items()]]
+
+
+def cell_folder(method: str, quant: str, seed: int = 0) -> str:
+    """A cell's output folder: ``<method>-<quant>``, with ``--seed<k>`` for other calibration seeds."""
+    name = "fp" if method == "fp" else f"{method}-{quant}"
+    return name + (f"--seed{seed}" if seed else "")
 
 
 def skip_reason(method: str, quant: str) -> str | None:
@@ -57,14 +67,14 @@ def skip_reason(method: str, quant: str) -> str | None:
     return None
 
 
-def protocol_of(name: str) -> Callable[[dict], bool]:
-    """Whether a finished cell ran under this protocol (calibration, evaluation and method settings): a cell
-    calibrated otherwise must not enter the table silently (the pipeline refuses to resume different
-    calibration settings, naming them: delete the cell)."""
+def protocol_of(name: str, seed: int = 0) -> Callable[[dict], bool]:
+    """Whether a finished cell ran under this protocol (calibration, evaluation and method settings) and
+    calibration seed: a cell calibrated otherwise must not enter the table silently (the pipeline refuses to
+    resume different calibration settings, naming them: delete the cell)."""
 
     def matches(res: dict) -> bool:
         cfg = res["config"]
-        if sorted(cfg["eval"]["corpora"]) != ["ptb", "wikitext2"]:
+        if sorted(cfg["eval"]["corpora"]) != ["ptb", "wikitext2"] or int(cfg.get("seed", 0)) != seed:
             return False
         numeric = {k: v for k, v in PROTOCOLS[name].items() if isinstance(v, int)}
         return settings_match(res, {**numeric, **METHOD_SETTINGS[name].get(cfg["method"]["name"], {})})
@@ -131,6 +141,27 @@ def table(model: str, grid: dict[tuple[str, str], dict | str | None], quants: li
     return "\n".join(lines)
 
 
+def noise_table(runs: dict[tuple[str, str, int], dict | str | None], quants: list[str]) -> str:
+    """Run-to-run noise: for each cell run with more than one calibration seed, the median perplexity and its
+    range over the seeds (the same evaluation windows in every run)."""
+    lines = []
+    for corpus, title in (("wikitext2", "WikiText-2"), ("ptb", "PTB")):
+        rows = []
+        for method in METHODS[1:]:
+            cells = []
+            for q in quants:
+                vals = [r["perplexity"][corpus]["perplexity"] for (m, qq, _), r in sorted(runs.items())
+                        if m == method and qq == q and isinstance(r, dict)]
+                cells.append(f"{statistics.median(vals):.2f} [{min(vals):.2f}, {max(vals):.2f}] ({len(vals)})"
+                             if len(vals) > 1 else "-")
+            if any(c != "-" for c in cells):
+                rows.append(f"| {method} | " + " | ".join(cells) + " |")
+        if rows:
+            lines += ["", f"**Run-to-run noise, {title}: median [min, max] (calibration seeds)**", "",
+                      "| method | " + " | ".join(quants) + " |", "|---|" + "---|" * len(quants), *rows]
+    return "\n".join(lines)
+
+
 def plot(grid: dict, path: Path, model: str) -> None:
     import matplotlib
 
@@ -164,6 +195,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--quants", nargs="+", default=QUANTS)
     ap.add_argument("--protocol", default="cpu", choices=sorted(PROTOCOLS))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0], help="calibration seeds to run (0: the grid)")
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "quality")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     args = ap.parse_args()
@@ -174,25 +206,30 @@ def main() -> None:
     matches = protocol_of(args.protocol)
     columns = [*QUANTS, *(q for q in args.quants if q not in QUANTS)]
     columns += sorted(
-        {d.name.split("-", 1)[1] for d in out_root.glob("*-*") if (d / "results.json").is_file()} - set(columns)
+        {d.name.split("-", 1)[1] for d in out_root.glob("*-*") if (d / "results.json").is_file() and "--seed" not in d.name}
+        - set(columns)
     )  # settings run earlier with --quants stay in the table
-    grid: dict[tuple[str, str], dict | str | None] = {}
-    for method in METHODS:  # existing cells are read even when not selected, so the table stays whole
+    seeds = sorted({0, *args.seeds, *(int(d.name.rsplit("--seed", 1)[1]) for d in out_root.glob("*--seed*") if d.is_dir())})
+    runs: dict[tuple[str, str, int], dict | str | None] = {}
+    for method in METHODS:  # existing cells are read even when not selected, so the tables stay whole
         for q in ["fp"] if method == "fp" else columns:
-            out = out_root / ("fp" if method == "fp" else f"{method}-{q}")
             reason = skip_reason(method, q)
-            if reason:
-                grid[(method, q)] = reason
-            elif method in args.methods and (method == "fp" or q in args.quants):
-                print(f"cell {method} {q} ...", flush=True)
-                overrides = cell_overrides(args.model, method, q, model_args, args.protocol)
-                grid[(method, q)] = run_cell(overrides, out, out_root / f"{out.name}.log", matches)
-                r = grid[(method, q)]
-                print(f"  {cell_text(r, 'wikitext2') if not isinstance(r, str) else r}", flush=True)
-            else:
-                grid[(method, q)] = recorded(out, matches)
+            for seed in [0] if method == "fp" else seeds:
+                out = out_root / cell_folder(method, q, seed)
+                matches = protocol_of(args.protocol, seed)
+                if reason:
+                    runs[(method, q, seed)] = reason
+                elif method in args.methods and (method == "fp" or q in args.quants) and seed in args.seeds:
+                    print(f"cell {method} {q} seed {seed} ...", flush=True)
+                    overrides = cell_overrides(args.model, method, q, model_args, args.protocol, seed)
+                    r = runs[(method, q, seed)] = run_cell(overrides, out, out_root / f"{out.name}.log", matches)
+                    print(f"  {cell_text(r, 'wikitext2') if not isinstance(r, str) else r}", flush=True)
+                else:
+                    runs[(method, q, seed)] = recorded(out, matches)
+    grid = {(m, q): r for (m, q, seed), r in runs.items() if seed == 0}
+    section = table(args.model, grid, columns, args.protocol) + noise_table(runs, columns)
     begin, end = f"<!-- quality{suffix}:begin -->", f"<!-- quality{suffix}:end -->"
-    write_section(args.results, begin, end, table(args.model, grid, columns, args.protocol),
+    write_section(args.results, begin, end, section,
                   f"## Quality: methods x settings ({args.protocol} protocol)")
     plot(grid, REPO / "benchmarks" / f"quality_{args.model}{suffix}.png", args.model)
     print(f"table written to {args.results}")

@@ -94,3 +94,23 @@ def test_a_cell_from_another_protocol_is_not_reused(tmp_path):
     config["method"]["epochs"] += 1
     (cell / "results.json").write_text(json.dumps({"config": config}))
     assert cells.read_results(cell, q.protocol_of("cpu")) is None
+
+
+def test_noise_table_reports_the_spread_over_seeds_and_cells_match_their_seed(tmp_path):
+    q = load_quality()
+    cells = load_benchmark("cells")
+    runs = {("awq", "w4a16", 0): fake_result(10.0), ("awq", "w4a16", 1): fake_result(11.0),
+            ("awq", "w4a16", 2): fake_result(13.0), ("gptq", "w4a16", 0): fake_result(12.0),
+            ("awq", "w3a16", 0): fake_result(20.0), ("awq", "w3a16", 1): "failed after 3 s: RuntimeError: boom"}
+    text = q.noise_table(runs, ["w4a16", "w3a16"])
+    assert "| awq | 11.00 [10.00, 13.00] (3) | - |" in text and "| awq | 22.00 [20.00, 26.00] (3) | - |" in text
+    assert "| gptq |" not in text  # one seed: no spread to report
+    assert q.noise_table({("awq", "w4a16", 0): fake_result(10.0)}, ["w4a16"]) == ""
+    assert q.cell_folder("awq", "w4a16") == "awq-w4a16" and q.cell_folder("awq", "w4a16", 2) == "awq-w4a16--seed2"
+    config = {"eval": {"corpora": ["wikitext2", "ptb"], "max_windows": 8, "seqlen": 2048},
+              "calib": {"nsamples": 16, "seqlen": 512}, "method": {"name": "awq"}, "seed": 2}
+    cell = tmp_path / "awq-w4a16--seed2"
+    cell.mkdir()
+    (cell / "results.json").write_text(json.dumps({"config": config}))
+    assert cells.read_results(cell, q.protocol_of("cpu", 2)) is not None
+    assert cells.read_results(cell, q.protocol_of("cpu")) is None
