@@ -126,3 +126,14 @@ def test_mixed_tables_compare_mixed_with_uniform_at_its_bits():
     curve = m.curve_table("gptq", {"w3a16": uni}, {("proxy", 3.0): mix}, ["proxy", "measured"], [3.0, 4.0])
     assert "| 3 | 15.00 / 30.00 (3.029) | not run yet |" in curve and "| 4 | not run yet | not run yet |" in curve
     assert "proxy 12 s" in curve and m.mixed_folder("gptq", 3.0293, "proxy") == "gptq-mixed3.0293-proxy"
+
+
+def test_rptq_table_puts_each_row_in_the_settings_it_applies_to():
+    r = load_benchmark("rptq")
+    results = {("rptq", "w4a8"): fake_result(30.0) | {"wall_seconds": {"quantize": 600.0}},
+               ("gptq, per-token dynamic", "w4a16"): fake_result(25.0)}
+    text = r.table("m", results)
+    row = next(line for line in text.splitlines() if line.startswith("| rptq |"))
+    assert row.split(" | ")[1:4] == ["", "", "30.00 / 60.00"]  # w4a16 and w3a16 are not RPTQ settings
+    assert "| gptq, per-token dynamic | 25.00 / 50.00 | - / - |" in text
+    assert "rptq w4a8: 600 s" in text and r.folder("rptq + LWC", "w4a4") == "rptq___LWC--w4a4"
