@@ -137,3 +137,13 @@ def test_rptq_table_puts_each_row_in_the_settings_it_applies_to():
     assert row.split(" | ")[1:4] == ["", "", "30.00 / 60.00"]  # w4a16 and w3a16 are not RPTQ settings
     assert "| gptq, per-token dynamic | 25.00 / 50.00 | - / - |" in text
     assert "rptq w4a8: 600 s" in text and r.folder("rptq + LWC", "w4a4") == "rptq___LWC--w4a4"
+
+
+def test_zeroshot_table_reads_each_task_and_says_which_cells_are_missing():
+    z = load_benchmark("zeroshot")
+    zs = {t: {"acc": 0.5, "acc_norm": 0.25, "limit": 100} for t in z.TASKS}
+    zs["lambada_openai"] = {"acc": 0.3, "perplexity": 40.0, "limit": 100}
+    text = z.table("m", {"fp": fake_result(20.0) | {"bits_per_weight": None, "zero_shot": zs}, "awq-w4a16": None}, 100)
+    assert "| fp | 16 | 20.00 | 50.0 (25.0) | 50.0 (25.0) | 50.0 (25.0) | 50.0 (25.0) | 30.0 (40.0) |" in text
+    assert "| awq-w4a16 | - | not run yet |" in text and "about 5.0 points" in text
+    assert z.with_tasks(100)({"config": {}, "zero_shot": {}}) is False
