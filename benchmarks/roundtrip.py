@@ -6,9 +6,10 @@ and compare its perplexity with the fake-quant model the run evaluated.
 
 - ``compressed-tensors``: transformers with the compressed-tensors package (decompressed on load, the mode
   compressed-tensors supports on CPU for asymmetric schemes).
-- ``gptq``: GPTQModel's torch kernel where ``gptqmodel`` imports (it declares a newer torch than ours, so it is
-  installed with ``--no-deps`` if at all), and always the format's reference dequantizer
-  (``dequantize_gptq``) written into the fake-quant model.
+- ``gptq``: GPTQModel's torch kernel through transformers where ``gptqmodel`` and ``optimum`` import, and always
+  the format's reference dequantizer (``dequantize_gptq``) written into the fake-quant model. GPTQModel 7.7
+  declares torch >= 2.14.1, so beside this project's torch it goes in without its dependencies:
+  ``pip install --no-deps gptqmodel==7.7.0 optimum pypcre logbar tokenicer device-smi defuser``.
 
 The perplexity is taken on the run's first evaluation corpus with the run's sequence length and windows, and
 compared with the run's own figure (``results.json``) as a relative difference. File sizes are those the run
@@ -82,9 +83,10 @@ def consumers(fmt: str, packed: Path, fake: Path, notes: list[str]) -> dict[str,
     loaders = {"reference dequantizer": lambda: load_gptq_reference(packed, fake)[0]}
     try:
         import gptqmodel  # noqa: F401
+        import optimum  # noqa: F401  (transformers loads GPTQ checkpoints through both)
         loaders["transformers + GPTQModel (torch kernel, fp16)"] = partial(load_gptqmodel, packed)
-    except ImportError:
-        notes.append("gptqmodel is not importable here: GPTQ checked with the reference dequantizer only")
+    except ImportError as exc:
+        notes.append(f"{exc.name} is not importable here: GPTQ checked with the reference dequantizer only")
     return loaders
 
 
