@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -55,3 +56,22 @@ def test_sigkill_mid_block_then_resume_matches_an_uninterrupted_run(tmp_path):
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), f"block {i}: {k} differs after resume"
+
+
+def test_atomic_writes_leave_no_partial_file_and_the_usual_mode(tmp_path):
+    from omniq_lightning.io import atomic_write, write_json
+
+    target = tmp_path / "state.json"
+    write_json(target, {"a": 1})
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # readable by others, like any file
+
+    def crash(tmp: str) -> None:
+        open(tmp, "w").write("partial")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write(target, crash)
+    assert target.read_text() == '{\n  "a": 1\n}\n'  # the finished file is untouched
+    assert sorted(os.listdir(tmp_path)) == ["plain", "state.json"]  # and no temporary file is left
