@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from omniq_lightning.calib import ActivationCache, BlockDataModule, BlockRun, RunState, observe_linear_inputs
 from omniq_lightning.data import calibration_windows, load_corpus, tokenize
 from omniq_lightning.eval import perplexity, placed_for_evaluation, zero_shot
-from omniq_lightning.export import ExportRequest, check_export, save_fake_quant, write_packed
+from omniq_lightning.export import ExportRequest, check_export, export_dtype, save_fake_quant, write_packed
 from omniq_lightning.io import write_json
 from omniq_lightning.methods import METHODS, Method, build_method
 from omniq_lightning.mixed import BitPlan, linear_shapes, plan_for_run, quant_settings
@@ -358,6 +358,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"unknown method '{name}'; available methods: {', '.join(AVAILABLE_METHODS)}")
     spec, mixed = quant_settings(cfg.quant)  # validated up front, before any model loads
     export_format = str(cfg.get("export", {}).get("format", "fake"))
+    packed_dtype = export_dtype(str(cfg.get("export", {}).get("dtype", "auto")), str(cfg.model.dtype))
     method = None if name == "fp" else build_method(name, OmegaConf.to_container(cfg.method, resolve=True))
     if method is not None:
         check_method_format(method, spec)
@@ -415,7 +416,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                                                 loaded.adapter))
         if export_format != "fake":
             quantized = quantized_weights(state, loaded.adapter, loaded.model)
-            packed = write_packed(out_dir / "model", quantized, spec, export_format, out_dir / f"model-{export_format}")
+            packed = write_packed(out_dir / "model", quantized, spec, export_format, out_dir / f"model-{export_format}",
+                                  packed_dtype)
             results["export_packed"] = {"format": export_format, "path": str(packed), **export_sizes(packed, loaded.model)}
         table = [{"corpus": c, "fp": results.get("perplexity_fp", {}).get(c, {}).get("perplexity"),
                   name: r["perplexity"]} for c, r in results["perplexity"].items()]

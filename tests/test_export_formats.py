@@ -19,6 +19,7 @@ from omniq_lightning.export import (
     check_export,
     dequantize_ct,
     dequantize_gptq,
+    export_dtype,
     load_fake_quant,
     pack_bits,
     unpack_bits,
@@ -65,6 +66,14 @@ def test_formats_refuse_what_they_cannot_hold_and_name_those_that_can():
         check_export("gptq", ExportRequest(QuantSpec(w_bits=4), frozenset({WeightFormat(4)}), moe=True))
 
 
+def test_packed_checkpoints_ship_half_precision_unless_told_otherwise():
+    assert export_dtype("auto", "bfloat16") == torch.bfloat16 and export_dtype("auto", "float16") == torch.float16
+    assert export_dtype("auto", "float32") == torch.float16  # a CPU calibration still ships what serving loads
+    assert export_dtype("float32", "bfloat16") == torch.float32
+    with pytest.raises(ValueError, match="export.dtype must be auto or one of"):
+        export_dtype("fp8", "float16")
+
+
 def test_an_unfit_export_format_is_refused_before_any_calibration(tmp_path):
     from omniq_lightning.config import compose
     from omniq_lightning.pipeline import run
@@ -98,10 +107,17 @@ CT_CASES = [
     ("gptq", "w4a16", ["quant.w_symmetric=true", "quant.w_group_size=4"]),  # symmetric per-group
     ("omniquant", "w4a16", ["method.epochs=1", "quant.w_group_size=4"]),  # asymmetric per-group, learned clipping
     ("rtn", "w8a8", ["quant.w_symmetric=true", "quant.a_symmetric=true", "quant.kv_bits=16", "quant.w_bits=8"]),
+    ("rtn", "w4a16", ["export.dtype=float32"]),  # the fake-quant model's own dtype: scales stored exactly
 ]
 
 
-@pytest.mark.parametrize("method,quant,extra", CT_CASES, ids=["w4-asym-channel", "w4-sym-g4", "w4-asym-g4-lwc", "w8a8"])
+def same_weight(got: torch.Tensor, want: torch.Tensor, dtype: str) -> bool:
+    """Bit-exact when the scales are stored in float32; else equal up to the scale's rounding (fp16: 2^-11)."""
+    return torch.equal(got, want) if dtype == "float32" else torch.allclose(got, want, rtol=2**-10, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,quant,extra", CT_CASES,
+                         ids=["w4-asym-channel", "w4-sym-g4", "w4-asym-g4-lwc", "w8a8", "w4-asym-channel-fp32"])
 def test_compressed_tensors_loads_back_in_transformers(tmp_path_factory, eval_ids, method, quant, extra):
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
@@ -111,21 +127,24 @@ def test_compressed_tensors_loads_back_in_transformers(tmp_path_factory, eval_id
     cfg = json.loads((packed / "config.json").read_text())["quantization_config"]
     scheme = cfg["config_groups"]["group_0"]
     tensors = load_file(str(packed / "model.safetensors"))
+    dtype = json.loads((packed / "config.json").read_text())["dtype"]
+    assert dtype == ("float32" if "export.dtype=float32" in extra else "float16")  # auto: fp16 after a CPU run
+    assert {str(t.dtype) for k, t in tensors.items() if t.is_floating_point()} == {f"torch.{dtype}"}
     fake = fake_linears(out)
     if quant == "w8a8":
         assert cfg["format"] == "int-quantized" and scheme["input_activations"]["strategy"] == "token"
         for name, w in fake.items():  # int8 weights with a per-channel scale reproduce the fake-quant weights
-            assert torch.equal(tensors[f"{name}.weight"].float() * tensors[f"{name}.weight_scale"], w)
+            assert same_weight(tensors[f"{name}.weight"].float() * tensors[f"{name}.weight_scale"].float(), w, dtype)
     else:
         assert cfg["format"] == "pack-quantized" and cfg["ignore"] == ["lm_head"]
         bits, group = scheme["weights"]["num_bits"], scheme["weights"]["group_size"]
-        for name, w in fake.items():  # our own reading of the format: bit-exact
-            assert torch.equal(dequantize_ct(tensors, name, group, bits), w)
+        for name, w in fake.items():  # our own reading of the format: the codes exact, the scales in `dtype`
+            assert same_weight(dequantize_ct(tensors, name, group, bits), w, dtype)
     # transformers with compressed-tensors: asymmetric checkpoints load only decompressed (compressed-tensors 0.20)
     model = AutoModelForCausalLM.from_pretrained(packed, dtype=torch.float32,
                                                  quantization_config=CompressedTensorsConfig(dequantize=True))
     for name, w in fake.items():
-        assert torch.equal(model.get_submodule(name).weight.float(), w), name
+        assert same_weight(model.get_submodule(name).weight.float(), w, dtype), name
     if quant == "w8a8":  # the dynamic per-token activation scheme runs in the compressed mode
         model = AutoModelForCausalLM.from_pretrained(packed, dtype=torch.float32)
         ours = load_fake_quant(out / "model").model

@@ -9,6 +9,7 @@ from omniq_lightning.export.packed import (
     check_export,
     dequantize_ct,
     dequantize_gptq,
+    export_dtype,
     write_packed,
 )
 from omniq_lightning.export.vq import dequantize_vq, load_vq_checkpoint
@@ -22,6 +23,7 @@ __all__ = [
     "dequantize_ct",
     "dequantize_gptq",
     "dequantize_vq",
+    "export_dtype",
     "load_vq_checkpoint",
     "load_fake_quant",
     "pack_bits",

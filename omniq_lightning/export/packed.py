@@ -198,14 +198,26 @@ def _ct_version() -> str:
 
 # ---- the checkpoint --------------------------------------------------------------------------------------------------
 
+EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def export_dtype(setting: str, model_dtype: str) -> torch.dtype:
+    """The dtype of a packed checkpoint's unquantized tensors (embeddings, norms, head, compressed-tensors scales):
+    ``export.dtype``, or with ``auto`` the model's own half-precision dtype, and float16 for a float32
+    calibration (as on a CPU): what serving stacks load."""
+    if setting == "auto":
+        return EXPORT_DTYPES[model_dtype] if model_dtype in ("float16", "bfloat16") else torch.float16
+    if setting not in EXPORT_DTYPES:
+        raise ValueError(f"export.dtype must be auto or one of {sorted(EXPORT_DTYPES)}, got {setting!r}")
+    return EXPORT_DTYPES[setting]
+
 
 def write_packed(fake_dir: str | os.PathLike, quantized: Mapping[str, QuantizedWeight | VectorQuantizedWeight],
-                 spec: QuantSpec, fmt: str,
-                 path: str | os.PathLike) -> Path:
+                 spec: QuantSpec, fmt: str, path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
     """Rewrite a fake-quant export (``fake_dir``: the model's own layout, config, tokenizer) as a ``fmt``
     checkpoint at ``path``: each quantized linear's ``weight`` is replaced by its packed tensors (from
-    ``quantized``, keyed by the module's name in the model), every other tensor is kept. Written beside
-    ``path`` and renamed when complete."""
+    ``quantized``, keyed by the module's name in the model), every other floating tensor is kept in ``dtype``
+    (the config says so). Written beside ``path`` and renamed when complete."""
     fake_dir, path = Path(fake_dir), Path(path)
     check_export(fmt, ExportRequest(spec, frozenset(q.fmt for q in quantized.values())))
     tmp = path.with_name(path.name + ".partial")
@@ -228,12 +240,13 @@ def write_packed(fake_dir: str | os.PathLike, quantized: Mapping[str, QuantizedW
                     elif fmt == "gptq":
                         tensors.update(gptq_tensors(q, module, v1))
                     else:
-                        tensors.update(ct_tensors(q, module, f.get_tensor(key).dtype, w8a8))
+                        tensors.update(ct_tensors(q, module, dtype, w8a8))
                     done.add(module)
                 elif fmt == "gptq" and key.endswith(".bias") and key[: -len(".bias")] in quantized:
                     tensors[key] = f.get_tensor(key).to(torch.float16)
                 else:
-                    tensors[key] = f.get_tensor(key)
+                    t = f.get_tensor(key)
+                    tensors[key] = t.to(dtype) if t.is_floating_point() else t
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / shard.name), metadata={"format": "pt"})
         weight_map.update({k: shard.name for k in tensors})
     missing = sorted(set(quantized) - done)
@@ -243,6 +256,7 @@ def write_packed(fake_dir: str | os.PathLike, quantized: Mapping[str, QuantizedW
         index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config = json.loads((tmp / "config.json").read_text())
+    config["dtype"] = str(dtype).removeprefix("torch.")
     fmts = {q.fmt for q in quantized.values()}
     if fmt == VQ_FORMAT:
         config["quantization_config"] = vq_config(quantized)
