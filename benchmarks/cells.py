@@ -114,3 +114,23 @@ def write_section(path: Path, begin: str, end: str, section: str, heading: str) 
     else:
         text = text.rstrip() + f"\n\n{heading}\n\n" + block + "\n"
     path.write_text(text)
+
+
+def bits_plot():
+    """A figure for perplexity against bits per weight (log scale), on a headless backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(7, 4.5))
+
+
+def save_bits_plot(fig, ax, path: Path, title: str, xlabel: str = "bits per weight (scales and zero points included)") -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("WikiText-2 perplexity")
+    ax.set_yscale("log")
+    ax.set_title(title)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

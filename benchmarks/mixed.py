@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from cells import REPO, local_model, recorded, run_cell, settings_match, write_section
+from cells import REPO, bits_plot, local_model, recorded, run_cell, save_bits_plot, settings_match, write_section
 from quality import cell_folder, cell_overrides, protocol_of
 
 METHODS = ["rtn", "gptq", "awq", "omniquant"]
@@ -130,12 +130,7 @@ def curve_table(method: str, uniform: dict[str, dict | str | None], curve: dict[
 
 
 def plot(method: str, uniform: dict, curve: dict, estimators: list[str], path: Path, model: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = bits_plot()
     pts = sorted((r["bits_per_weight"], value(r), q) for q, r in uniform.items() if isinstance(r, dict))
     if pts:
         ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="black", label=f"{method}, uniform", zorder=3)
@@ -145,13 +140,8 @@ def plot(method: str, uniform: dict, curve: dict, estimators: list[str], path: P
         got = sorted((r["bits_per_weight"], value(r)) for (ee, _), r in curve.items() if ee == e and isinstance(r, dict))
         if got:
             ax.plot([g[0] for g in got], [g[1] for g in got], marker="o", label=f"{method}, mixed ({e})")
-    ax.set_xlabel("average bits per weight (scales and zero points included)")
-    ax.set_ylabel("WikiText-2 perplexity")
-    ax.set_yscale("log")
-    ax.set_title(f"{model}: mixed precision against uniform formats")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_bits_plot(fig, ax, path, f"{model}: mixed precision against uniform formats",
+                   "average bits per weight (scales and zero points included)")
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from cells import REPO, local_model, recorded, run_cell, settings_match, write_section
+from cells import REPO, bits_plot, local_model, recorded, run_cell, save_bits_plot, settings_match, write_section
 
 METHODS = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant", "vptq"]
 # A model whose widths a group size does not divide refuses that setting (SmolLM2-135M: 128 does not divide
@@ -163,12 +163,7 @@ def noise_table(runs: dict[tuple[str, str, int], dict | str | None], quants: lis
 
 
 def plot(grid: dict, path: Path, model: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = bits_plot()
     for method in METHODS[1:]:
         pts = sorted(
             (r["bits_per_weight"], r["perplexity"]["wikitext2"]["perplexity"], q)
@@ -180,13 +175,7 @@ def plot(grid: dict, path: Path, model: str) -> None:
     fp = grid.get(("fp", "fp"))
     if isinstance(fp, dict):
         ax.axhline(fp["perplexity"]["wikitext2"]["perplexity"], color="gray", linestyle="--", label="fp")
-    ax.set_xlabel("bits per weight (scales and zero points included)")
-    ax.set_ylabel("WikiText-2 perplexity")
-    ax.set_yscale("log")
-    ax.set_title(f"{model}: weight-only quantization")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_bits_plot(fig, ax, path, f"{model}: weight-only quantization")
 
 
 def main() -> None:
