@@ -20,7 +20,7 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from cells import REPO, local_model, recorded, run_cell, settings_match, write_section
+from cells import REPO, calibration_seconds, local_model, recorded, run_cell, settings_match, write_section
 
 WEIGHT_ACTIVATION = {"w8a8", "w6a6", "w4a4"}
 # Per model: its settings, its protocol, the corpus the table reports, and OmniQuant's epochs.
@@ -160,7 +160,7 @@ def table(results: dict, models: list[str], base: str, seeds: list[int]) -> str:
             for s in cols:
                 runs = [results.get((model, name, s, seed)) for seed in seeds]
                 vals = [value(r, spec["corpus"]) for r in runs]
-                secs = [r["wall_seconds"]["quantize"] for r in runs if isinstance(r, dict)]
+                secs = [calibration_seconds(r) for r in runs if isinstance(r, dict)]
                 reason = next((r for r in runs if isinstance(r, str)), None)
                 cells.append(fmt_cell(vals, None if name == "base" else base_vals[s], secs)
                              if any(v is not None for v in vals) else ("n/a" if reason else "-"))

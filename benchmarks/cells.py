@@ -134,3 +134,10 @@ def save_bits_plot(fig, ax, path: Path, title: str, xlabel: str = "bits per weig
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def calibration_seconds(res: dict) -> float:
+    """A finished cell's calibration time: its blocks' seconds summed over the runs that calibrated them (a cell
+    resumed after an interruption counts its earlier work), or the quantize wall time of cells that predate it."""
+    seconds = res["wall_seconds"]
+    return seconds.get("calibration") or seconds["quantize"]

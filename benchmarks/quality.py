@@ -20,7 +20,17 @@ import statistics
 from collections.abc import Callable
 from pathlib import Path
 
-from cells import REPO, bits_plot, local_model, recorded, run_cell, save_bits_plot, settings_match, write_section
+from cells import (
+    REPO,
+    bits_plot,
+    calibration_seconds,
+    local_model,
+    recorded,
+    run_cell,
+    save_bits_plot,
+    settings_match,
+    write_section,
+)
 
 METHODS = ["fp", "rtn", "gptq", "awq", "smoothquant", "omniquant", "vptq"]
 # A model whose widths a group size does not divide refuses that setting (SmolLM2-135M: 128 does not divide
@@ -132,7 +142,7 @@ def table(model: str, grid: dict[tuple[str, str], dict | str | None], quants: li
         for q in quants:
             r = grid.get((method, q))
             cells.append(
-                f"{r['bits_per_weight']:.2f} / {r['wall_seconds']['quantize']:.0f} / "
+                f"{r['bits_per_weight']:.2f} / {calibration_seconds(r):.0f} / "
                 f"{r['memory']['cpu_peak_rss_gib']:.1f}"
                 if isinstance(r, dict)
                 else "-"

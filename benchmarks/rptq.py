@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cells import REPO, local_model, recorded, run_cell, write_section
+from cells import REPO, calibration_seconds, local_model, recorded, run_cell, write_section
 from quality import PROTOCOL, protocol_of
 
 ACTIVATIONS = ["w4a8", "w4a4"]
@@ -54,7 +54,7 @@ def table(model: str, results: dict[tuple[str, str], dict | str | None]) -> str:
         cells = [f"{text(results.get((row, s)), 'wikitext2')} / {text(results.get((row, s)), 'ptb')}"
                  if s in applies else "" for s in SETTINGS]
         lines.append(f"| {row} | " + " | ".join(cells) + " |")
-    secs = [f"{row} {s}: {r['wall_seconds']['quantize']:.0f} s" for (row, s), r in results.items() if isinstance(r, dict)
+    secs = [f"{row} {s}: {calibration_seconds(r):.0f} s" for (row, s), r in results.items() if isinstance(r, dict)
             and row.startswith("rptq")]
     if secs:
         lines += ["", "Calibration wall time: " + "; ".join(secs) + "."]

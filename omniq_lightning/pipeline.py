@@ -239,7 +239,7 @@ def quantize(cfg: DictConfig, loaded: LoadedModel, plan: BlockPlan, method: Meth
             folded = adapter.finish_block(adapter.quantize_block(block, replace(plan, let_roles=())).fold())
             saved = state.load_block(i)
             folded.load_state_dict({k[len("block."):]: v for k, v in saved.items() if k.startswith("block.")})
-            block_stats: dict[str, float] = {"resumed": 1.0}
+            block_stats: dict[str, float | None] = {"resumed": 1.0, "calibration_seconds": state.block_seconds(i)}
         else:
             qblock = adapter.quantize_block(block, plan, stats).to(device)
             observe_static_ranges(qblock, q_in, ctx)
@@ -249,12 +249,13 @@ def quantize(cfg: DictConfig, loaded: LoadedModel, plan: BlockPlan, method: Meth
             calibrated = method.calibrate(qblock, BlockDataModule(q_in, fp_out, batch_size, aug), run) or {}
             observe_static_ranges(qblock, q_in, ctx)  # again: the learned transforms moved the ranges
             learned, learned_stats = qblock.learned_record()
-            block_stats = {**learned_stats, **calibrated}
             folded = adapter.finish_block(method.finalize(qblock))
             codes = {k: v for name, q in qblock.quantized.items() for k, v in q.tensors(f"qweight.{name}").items()}
             formats = {name: q.fmt.to_dict() for name, q in qblock.quantized.items()}
+            block_stats = {**learned_stats, **calibrated, "calibration_seconds": round(time.perf_counter() - t0, 3)}
             state.save_block(i, {**{f"block.{k}": v for k, v in folded.state_dict().items()}, **learned, **codes},
-                             metadata={"formats": json.dumps(formats, sort_keys=True)})
+                             metadata={"formats": json.dumps(formats, sort_keys=True)},
+                             seconds=block_stats["calibration_seconds"])
         mse = run_over(lambda x, b=folded, c=ctx: adapter.call_block(b, x, c), q_in, q_in, target=fp_out)
         fp_in, fp_out = fp_out, fp_in
         for p in folded.parameters():  # parameters only: static activation ranges stay float32
@@ -272,6 +273,14 @@ def quantize(cfg: DictConfig, loaded: LoadedModel, plan: BlockPlan, method: Meth
 
 
 # --- results --------------------------------------------------------------------------------------------
+
+
+def calibration_seconds(records: list[dict] | None) -> float | None:
+    """The summed calibration seconds of the blocks, each as recorded by the run that calibrated it; None when
+    nothing was calibrated or a resumed block predates the record."""
+    if not records or any(r.get("calibration_seconds") is None for r in records):
+        return None
+    return round(sum(r["calibration_seconds"] for r in records), 3)
 
 
 def peak_memory(device: torch.device) -> dict[str, float]:
@@ -431,6 +440,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             "load": round(t_loaded - t_start, 3),
             "evaluate_fp": round(t_q0 - t_loaded, 3),
             "quantize": round(t_quant - t_q0, 3),
+            # the blocks' calibration summed over the runs that did it (a resumed run counts its earlier work)
+            "calibration": calibration_seconds(results.get("blocks")),
             "evaluate": round(t_done - t_quant, 3),
             "total": round(t_done - t_start, 3),
         },

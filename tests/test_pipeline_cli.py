@@ -40,7 +40,7 @@ def test_fp_run_writes_results(tmp_path):
     assert ts["windows"] == 5 and ts["seqlen"] == 256 and ts["windows_available"] >= 5
     assert 3.0 < ts["perplexity"] < 9.0
     assert saved["method"] == "fp" and saved["quant"] is None
-    assert set(saved["wall_seconds"]) == {"load", "evaluate_fp", "quantize", "evaluate", "total"}
+    assert set(saved["wall_seconds"]) == {"load", "evaluate_fp", "quantize", "calibration", "evaluate", "total"}
     assert saved["memory"]["cpu_peak_rss_gib"] > 0
     assert saved["environment"]["versions"]["torch"]
     assert "git_commit" in saved["environment"]

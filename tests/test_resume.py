@@ -45,8 +45,13 @@ def test_sigkill_mid_block_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert not (out / "blocks" / "block_001.safetensors").exists(), "block 1 was not in progress"
     assert not (out / "results.json").exists()
 
+    first_seconds = json.loads((out / "state.json").read_text())["finished"]["0"]["seconds"]
     resumed = run_to_end(out)
     assert resumed["blocks"][0].get("resumed") == 1.0
+    # the resumed block reports the time it took when it was calibrated, and the total counts it
+    assert resumed["blocks"][0]["calibration_seconds"] == first_seconds > 0
+    assert resumed["wall_seconds"]["calibration"] == pytest.approx(
+        sum(b["calibration_seconds"] for b in resumed["blocks"]), abs=1e-2)
     assert resumed["perplexity"] == {k: {**v, "seconds": resumed["perplexity"][k]["seconds"],
                                          "source": resumed["perplexity"][k]["source"]}
                                      for k, v in reference["perplexity"].items()}

@@ -107,12 +107,16 @@ class RunState:
     def is_finished(self, i: int) -> bool:
         return str(i) in self.finished
 
-    def save_block(self, i: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
-        """Store a finished block (tensors, and string metadata), record it, and drop its in-progress checkpoints."""
+    def save_block(self, i: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                   seconds: float | None = None) -> Path:
+        """Store a finished block (tensors, and string metadata), record it with the seconds its calibration took,
+        and drop its in-progress checkpoints."""
         path = self.block_path(i)
         data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         atomic_write(path, lambda tmp: save_file(data, tmp, metadata=metadata))
         self.finished[str(i)] = {"file": str(path.relative_to(self.dir)), "sha256": sha256(path)}
+        if seconds is not None:
+            self.finished[str(i)]["seconds"] = round(float(seconds), 3)
         self._write()
         shutil.rmtree(self.checkpoint_dir(i), ignore_errors=True)
         return path
@@ -129,6 +133,11 @@ class RunState:
             return load_file(str(path))
         except SafetensorError as exc:
             raise CorruptCheckpointError(f"block file {path} cannot be read ({exc}); delete it to recalibrate") from exc
+
+    def block_seconds(self, i: int) -> float | None:
+        """The seconds finished block ``i`` took to calibrate, in the run that did it (None if not recorded)."""
+        seconds = self.finished.get(str(i), {}).get("seconds")
+        return None if seconds is None else float(seconds)
 
     def block_metadata(self, i: int) -> dict[str, str]:
         """The string metadata stored with finished block ``i`` (e.g. the weight format of each linear)."""
