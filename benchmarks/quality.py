@@ -226,7 +226,7 @@ def main() -> None:
                 else:
                     runs[(method, q, seed)] = recorded(out, matches)
     grid = {(m, q): r for (m, q, seed), r in runs.items() if seed == 0}
-    section = table(args.model, grid, columns, args.protocol) + noise_table(runs, columns)
+    section = "\n\n".join(filter(None, [table(args.model, grid, columns, args.protocol), noise_table(runs, columns)]))
     begin, end = f"<!-- quality{suffix}:begin -->", f"<!-- quality{suffix}:end -->"
     write_section(args.results, begin, end, section,
                   f"## Quality: methods x settings ({args.protocol} protocol)")
