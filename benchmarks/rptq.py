@@ -7,6 +7,8 @@ per-tensor static ranges they replace and the per-token dynamic reference.
 Every cell is a resumable ``train.py`` run under the CPU protocol of ``benchmarks/quality.py`` (the same
 calibration and evaluation windows); the table goes between the ``rptq`` markers of ``benchmarks/RESULTS.md``.
 Rows: RPTQ with GPTQ weights (its default) and with OmniQuant's LWC (3 epochs, as the grid's OmniQuant);
+RPTQ with the released code's range observer (``method.observer=ema_minmax``) and with per-token ranges inside
+each cluster (``method.dynamic=true``: for the KV cache, a range per token, head and cluster);
 RTN and SmoothQuant with one static range per tensor (``quant.a_granularity=tensor``: what RPTQ's clusters
 refine); GPTQ with per-token dynamic activations and KV cache (the usual reference).
 """
@@ -26,6 +28,8 @@ SETTINGS = ["w4a16", "w3a16", *ACTIVATIONS, *KV]
 ROWS: list[tuple[str, list[str], list[str]]] = [
     ("rptq", ["method=rptq"], [*ACTIVATIONS, *KV]),
     ("rptq + LWC", ["method=rptq", "method.weights=omniquant", "method.epochs=3"], ACTIVATIONS),
+    ("rptq, ema ranges", ["method=rptq", "method.observer=ema_minmax"], [*ACTIVATIONS, *KV]),
+    ("rptq, per-token in clusters", ["method=rptq", "method.dynamic=true"], KV),
     ("rtn, static per tensor", ["method=rtn", "quant.a_granularity=tensor"], ACTIVATIONS),
     ("smoothquant, static per tensor", ["method=smoothquant", "quant.a_granularity=tensor"], ACTIVATIONS),
     ("gptq, per-token dynamic", ["method=gptq"], SETTINGS),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -173,3 +174,63 @@ def test_kv_memory_formula_matches_a_hand_count():
     w4 = kv.weight_bytes(shape, kv.spec_for("w4a16"))
     assert w4 == (64 * sum(kv.spec_for("w4a16").weight_format.storage_bits(o, i) for o, i in shape.block_linears())
                   + 16 * shape.fp16_params()) / 8
+
+
+def test_the_moving_average_observer_follows_the_released_formula_per_channel():
+    """ema_minmax: per channel, the first window's min/max, then ``d * old + (1 - d) * new`` per window; a
+    cluster's range is the extremes of its channels' averages (checked in float64 by hand)."""
+    gen = torch.Generator().manual_seed(0)
+    labels = torch.tensor([0, 1, 0, 2, 1, 2])
+    windows = [torch.randn(1, 7, 6, generator=gen) * torch.linspace(0.5, 3, 6) for _ in range(3)]
+    q = ClusterActQuantizer(3, labels, 3, observer="ema_minmax", ema_decay=0.9)
+    q.observing = True
+    for w in windows:
+        q(w)
+    lo, hi = windows[0].double().amin((0, 1)), windows[0].double().amax((0, 1))
+    for w in windows[1:]:
+        lo, hi = 0.9 * lo + 0.1 * w.double().amin((0, 1)), 0.9 * hi + 0.1 * w.double().amax((0, 1))
+    for c in range(3):
+        assert q.lo[c].item() == pytest.approx(lo[labels == c].min().item(), rel=1e-6)
+        assert q.hi[c].item() == pytest.approx(hi[labels == c].max().item(), rel=1e-6)
+    one = ClusterActQuantizer(3, labels, 3, observer="ema_minmax")  # one window: the plain extremes
+    ref = ClusterActQuantizer(3, labels, 3)
+    for m in (one, ref):
+        m.observing = True
+        m(windows[0])
+    assert torch.equal(one.lo, ref.lo) and torch.equal(one.hi, ref.hi)
+    heads = torch.tensor([[0, 1, 1, 0], [2, 2, 3, 3]])[:, None, :]  # keys: [heads, 1, head_dim]
+    k = ClusterActQuantizer(3, heads, 4, observer="ema_minmax")
+    k.observing = True
+    kv = torch.randn(1, 2, 5, 4, generator=gen)
+    k(kv)
+    assert torch.equal(k.hi[2], kv[0, 1, :, :2].max()) and torch.equal(k.lo[1], kv[0, 0, :, 1:3].min())
+
+
+def test_the_moving_average_observer_runs_end_to_end_and_narrows_the_kv_ranges(quick_run):
+    """On stories260K w3a3kv: method.observer=ema_minmax reaches the cluster quantizers, and in the first block
+    (the same inputs in both runs) its ranges lie inside the min-max ones (a moving average of window
+    extremes never exceeds their extremes), narrower somewhere."""
+    from omniq_lightning.export import load_fake_quant
+
+    runs = {o: quick_run("rptq", "w3a3kv", f"method.observer={o}") for o in ("minmax", "ema_minmax")}
+    assert runs["ema_minmax"][1]["config"]["method"]["observer"] == "ema_minmax"
+    ranges = {}
+    for o, (ppl, _, out) in runs.items():
+        assert math.isfinite(ppl)
+        model = load_fake_quant(out / "model").model
+        ranges[o] = {n: (m.lo, m.hi) for n, m in model.named_modules()
+                     if isinstance(m, ClusterActQuantizer) and ".layers.0." in f".{n}"}
+    assert ranges["ema_minmax"].keys() == ranges["minmax"].keys() and ranges["minmax"]
+    narrower = False
+    for n, (lo, hi) in ranges["ema_minmax"].items():
+        lo0, hi0 = ranges["minmax"][n]
+        assert bool((lo >= lo0 - 1e-6).all() and (hi <= hi0 + 1e-6).all()), n
+        narrower |= bool(((hi - lo) < (hi0 - lo0) - 1e-6).any())
+    assert narrower
+
+
+def test_a_bad_observer_is_refused_with_the_choices():
+    with pytest.raises(ValueError, match="minmax"):
+        RPTQ(observer="percentile")
+    with pytest.raises(ValueError, match="ema_decay"):
+        RPTQ(observer="ema_minmax", ema_decay=1.0)

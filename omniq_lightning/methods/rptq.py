@@ -6,8 +6,8 @@ block in full precision (``ReorderDecl.stats``: a linear's input, or the attenti
 (2) k-means of the channels' (max, min) points (R2: (q max, k max, q min, k min) per key head) with a fixed
 seed; (3) R3 and R5's permutations folded into the weights; (4) per-cluster activation quantizers on the
 linears' inputs and on Q, K and V (the key/value cache), static by default (ranges observed on the
-calibration tokens) or dynamic per token within each cluster; (5) the weights. See
-``transforms/reorder.py`` for what is folded where and why.
+calibration tokens, or their per-channel moving average as in the released code) or dynamic per token within
+each cluster; (5) the weights. See ``transforms/reorder.py`` for what is folded where and why.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from omniq_lightning.calib import ActivationCache, BlockDataModule, BlockRun
 from omniq_lightning.methods.base import Method, full_precision_weights, weight_linears
 from omniq_lightning.methods.gptq import gptq_block
 from omniq_lightning.nn import ActQuantizer, ClusterActQuantizer, QuantLinear, QuantMatMul
+from omniq_lightning.nn.act import check_observer
 from omniq_lightning.quant import QuantSpec
 from omniq_lightning.quant.gptq import check_damp
 from omniq_lightning.quant.spec import NO_QUANT_BITS, check_bits
@@ -99,14 +100,16 @@ class RPTQ(Method):
     name = "rptq"
 
     def __init__(self, weights: str = "gptq", clusters: int = 32, head_clusters: int = 4, dynamic: bool = False,
-                 norm_bits: int | None = None, seed: int = 0, damp: float = 0.01, act_order: bool = False,
-                 epochs: int = 10) -> None:
+                 observer: str = "minmax", ema_decay: float = 0.99, norm_bits: int | None = None, seed: int = 0,
+                 damp: float = 0.01, act_order: bool = False, epochs: int = 10) -> None:
         if weights not in WEIGHTS:
             raise ValueError(f"method.weights must be one of {WEIGHTS}, got {weights!r}")
         if clusters < 1 or head_clusters < 1:
             raise ValueError(f"method.clusters and method.head_clusters must be positive, got {clusters}, {head_clusters}")
         if norm_bits is not None:
             check_bits("method.norm_bits", norm_bits)
+        check_observer(observer, ema_decay)
+        self.observer, self.ema_decay = observer, ema_decay
         self.weights, self.clusters, self.head_clusters, self.dynamic = weights, clusters, head_clusters, dynamic
         self.norm_bits, self.seed, self.epochs = norm_bits, seed, epochs
         self.damp, self.act_order = check_damp(damp), act_order
@@ -124,11 +127,11 @@ class RPTQ(Method):
 
     def describe(self) -> dict:
         return {"weights": self.weights, "clusters": self.clusters, "head_clusters": self.head_clusters,
-                "dynamic": self.dynamic, "norm_bits": self.norm_bits, "seed": self.seed}
+                "dynamic": self.dynamic, "observer": self.observer, "ema_decay": self.ema_decay, "norm_bits": self.norm_bits, "seed": self.seed}
 
     # --- the reorder ----------------------------------------------------------------------------------------
     def quantizer(self, bits: int, labels: torch.Tensor, n: int) -> ClusterActQuantizer:
-        return ClusterActQuantizer(bits, labels, n, self.spec.a_symmetric, self.dynamic)
+        return ClusterActQuantizer(bits, labels, n, self.spec.a_symmetric, self.dynamic, self.observer, self.ema_decay)
 
     def cluster_site(self, qblock: QuantBlock, site: ReorderDecl, stats: Stats) -> None:
         """Cluster one site, fold its permutation where it folds, and give its activations their quantizers."""

@@ -59,20 +59,37 @@ class ActQuantizer(nn.Module):
         return f"a{self.bits} per-{self.granularity} {'sym' if self.symmetric else 'asym'}"
 
 
+OBSERVERS = ("minmax", "ema_minmax")
+
+
+def check_observer(observer: str, ema_decay: float) -> None:
+    if observer not in OBSERVERS:
+        raise ValueError(f"method.observer must be one of {OBSERVERS}, got {observer!r}")
+    if not 0.0 <= ema_decay < 1.0:
+        raise ValueError(f"method.ema_decay must be in [0, 1) (the released RPTQ uses 0.99), got {ema_decay}")
+
+
 class ClusterActQuantizer(nn.Module):
     """RPTQ's activation quantizer: channels grouped into clusters (``labels``: a cluster id per channel,
     broadcast against the activation's trailing dimensions, e.g. ``[C]`` for a linear's input or
     ``[heads, 1, head_dim]`` for attention keys), one range per cluster.
 
-    Static (default): each cluster's range is observed over all calibration tokens (``observing``), then
-    fixed. Dynamic: each token's range within each cluster, at run time.
+    Static (default): each cluster's range is observed on the calibration data (``observing``), then fixed.
+    ``observer="minmax"`` keeps the extremes over every calibration token; ``"ema_minmax"`` (the released RPTQ
+    code's default) keeps, per channel, an exponential moving average of each observed batch's min and max
+    (``ema_decay`` for the old value; the first batch starts it), a cluster's range being the extremes of its
+    channels' averages. Dynamic: each token's range within each cluster, at run time.
     """
 
     def __init__(self, bits: int, labels: torch.Tensor, n_clusters: int, symmetric: bool = False,
-                 dynamic: bool = False) -> None:
+                 dynamic: bool = False, observer: str = "minmax", ema_decay: float = 0.99) -> None:
         super().__init__()
+        check_observer(observer, ema_decay)
         self.bits, self.symmetric, self.dynamic, self.n_clusters = bits, symmetric, dynamic, n_clusters
+        self.observer, self.ema_decay = observer, ema_decay
         self.observing = False
+        self._channel_lo: torch.Tensor | None = None  # ema_minmax: the per-channel averages while observing
+        self._channel_hi: torch.Tensor | None = None
         # its settings travel with its state (an export re-creates it from these buffers alone)
         self.register_buffer("config", torch.tensor([bits, int(symmetric), int(dynamic), n_clusters]))
         self.register_buffer("labels", labels.long().clone())  # its own copy: buffers are saved one by one
@@ -98,6 +115,28 @@ class ClusterActQuantizer(nn.Module):
     def reset_range(self) -> None:
         self.lo.fill_(float("inf"))
         self.hi.fill_(float("-inf"))
+        self._channel_lo = self._channel_hi = None
+
+    def _per_channel(self, x: torch.Tensor, reduce: str) -> torch.Tensor:
+        """Per channel (each element of ``labels``): the min or max of ``x`` over the dimensions it broadcasts."""
+        x = x.detach().float()
+        shape = (1,) * (x.dim() - self.labels.dim()) + tuple(self.labels.shape)
+        dims = [d for d in range(x.dim()) if shape[d] == 1]
+        out = x.amin(dims, keepdim=True) if reduce == "amin" else x.amax(dims, keepdim=True)
+        return out.reshape(self.labels.shape)
+
+    def _observe(self, x: torch.Tensor) -> None:
+        if self.observer == "minmax":
+            self.lo.copy_(torch.minimum(self.lo, self._per_cluster(x, "amin")))
+            self.hi.copy_(torch.maximum(self.hi, self._per_cluster(x, "amax")))
+            return
+        lo, hi = self._per_channel(x, "amin"), self._per_channel(x, "amax")
+        if self._channel_lo is not None:
+            d = self.ema_decay
+            lo, hi = d * self._channel_lo + (1 - d) * lo, d * self._channel_hi + (1 - d) * hi
+        self._channel_lo, self._channel_hi = lo, hi
+        self.lo.copy_(self._per_cluster(lo, "amin"))
+        self.hi.copy_(self._per_cluster(hi, "amax"))
 
     def _per_cluster(self, x: torch.Tensor, reduce: str) -> torch.Tensor:
         """Per cluster: the min or max over every element of ``x`` in it."""
@@ -111,8 +150,7 @@ class ClusterActQuantizer(nn.Module):
             return x
         if self.observing:
             with torch.no_grad():
-                self.lo.copy_(torch.minimum(self.lo, self._per_cluster(x, "amin")))
-                self.hi.copy_(torch.maximum(self.hi, self._per_cluster(x, "amax")))
+                self._observe(x)
             return x
         labels = self.labels.to(x.device).expand_as(x)
         if self.dynamic:  # each token's own range in each cluster
