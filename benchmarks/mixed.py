@@ -8,10 +8,13 @@ Every cell is a resumable ``train.py`` run under the CPU protocol of ``benchmark
 calibration and evaluation windows); uniform cells are that grid's own cells (run here if missing).
 
 * ``budgets``: each method with ``quant=mixed`` at exactly the bits per weight of its uniform ``w3a16`` and
-  ``w2a16g64`` cells (scales and zero points counted the same way), against those cells.
+  ``w2a16g64`` cells (scales and zero points counted the same way), against those cells, for each of
+  ``--budget-estimators``: ``proxy`` (diagonal Fisher, round-to-nearest error) and ``kfac`` (K-FAC with the
+  method's own rounding: ``kfac-gptq`` for GPTQ, ``kfac`` for the others).
 * ``curve``: ``--curve-method`` (GPTQ) at ``--budgets`` bits for each estimator, beside its uniform cells. The
   sensitivities depend only on the model and the calibration windows, so an estimator's scores are computed
   in its first cell and copied into the others (``sensitivity.json`` keeps the seconds they cost, reported once).
+  ``measured`` runs the model once per linear, candidate and window: hours for SmolLM2-135M on a CPU.
 
 Tables go between the ``mixed`` markers of ``benchmarks/RESULTS.md``, the curve to ``mixed_<model>.png``.
 """
@@ -30,8 +33,14 @@ METHODS = ["rtn", "gptq", "awq", "omniquant"]
 BUDGET_OF = ["w3a16", "w2a16g64"]  # uniform settings whose exact bits are the budgets
 UNIFORM = ["w2a16g64", "w3a16", "w3a16g64", "w4a16", "w4a16g64"]  # the curve's uniform points
 BUDGETS = [2.25, 2.5, 3.0, 3.5, 4.0]
-ESTIMATORS = ["proxy", "measured"]
+ESTIMATORS = ["proxy", "kfac-gptq", "measured"]  # the curve's (GPTQ's)
+BUDGET_ESTIMATORS = ["proxy", "kfac"]
 SENSITIVITY = "sensitivity.json"
+
+
+def own_estimator(method: str, estimator: str) -> str:
+    """``kfac`` with the method's own rounding: GPTQ's error for GPTQ, round-to-nearest's for the others."""
+    return "kfac-gptq" if estimator == "kfac" and method == "gptq" else estimator
 
 
 def mixed_folder(method: str, budget: float, estimator: str) -> str:
@@ -90,16 +99,16 @@ class Cells:
         return run_cell(overrides, out, self.mixed_root / f"{out.name}.log", matches)
 
 
-def budgets_table(rows: dict[str, list[tuple[str, dict | str | None, dict | str | None]]]) -> str:
-    lines = ["| method | budget (uniform setting) | uniform WikiText-2 / PTB | mixed WikiText-2 / PTB | mixed / uniform "
-             "(WikiText-2) | mixed bits | sensitivity s |", "|---|---|---|---|---|---|---|"]
+def budgets_table(rows: dict[str, list[tuple[str, str, dict | str | None, dict | str | None]]]) -> str:
+    lines = ["| method | budget (uniform setting) | estimator | uniform WikiText-2 / PTB | mixed WikiText-2 / PTB | "
+             "mixed / uniform (WikiText-2) | mixed bits | sensitivity s |", "|---|---|---|---|---|---|---|---|"]
     for method, entries in rows.items():
-        for quant, uni, mix in entries:
+        for quant, estimator, uni, mix in entries:
             bits = f"{uni['bits_per_weight']:.4f}" if isinstance(uni, dict) else "-"
             ratio = f"{value(mix) / value(uni):.3f}" if isinstance(uni, dict) and isinstance(mix, dict) else "-"
             mbits = f"{mix['bits_per_weight']:.4f}" if isinstance(mix, dict) else "-"
             secs = f"{mix['bit_plan'].get('sensitivity_seconds', 0):.0f}" if isinstance(mix, dict) else "-"
-            lines.append(f"| {method} | {bits} ({quant}) | {text(uni)} / {text(uni, 'ptb')} | {text(mix)} / "
+            lines.append(f"| {method} | {bits} ({quant}) | {estimator} | {text(uni)} / {text(uni, 'ptb')} | {text(mix)} / "
                          f"{text(mix, 'ptb')} | {ratio} | {mbits} | {secs} |")
     return "\n".join(lines)
 
@@ -151,6 +160,7 @@ def main() -> None:
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--curve-method", default="gptq", choices=METHODS)
     ap.add_argument("--estimators", nargs="+", default=ESTIMATORS, choices=ESTIMATORS)
+    ap.add_argument("--budget-estimators", nargs="+", default=BUDGET_ESTIMATORS, choices=BUDGET_ESTIMATORS)
     ap.add_argument("--budgets", nargs="+", type=float, default=BUDGETS)
     ap.add_argument("--out", type=Path, default=REPO / "outputs")
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
@@ -163,8 +173,11 @@ def main() -> None:
         entries = []
         for quant in BUDGET_OF:
             uni = cells.uniform(method, quant, run)
-            mix = cells.mixed(method, uni["bits_per_weight"], "proxy", run) if isinstance(uni, dict) else None
-            entries.append((quant, uni, mix))
+            for e in BUDGET_ESTIMATORS:
+                est = own_estimator(method, e)
+                mix = (cells.mixed(method, uni["bits_per_weight"], est, run and e in args.budget_estimators)
+                       if isinstance(uni, dict) else None)
+                entries.append((quant, est, uni, mix))
         budget_rows[method] = entries
 
     run_curve = "curve" in args.part
@@ -175,7 +188,7 @@ def main() -> None:
     section = "\n".join([
         f"Model: {args.model}; the quality grid's CPU protocol (`benchmarks/quality.py`); candidates "
         "w2, w2g64, w3, w3g64, w4, w4g64, w8 (`configs/quant/mixed.yaml`). Regenerate: `python benchmarks/mixed.py`.",
-        "", "**Mixed against uniform at the uniform setting's exact bits** (proxy sensitivity)", "",
+        "", "**Mixed against uniform at the uniform setting's exact bits**", "",
         budgets_table(budget_rows), "", "**Perplexity against bits**", "",
         curve_table(args.curve_method, uniform, curve, ESTIMATORS, args.budgets),
     ])

@@ -120,9 +120,10 @@ def test_mixed_tables_compare_mixed_with_uniform_at_its_bits():
     m = load_benchmark("mixed")
     uni = fake_result(20.0) | {"bits_per_weight": 3.0293}
     mix = fake_result(15.0) | {"bits_per_weight": 3.0291, "bit_plan": {"sensitivity_seconds": 12.4}}
-    text = m.budgets_table({"gptq": [("w3a16", uni, mix), ("w2a16g64", "refused: ValueError: x", None)]})
-    assert "| gptq | 3.0293 (w3a16) | 20.00 / 40.00 | 15.00 / 30.00 | 0.750 | 3.0291 | 12 |" in text
-    assert "| gptq | - (w2a16g64) | refused / refused | not run yet / not run yet | - | - | - |" in text
+    text = m.budgets_table({"gptq": [("w3a16", "kfac-gptq", uni, mix), ("w2a16g64", "proxy", "refused: ValueError: x", None)]})
+    assert "| gptq | 3.0293 (w3a16) | kfac-gptq | 20.00 / 40.00 | 15.00 / 30.00 | 0.750 | 3.0291 | 12 |" in text
+    assert "| gptq | - (w2a16g64) | proxy | refused / refused | not run yet / not run yet | - | - | - |" in text
+    assert m.own_estimator("gptq", "kfac") == "kfac-gptq" and m.own_estimator("awq", "kfac") == "kfac"
     curve = m.curve_table("gptq", {"w3a16": uni}, {("proxy", 3.0): mix}, ["proxy", "measured"], [3.0, 4.0])
     assert "| 3 | 15.00 / 30.00 (3.029) | not run yet |" in curve and "| 4 | not run yet | not run yet |" in curve
     assert "proxy 12 s" in curve and m.mixed_folder("gptq", 3.0293, "proxy") == "gptq-mixed3.0293-proxy"

@@ -9,9 +9,15 @@ import torch
 from omniq_lightning.calib import ActivationCache
 from omniq_lightning.methods.base import Method, full_precision_weights, run_with_input_hooks, weight_linears
 from omniq_lightning.nn import QuantLinear
-from omniq_lightning.quant import GroupGrid, grid_of
-from omniq_lightning.quant.gptq import ColumnQuantizer, HessianAccumulator, check_damp, gptq_quantize
-from omniq_lightning.quant.weight import codes_of, round_to_grid
+from omniq_lightning.quant import GroupGrid
+from omniq_lightning.quant.gptq import (
+    ColumnQuantizer,
+    HessianAccumulator,
+    check_damp,
+    format_column_quantizer,
+    gptq_quantize,
+)
+from omniq_lightning.quant.weight import codes_of
 from omniq_lightning.transforms import BlockPlan, QuantBlock
 
 
@@ -32,18 +38,8 @@ def collect_hessians(qblock: QuantBlock, inputs: ActivationCache, ctx) -> dict[s
 
 
 def column_quantizer(lin: QuantLinear) -> tuple[ColumnQuantizer, GroupGrid]:
-    """Rounds a column onto the static grid of its original group (LWC clipping included when present);
-    also returns that grid, on which the codes of GPTQ's result are then read off exactly."""
-    wq = lin.wq
-    g = grid_of(lin.weight, wq.fmt, wq.lwc_gamma, wq.lwc_beta)
-    n_groups, group = wq.n_groups, wq.fmt.group_size or lin.in_features
-    S, Z = g.scale.view(lin.out_features, n_groups), g.zero.view(lin.out_features, n_groups)
-
-    def quantize(w: torch.Tensor, j: int) -> torch.Tensor:
-        col = GroupGrid(S[:, j // group].to(w.dtype), Z[:, j // group].to(w.dtype))
-        return round_to_grid(w, col, wq.fmt)
-
-    return quantize, g
+    """The static column grid of a quantized linear (its LWC clipping included when present)."""
+    return format_column_quantizer(lin.weight, lin.wq.fmt, lin.wq.lwc_gamma, lin.wq.lwc_beta)
 
 
 def gptq_block(qblock: QuantBlock, inputs: ActivationCache, ctx, damp: float, act_order: bool,

@@ -24,7 +24,7 @@ from typing import Any
 from omniq_lightning.io import write_json
 from omniq_lightning.quant import WeightFormat
 
-ESTIMATORS = ("measured", "proxy")
+ESTIMATORS = ("measured", "proxy", "kfac", "kfac-gptq")
 _CANDIDATE = re.compile(r"^w?(\d+)(?:g(\d+))?(sym)?$")
 
 

@@ -8,6 +8,13 @@ different blocks compare on one scale:
 * ``proxy``: the diagonal (empirical) Fisher of the NLL times the squared quantization error,
   ``1/2 sum_ij F_ij (Q(W) - W)_ij^2`` (the second-order estimate HAWQ and OBD use): one forward and
   backward per window, then no model run at all per candidate.
+* ``kfac``: the Kronecker-factored Fisher instead of its diagonal, ``1/2 sum_r S_r d_r H d_r^T`` with
+  ``d = Q(W) - W``, ``H`` the mean ``x x^T`` of the linear's inputs and ``S_r`` the summed squared gradient of
+  the NLL at output ``r`` (per window, averaged over windows; its diagonal is the ``proxy``'s Fisher under the
+  same token-independence assumption). It sees how a row's errors add up through correlated inputs, which
+  is what GPTQ's error feedback exploits; ``kfac-gptq`` takes ``d`` from GPTQ on ``H`` (the rounding a GPTQ
+  run gives that linear alone) instead of round-to-nearest. One forward and backward per window, then one
+  ``[out, in] x [in, in]`` product (and for ``kfac-gptq`` one GPTQ solve) per linear and candidate.
 
 Scores are written to ``sensitivity.json`` as they are computed (atomically, linear by linear for the
 measured estimator), and a rerun continues where it stopped.
@@ -26,6 +33,9 @@ from torch import nn
 
 from omniq_lightning.io import write_json
 from omniq_lightning.quant import WeightFormat, fake_quant_weight
+from omniq_lightning.quant.gptq import format_column_quantizer, gptq_quantize
+
+GPTQ_DAMP = 0.01  # the GPTQ method's default dampening, for kfac-gptq's solves
 
 
 def linear_shapes(model: nn.Module, adapter) -> dict[str, tuple[int, int]]:
@@ -73,6 +83,59 @@ def fisher_diagonal(model: nn.Module, windows: torch.Tensor, names: Sequence[str
     return fisher
 
 
+def kfac_factors(model: nn.Module, windows: torch.Tensor, names: Sequence[str], device: torch.device
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per named linear, the Kronecker factors of its empirical Fisher (float64, CPU): ``H`` ``[in, in]``, the
+    mean of ``x x^T`` over a window's tokens, and ``S`` ``[out]``, the sum over its tokens of the squared
+    gradient of the window's mean NLL at each output; both averaged over the windows."""
+    mods = {n: model.get_submodule(n) for n in names}
+    saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in mods.values():
+        m.weight.requires_grad_(True)  # so that the outputs carry gradients
+    H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in mods.items()}
+    S = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in mods.items()}
+    outputs: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def record(_m, args, out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            H[name] += (x.T @ x).cpu() / (x.shape[0] * len(windows))
+            outputs[name] = out
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    try:
+        for w in windows:
+            ids = w[None].to(device)
+            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+            names_out = list(outputs)
+            grads = torch.autograd.grad(F.cross_entropy(logits, ids[0, 1:]), [outputs[n] for n in names_out])
+            for n, g in zip(names_out, grads, strict=True):
+                S[n] += g.detach().to(torch.float64).reshape(-1, g.shape[-1]).pow(2).sum(0).cpu() / len(windows)
+            outputs.clear()
+    finally:
+        for h in handles:
+            h.remove()
+        for n, p in model.named_parameters():
+            p.requires_grad_(saved[n])
+    return {n: (H[n], S[n]) for n in names}
+
+
+def kfac_score(error: torch.Tensor, H: torch.Tensor, S: torch.Tensor) -> float:
+    """``1/2 sum_r S_r e_r H e_r^T``: the K-FAC second-order NLL increase of a weight error ``e`` ``[out, in]``."""
+    e = error.to(torch.float64)
+    return 0.5 * float((S * ((e @ H) * e).sum(1)).sum())
+
+
+def gptq_error(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
+    """The weight error GPTQ leaves in format ``fmt``, given the input second moment ``H``."""
+    w = w.detach().float()
+    quantize, _ = format_column_quantizer(w, fmt)
+    return gptq_quantize(w, H, quantize, percdamp=GPTQ_DAMP) - w
+
+
 def _key(fmt: WeightFormat) -> str:
     return json.dumps(fmt.to_dict(), sort_keys=True)
 
@@ -115,6 +178,18 @@ def sensitivities(model: nn.Module, shapes: Mapping[str, tuple[int, int]], candi
             for c in fits[n]:
                 err = fake_quant_weight(w, c) - w
                 store.put(n, c, 0.5 * float((fisher[n] * err.pow(2)).sum()))
+        store.seconds += time.perf_counter() - t0
+        store.save()
+    elif missing and estimator in ("kfac", "kfac-gptq"):
+        factors = kfac_factors(model, windows, missing, device)
+        for k, n in enumerate(missing):
+            H, S = factors.pop(n)
+            w = model.get_submodule(n).weight.detach().float().cpu()
+            for c in fits[n]:
+                err = gptq_error(w, H, c) if estimator == "kfac-gptq" else fake_quant_weight(w, c) - w
+                store.put(n, c, kfac_score(err, H, S))
+            if k % 40 == 0:
+                progress(f"sensitivity ({estimator}): {k + 1}/{len(missing)} linears")
         store.seconds += time.perf_counter() - t0
         store.save()
     elif missing:

@@ -13,7 +13,26 @@ from collections.abc import Callable
 
 import torch
 
+from omniq_lightning.quant.spec import WeightFormat
+from omniq_lightning.quant.weight import GroupGrid, grid_of, round_to_grid
+
 ColumnQuantizer = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def format_column_quantizer(weight: torch.Tensor, fmt: WeightFormat, gamma: torch.Tensor | None = None,
+                            beta: torch.Tensor | None = None) -> tuple[ColumnQuantizer, GroupGrid]:
+    """Rounds a column onto the static grid of its original group in ``weight`` (``[out, in]``; LWC clipping
+    when logits are given); also returns that grid, on which the codes of GPTQ's result are read off exactly."""
+    out_f, in_f = weight.shape
+    group = fmt.group_size or in_f
+    g = grid_of(weight, fmt, gamma, beta)
+    S, Z = g.scale.view(out_f, in_f // group), g.zero.view(out_f, in_f // group)
+
+    def quantize(w: torch.Tensor, j: int) -> torch.Tensor:
+        col = GroupGrid(S[:, j // group].to(w.dtype), Z[:, j // group].to(w.dtype))
+        return round_to_grid(w, col, fmt)
+
+    return quantize, g
 
 
 class HessianAccumulator:
