@@ -27,6 +27,7 @@ from omniq_lightning.methods import METHODS, Method, build_method
 from omniq_lightning.mixed import BitPlan, linear_shapes, plan_for_run, quant_settings
 from omniq_lightning.models import BlockContext, LoadedModel, ModelAdapter, load_model
 from omniq_lightning.nn import ActQuantizer, ClusterActQuantizer
+from omniq_lightning.nn.act import restore_cluster_quantizers
 from omniq_lightning.quant import QuantizedWeight, QuantSpec, WeightFormat
 from omniq_lightning.quant.cuda import status as cuda_extension_status
 from omniq_lightning.quant.spec import VectorFormat
@@ -237,8 +238,10 @@ def quantize(cfg: DictConfig, loaded: LoadedModel, plan: BlockPlan, method: Meth
             run_over(lambda x, b=block, c=ctx: adapter.call_block(b, x, c), q_in, aug)
         if finished:
             folded = adapter.finish_block(adapter.quantize_block(block, replace(plan, let_roles=())).fold())
-            saved = state.load_block(i)
-            folded.load_state_dict({k[len("block."):]: v for k, v in saved.items() if k.startswith("block.")})
+            saved = {k[len("block."):]: v for k, v in state.load_block(i).items() if k.startswith("block.")}
+            restore_cluster_quantizers(folded, saved)  # RPTQ's per-cluster quantizers, saved with the block
+            folded.load_state_dict(saved)
+            folded.to(device)
             block_stats: dict[str, float | None] = {"resumed": 1.0, "calibration_seconds": state.block_seconds(i)}
         else:
             qblock = adapter.quantize_block(block, plan, stats).to(device)

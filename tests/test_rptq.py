@@ -234,3 +234,18 @@ def test_a_bad_observer_is_refused_with_the_choices():
         RPTQ(observer="percentile")
     with pytest.raises(ValueError, match="ema_decay"):
         RPTQ(observer="ema_minmax", ema_decay=1.0)
+
+
+def test_a_run_with_clustered_quantizers_resumes_its_finished_blocks(tmp_path, stories_dir):
+    """Run the same RPTQ command again over a finished run's blocks (what a resumed run does with every block it
+    finished): the per-cluster quantizers saved with each block are put back and the result is the same."""
+    from omniq_lightning.config import compose
+    from omniq_lightning.pipeline import run
+
+    args = ["method=rptq", "quant=w4a8", "method.weights=rtn", "calib.nsamples=8", "eval.max_windows=5",
+            "eval.fp_baseline=false", "trainer.enable_progress_bar=false", "logger=csv", f"output_dir={tmp_path}"]
+    first = run(compose(args))
+    (tmp_path / "results.json").unlink()
+    again = run(compose(args))
+    assert all(b.get("resumed") == 1.0 for b in again["blocks"])
+    assert again["perplexity"]["tinystories"]["perplexity"] == first["perplexity"]["tinystories"]["perplexity"]

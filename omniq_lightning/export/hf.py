@@ -20,7 +20,7 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from omniq_lightning.io import write_json
-from omniq_lightning.nn import ClusterActQuantizer
+from omniq_lightning.nn.act import restore_cluster_quantizers
 from omniq_lightning.quant import QuantSpec
 from omniq_lightning.transforms import BlockPlan
 
@@ -79,10 +79,7 @@ def load_fake_quant(path: str | os.PathLike, dtype: str = "float32", attn_implem
     runtime = Path(path) / RUNTIME
     if runtime.is_file():
         state = load_file(str(runtime))
-        for key in [k for k in state if k.endswith(".labels")]:  # per-cluster quantizers (RPTQ) replace the defaults
-            module = key[: -len(".labels")]
-            sub_state = {k[len(module) + 1 :]: v for k, v in state.items() if k.startswith(module + ".")}
-            loaded.model.set_submodule(module, ClusterActQuantizer.from_state(sub_state))
+        restore_cluster_quantizers(loaded.model, state)  # per-cluster quantizers (RPTQ) replace the defaults
         missing = set(state) - set(loaded.model.state_dict())
         if missing:
             raise ValueError(f"{runtime} holds quantizer state for modules this model does not have: {sorted(missing)[:5]}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -170,3 +172,12 @@ class ClusterActQuantizer(nn.Module):
     def extra_repr(self) -> str:
         kind = "dynamic per token" if self.dynamic else "static"
         return f"a{self.bits} per-cluster ({self.n_clusters} clusters, {kind}) {'sym' if self.symmetric else 'asym'}"
+
+
+def restore_cluster_quantizers(root: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Put back the per-cluster quantizers a saved ``state`` of ``root`` holds (keys ``<module>.labels``) in place
+    of the default ones a freshly built module has, so that ``root.load_state_dict(state)`` then fits."""
+    for key in [k for k in state if k.endswith(".labels")]:
+        module = key[: -len(".labels")]
+        sub = {k[len(module) + 1 :]: v for k, v in state.items() if k.startswith(module + ".")}
+        root.set_submodule(module, ClusterActQuantizer.from_state(sub))
