@@ -107,7 +107,10 @@ def budgets_table(rows: dict[str, list[tuple[str, str, dict | str | None, dict |
             bits = f"{uni['bits_per_weight']:.4f}" if isinstance(uni, dict) else "-"
             ratio = f"{value(mix) / value(uni):.3f}" if isinstance(uni, dict) and isinstance(mix, dict) else "-"
             mbits = f"{mix['bits_per_weight']:.4f}" if isinstance(mix, dict) else "-"
-            secs = f"{mix['bit_plan'].get('sensitivity_seconds', 0):.0f}" if isinstance(mix, dict) else "-"
+            secs = "-"
+            if isinstance(mix, dict):  # a run that resumed its bit plan did not compute the sensitivities
+                secs = (f"{mix['bit_plan']['sensitivity_seconds']:.0f}" if "sensitivity_seconds" in mix["bit_plan"]
+                        else "(plan resumed)")
             lines.append(f"| {method} | {bits} ({quant}) | {estimator} | {text(uni)} / {text(uni, 'ptb')} | {text(mix)} / "
                          f"{text(mix, 'ptb')} | {ratio} | {mbits} | {secs} |")
     return "\n".join(lines)
