@@ -127,7 +127,8 @@ class RPTQ(Method):
 
     def describe(self) -> dict:
         return {"weights": self.weights, "clusters": self.clusters, "head_clusters": self.head_clusters,
-                "dynamic": self.dynamic, "observer": self.observer, "ema_decay": self.ema_decay, "norm_bits": self.norm_bits, "seed": self.seed}
+                "dynamic": self.dynamic, "observer": self.observer, "ema_decay": self.ema_decay,
+                "norm_bits": self.norm_bits, "seed": self.seed}
 
     # --- the reorder ----------------------------------------------------------------------------------------
     def quantizer(self, bits: int, labels: torch.Tensor, n: int) -> ClusterActQuantizer:
