@@ -117,6 +117,21 @@ def test_every_method_runs_on_a_mixed_plan(quick_run, method):
     assert ppl < quick_run("rtn", "w2a16")[0]
 
 
+def test_a_resumed_plan_reports_what_its_sensitivities_cost(tmp_path):
+    """Run the same mixed command again over a finished run: the plan is resumed, not re-allocated, and
+    results.json still reports the seconds the sensitivities behind it took."""
+    from omniq_lightning.config import compose
+    from omniq_lightning.pipeline import run
+
+    args = ["method=rtn", "quant=mixed", "quant.avg_bits=3.5", CANDIDATES, *QUICK, "logger=csv", f"output_dir={tmp_path}"]
+    first = run(compose(args))
+    (tmp_path / "results.json").unlink()
+    again = run(compose(args))
+    assert first["bit_plan"]["source"] == "allocated" and again["bit_plan"]["source"] == "resumed"
+    assert again["bit_plan"]["sensitivity_seconds"] == pytest.approx(first["bit_plan"]["sensitivity_seconds"], abs=1e-3)
+    assert again["bits_per_weight"] == first["bits_per_weight"]
+
+
 def test_measured_sensitivity_is_cached_and_resumed(quick_run):
     ppl, res, out = quick_run("rtn", "mixed", "quant.avg_bits=3.5", "quant.sensitivity=measured", CANDIDATES)
     store = json.loads((out / "sensitivity.json").read_text())

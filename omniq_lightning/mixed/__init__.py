@@ -38,12 +38,15 @@ def plan_for_run(model: nn.Module, adapter, mixed: MixedSettings, windows: torch
     if not adapter.packed_export:
         raise ValueError("quant=mixed does not support mixture-of-experts models yet: use a uniform quant preset")
     shapes = linear_shapes(model, adapter)
+    store = SensitivityStore(out_dir / SENSITIVITY_FILE, mixed.sensitivity, mixed.windows)
     for path in ([Path(mixed.plan)] if mixed.plan else []) + [out_dir / PLAN_FILE]:
         if path.is_file():
             plan = BitPlan.load(path)
             plan.check_covers(shapes)
-            return plan, {"path": str(path), "avg_bits": plan.avg_bits(shapes), "source": "given" if mixed.plan else "resumed"}
-    store = SensitivityStore(out_dir / SENSITIVITY_FILE, mixed.sensitivity, mixed.windows)
+            info = {"path": str(path), "avg_bits": plan.avg_bits(shapes), "source": "given" if mixed.plan else "resumed"}
+            if not mixed.plan and store.scores:  # what the sensitivities behind the resumed plan cost
+                info["sensitivity_seconds"] = round(store.seconds, 3)
+            return plan, info
     scores = sensitivities(model, shapes, mixed.candidates, windows[: mixed.windows], mixed.sensitivity, store, device,
                            progress=log.info)
     t_alloc = time.perf_counter()
