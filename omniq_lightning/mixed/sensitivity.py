@@ -22,9 +22,10 @@ measured estimator), and a rerun continues where it stopped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -34,8 +35,6 @@ from torch import nn
 from omniq_lightning.io import write_json
 from omniq_lightning.quant import WeightFormat, fake_quant_weight
 from omniq_lightning.quant.gptq import format_column_quantizer, gptq_quantize
-
-GPTQ_DAMP = 0.01  # the GPTQ method's default dampening, for kfac-gptq's solves
 
 
 def linear_shapes(model: nn.Module, adapter) -> dict[str, tuple[int, int]]:
@@ -50,36 +49,42 @@ def linear_shapes(model: nn.Module, adapter) -> dict[str, tuple[int, int]]:
     return shapes
 
 
+def window_nll(model: nn.Module, window: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The mean next-token NLL of one token window (differentiable)."""
+    ids = window[None].to(device)
+    return F.cross_entropy(model(input_ids=ids, use_cache=False).logits[0, :-1].float(), ids[0, 1:])
+
+
 @torch.no_grad()
 def nll(model: nn.Module, windows: torch.Tensor, device: torch.device) -> float:
     """Mean next-token NLL of ``model`` over the token windows ``[n, seqlen]``."""
-    total = 0.0
-    for w in windows:
-        ids = w[None].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-        total += F.cross_entropy(logits, ids[0, 1:]).item()
-    return total / len(windows)
+    return sum(window_nll(model, w, device).item() for w in windows) / len(windows)
 
 
-def fisher_diagonal(model: nn.Module, windows: torch.Tensor, names: Sequence[str], device: torch.device):
-    """The empirical Fisher diagonal of the windows' mean NLL for the named linears' weights (float32, CPU)."""
-    params = {n: model.get_submodule(n).weight for n in names}
+@contextlib.contextmanager
+def grads_for(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, nn.Parameter]]:
+    """While active, only the named linears' weights require gradients (each parameter's flag is restored after)."""
     saved = {n: p.requires_grad for n, p in model.named_parameters()}
+    params = {n: model.get_submodule(n).weight for n in names}
     for p in model.parameters():
         p.requires_grad_(False)
     for p in params.values():
         p.requires_grad_(True)
-    fisher = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
     try:
-        for w in windows:
-            ids = w[None].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-            grads = torch.autograd.grad(F.cross_entropy(logits, ids[0, 1:]), list(params.values()))
-            for n, g in zip(params, grads, strict=True):
-                fisher[n] += g.detach().float().pow(2).cpu() / len(windows)
+        yield params
     finally:
         for n, p in model.named_parameters():
             p.requires_grad_(saved[n])
+
+
+def fisher_diagonal(model: nn.Module, windows: torch.Tensor, names: Sequence[str], device: torch.device):
+    """The empirical Fisher diagonal of the windows' mean NLL for the named linears' weights (float32, CPU)."""
+    with grads_for(model, names) as params:
+        fisher = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
+        for w in windows:
+            grads = torch.autograd.grad(window_nll(model, w, device), list(params.values()))
+            for n, g in zip(params, grads, strict=True):
+                fisher[n] += g.detach().float().pow(2).cpu() / len(windows)
     return fisher
 
 
@@ -89,11 +94,6 @@ def kfac_factors(model: nn.Module, windows: torch.Tensor, names: Sequence[str], 
     mean of ``x x^T`` over a window's tokens, and ``S`` ``[out]``, the sum over its tokens of the squared
     gradient of the window's mean NLL at each output; both averaged over the windows."""
     mods = {n: model.get_submodule(n) for n in names}
-    saved = {n: p.requires_grad for n, p in model.named_parameters()}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in mods.values():
-        m.weight.requires_grad_(True)  # so that the outputs carry gradients
     H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in mods.items()}
     S = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in mods.items()}
     outputs: dict[str, torch.Tensor] = {}
@@ -107,19 +107,17 @@ def kfac_factors(model: nn.Module, windows: torch.Tensor, names: Sequence[str], 
 
     handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
     try:
-        for w in windows:
-            ids = w[None].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-            names_out = list(outputs)
-            grads = torch.autograd.grad(F.cross_entropy(logits, ids[0, 1:]), [outputs[n] for n in names_out])
-            for n, g in zip(names_out, grads, strict=True):
-                S[n] += g.detach().to(torch.float64).reshape(-1, g.shape[-1]).pow(2).sum(0).cpu() / len(windows)
-            outputs.clear()
+        with grads_for(model, names):  # the weights require gradients, so the outputs carry them
+            for w in windows:
+                loss = window_nll(model, w, device)
+                names_out = list(outputs)
+                grads = torch.autograd.grad(loss, [outputs[n] for n in names_out])
+                for n, g in zip(names_out, grads, strict=True):
+                    S[n] += g.detach().to(torch.float64).reshape(-1, g.shape[-1]).pow(2).sum(0).cpu() / len(windows)
+                outputs.clear()
     finally:
         for h in handles:
             h.remove()
-        for n, p in model.named_parameters():
-            p.requires_grad_(saved[n])
     return {n: (H[n], S[n]) for n in names}
 
 
@@ -133,7 +131,7 @@ def gptq_error(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat) -> torch.Ten
     """The weight error GPTQ leaves in format ``fmt``, given the input second moment ``H``."""
     w = w.detach().float()
     quantize, _ = format_column_quantizer(w, fmt)
-    return gptq_quantize(w, H, quantize, percdamp=GPTQ_DAMP) - w
+    return gptq_quantize(w, H, quantize) - w  # GPTQ's default dampening and block size
 
 
 def _key(fmt: WeightFormat) -> str:
