@@ -10,7 +10,8 @@ calibration and evaluation windows); uniform cells are that grid's own cells (ru
 * ``budgets``: each method with ``quant=mixed`` at exactly the bits per weight of its uniform ``w3a16`` and
   ``w2a16g64`` cells (scales and zero points counted the same way), against those cells, for each of
   ``--budget-estimators``: ``proxy`` (diagonal Fisher, round-to-nearest error) and ``kfac`` (K-FAC with the
-  method's own rounding: ``kfac-gptq`` for GPTQ, ``kfac`` for the others).
+  method's own rounding: ``kfac-gptq`` for GPTQ, ``kfac`` for the others) and ``local`` (the expansion at the
+  uniform base plan with the plan search, ``local-gptq`` for GPTQ).
 * ``curve``: ``--curve-method`` (GPTQ) at ``--budgets`` bits for each estimator, beside its uniform cells. The
   sensitivities depend only on the model and the calibration windows, so an estimator's scores are computed
   in its first cell and copied into the others (``sensitivity.json`` keeps the seconds they cost, reported once).
@@ -33,14 +34,14 @@ METHODS = ["rtn", "gptq", "awq", "omniquant"]
 BUDGET_OF = ["w3a16", "w2a16g64"]  # uniform settings whose exact bits are the budgets
 UNIFORM = ["w2a16g64", "w3a16", "w3a16g64", "w4a16", "w4a16g64"]  # the curve's uniform points
 BUDGETS = [2.25, 2.5, 3.0, 3.5, 4.0]
-ESTIMATORS = ["proxy", "kfac-gptq", "measured"]  # the curve's (GPTQ's)
-BUDGET_ESTIMATORS = ["proxy", "kfac"]
+ESTIMATORS = ["proxy", "kfac-gptq", "local-gptq", "measured"]  # the curve's (GPTQ's)
+BUDGET_ESTIMATORS = ["proxy", "kfac", "local"]
 SENSITIVITY = "sensitivity.json"
 
 
 def own_estimator(method: str, estimator: str) -> str:
-    """``kfac`` with the method's own rounding: GPTQ's error for GPTQ, round-to-nearest's for the others."""
-    return "kfac-gptq" if estimator == "kfac" and method == "gptq" else estimator
+    """``kfac`` and ``local`` with the method's own rounding: GPTQ's for GPTQ, round-to-nearest's for the others."""
+    return f"{estimator}-gptq" if estimator in ("kfac", "local") and method == "gptq" else estimator
 
 
 def mixed_folder(method: str, budget: float, estimator: str) -> str:

@@ -9,8 +9,9 @@ import random
 import pytest
 import torch
 
-from omniq_lightning.mixed import BitPlan, Option, allocate, hull, parse_candidate
-from omniq_lightning.mixed.sensitivity import gptq_error, kfac_factors, kfac_score
+from omniq_lightning.mixed import BitPlan, MixedSettings, Option, allocate, hull, parse_candidate
+from omniq_lightning.mixed.search import base_format, candidate_plans, search_plan
+from omniq_lightning.mixed.sensitivity import gptq_error, kfac_factors, kfac_score, local_expansion, nll
 from omniq_lightning.quant import WeightFormat, fake_quant_weight
 
 QUICK = ["calib.nsamples=16", "eval.max_windows=20", "eval.fp_baseline=false", "trainer.enable_progress_bar=false"]
@@ -201,3 +202,106 @@ def test_kfac_sensitivity_plans_fit_the_budget(quick_run):
         store = json.loads((out / "sensitivity.json").read_text())
         assert store["estimator"] == estimator and len(store["scores"]) == 35
         assert res["bits_per_weight"] <= 3.0 and res["bit_plan"]["source"] == "allocated"
+
+
+def test_the_local_expansion_is_the_gradient_and_fisher_at_the_base_plan(stories):
+    """``local``: with every linear at the base format, a move of one linear to ``c`` scores ``g . d + 1/2 sum F
+    d^2`` (``d = Q_c(W) - Q_base(W)``), ``g`` and ``F`` the mean gradient and squared gradient of the windows'
+    NLL there; beside it the full-precision expansion ``1/2 sum F0 (Q_c(W) - W)^2``. Both checked against a
+    direct float64 computation on stories260K; the base's local score is 0, and the weights come back unchanged."""
+    model = stories.model
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    base, move = WeightFormat(4), WeightFormat(2)
+    windows = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(2))
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in names}
+    scores = local_expansion(model, {n: [base, move] for n in names}, base, windows, torch.device("cpu"))
+    assert all(torch.equal(model.get_submodule(n).weight, before[n]) for n in names)
+    name = "model.layers.3.self_attn.v_proj"
+    lin = model.get_submodule(name)
+
+    def grads(fmt):  # float64 gradients of one linear's weight, every linear in ``fmt`` (None: full precision)
+        out = []
+        for n in names:
+            model.get_submodule(n).weight.data = (before[n] if fmt is None else fake_quant_weight(before[n], fmt)).double()
+        for w in windows:
+            lin.weight.requires_grad_(True)
+            logits = model(input_ids=w[None], use_cache=False).logits[0, :-1]
+            out.append(torch.autograd.grad(torch.nn.functional.cross_entropy(logits, w[1:]), [lin.weight])[0])
+            lin.weight.requires_grad_(False)
+        return torch.stack(out)
+
+    try:
+        model.double()
+        g0, g = grads(None), grads(base)
+    finally:
+        model.float()
+        for n in names:
+            model.get_submodule(n).weight.data = before[n]
+    q = fake_quant_weight(before[name], move).double()
+    d = q - fake_quant_weight(before[name], base).double()
+    local = float((g.mean(0) * d).sum() + 0.5 * (g.pow(2).mean(0) * d.pow(2)).sum())
+    full = float(0.5 * (g0.pow(2).mean(0) * (q - before[name].double()).pow(2)).sum())
+    assert scores[name][base][0] == 0.0
+    assert scores[name][move][0] == pytest.approx(local, rel=1e-3, abs=1e-6)
+    assert scores[name][move][1] == pytest.approx(full, rel=1e-3, abs=1e-7)
+
+
+def test_the_base_format_is_the_uniform_plan_nearest_the_budget():
+    shapes = {"a": (64, 64), "b": (64, 128)}
+    cands = [WeightFormat(2), WeightFormat(2, 64), WeightFormat(3), WeightFormat(4, 48)]  # g48 does not fit b
+    bits = {c: sum(c.storage_bits(*s) for s in shapes.values()) / (64 * 192) for c in cands[:3]}
+    assert base_format(cands, shapes, bits[cands[1]] - 1e-5) == cands[1]  # a budget rounded just below it
+    assert base_format(cands, shapes, 2.9) == cands[2]
+    assert base_format(cands, shapes, 4.0) == cands[2]  # w4g48 fits only one linear
+    with pytest.raises(ValueError, match="no candidate fits them all"):
+        base_format([WeightFormat(4, 48)], shapes, 4.0)
+
+
+def test_the_plan_search_starts_from_the_fewest_moves_and_keeps_the_lowest_calibration_nll(stories):
+    """Candidate plans: the first is the base plan where it fits (however attractive the scores of moving);
+    smaller penalties move more; every plan fits the budget; the chosen one has the lowest NLL of those
+    evaluated, and that NLL is the model's with the plan's weights (which are restored after)."""
+    model = stories.model
+    shapes = {n: (m.out_features, m.in_features) for n, m in model.named_modules()
+              if isinstance(m, torch.nn.Linear) and ".layers." in n}
+    fmts = [WeightFormat(2), WeightFormat(3), WeightFormat(4)]
+    rnd = random.Random(0)
+    options = {n: [Option(f, f.storage_bits(*s), 0.0 if f == fmts[1] else rnd.uniform(-1.0, 0.5)) for f in fmts]
+               for n, s in shapes.items()}
+    budget = sum(fmts[1].storage_bits(*s) for s in shapes.values())
+    plans = candidate_plans(options, budget, fmts[1], [2.0, 0.5, 0.0])
+    assert plans[0][0] == float("inf") and all(o.fmt == fmts[1] for o in plans[0][1].values())
+    moved = [sum(o.fmt != fmts[1] for o in p.values()) for _, p in plans]
+    assert moved == sorted(moved) and moved[-1] > 0
+    assert all(sum(o.bits for o in p.values()) <= budget for _, p in plans)
+    windows = torch.randint(0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(3))
+    before = {n: model.get_submodule(n).weight.detach().clone() for n in shapes}
+    flipped = {n: [Option(o.fmt, o.bits, -o.loss) for o in opts] for n, opts in options.items()}
+    chosen, records = search_plan(model, {"a": options, "b": flipped}, budget, fmts[1], [2.0, 0.5, 0.0], windows,
+                                  torch.device("cpu"), {}, progress=lambda _: None)
+    assert all(torch.equal(model.get_submodule(n).weight, before[n]) for n in shapes)
+    best = min(records, key=lambda r: r["calibration_nll"])
+    assert best["chosen"] and sum(r["chosen"] for r in records) == 1 and records[0]["penalty"] is None
+    assert {r["scores"] for r in records} == {"a", "b"}  # both sets searched, the shared base plan evaluated once
+    assert sum(r["moved"] == 0 for r in records) == 1
+    for n, o in chosen.items():
+        model.get_submodule(n).weight.data = fake_quant_weight(before[n], o.fmt)
+    try:
+        assert nll(model, windows, torch.device("cpu")) == pytest.approx(best["calibration_nll"], abs=1e-5)
+    finally:
+        for n in shapes:
+            model.get_submodule(n).weight.data = before[n]
+
+
+def test_local_plans_fit_the_budget_and_record_their_search(quick_run):
+    for estimator in ("local", "local-gptq"):
+        ppl, res, out = quick_run("gptq", "mixed", "quant.avg_bits=3.0", f"quant.sensitivity={estimator}", CANDIDATES)
+        store = json.loads((out / "sensitivity.json").read_text())
+        assert store["estimator"] == estimator and store["base"] == WeightFormat(3).to_dict()
+        assert res["bits_per_weight"] <= 3.0 and res["bit_plan"]["base"] == store["base"]
+        assert sum(r["chosen"] for r in res["bit_plan"]["search"]) == 1
+
+
+def test_bad_search_penalties_are_refused():
+    with pytest.raises(ValueError, match="search_penalties"):
+        MixedSettings(3.0, (WeightFormat(3),), search_penalties=(1.0, -1.0))

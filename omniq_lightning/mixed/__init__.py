@@ -12,7 +12,8 @@ from torch import nn
 
 from omniq_lightning.mixed.allocate import Option, allocate, hull
 from omniq_lightning.mixed.plan import MIXED_KEYS, BitPlan, MixedSettings, parse_candidate
-from omniq_lightning.mixed.sensitivity import SensitivityStore, linear_shapes, sensitivities
+from omniq_lightning.mixed.search import base_format, search_plan
+from omniq_lightning.mixed.sensitivity import LOCAL, SensitivityStore, input_moments, linear_shapes, sensitivities
 from omniq_lightning.quant import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,9 @@ def plan_for_run(model: nn.Module, adapter, mixed: MixedSettings, windows: torch
     if not adapter.packed_export:
         raise ValueError("quant=mixed does not support mixture-of-experts models yet: use a uniform quant preset")
     shapes = linear_shapes(model, adapter)
-    store = SensitivityStore(out_dir / SENSITIVITY_FILE, mixed.sensitivity, mixed.windows)
+    local = mixed.sensitivity in LOCAL
+    base = base_format(mixed.candidates, shapes, mixed.avg_bits) if local else None
+    store = SensitivityStore(out_dir / SENSITIVITY_FILE, mixed.sensitivity, mixed.windows, base)
     for path in ([Path(mixed.plan)] if mixed.plan else []) + [out_dir / PLAN_FILE]:
         if path.is_file():
             plan = BitPlan.load(path)
@@ -47,20 +50,33 @@ def plan_for_run(model: nn.Module, adapter, mixed: MixedSettings, windows: torch
             if not mixed.plan and store.scores:  # what the sensitivities behind the resumed plan cost
                 info["sensitivity_seconds"] = round(store.seconds, 3)
             return plan, info
-    scores = sensitivities(model, shapes, mixed.candidates, windows[: mixed.windows], mixed.sensitivity, store, device,
-                           progress=log.info)
+    windows = windows[: mixed.windows]
+    t_moments = time.perf_counter()  # GPTQ rounding (local-gptq) needs every linear's input second moment
+    moments = input_moments(model.to(device), windows, list(shapes), device) if mixed.sensitivity == "local-gptq" else {}
+    t_moments = time.perf_counter() - t_moments
+    cache: dict = {}  # roundings shared by the expansion and the plan search
+    scores = sensitivities(model, shapes, mixed.candidates, windows, mixed.sensitivity, store, device,
+                           progress=log.info, base=base, moments=moments, cache=cache)
     t_alloc = time.perf_counter()
-    options = {n: [Option(c, c.storage_bits(*shapes[n]), s) for c, s in scores[n].items()] for n in shapes}
     budget = int(mixed.avg_bits * sum(o * i for o, i in shapes.values()))
-    chosen = allocate(options, budget)
+    info: dict = {}
+    if local:  # two score sets (the expansions at the base plan and at full precision), whole plans evaluated
+        score_sets = {k: {n: [Option(c, c.storage_bits(*shapes[n]), s[j]) for c, s in scores[n].items()] for n in shapes}
+                      for j, k in enumerate(("local", "full"))}
+        chosen, info["search"] = search_plan(model, score_sets, budget, base, mixed.search_penalties, windows, device,
+                                             moments, progress=log.info, cache=cache)
+        info["base"] = base.to_dict()
+    else:
+        chosen = allocate({n: [Option(c, c.storage_bits(*shapes[n]), s) for c, s in scores[n].items()]
+                           for n in shapes}, budget)
     plan = BitPlan({n: o.fmt for n, o in chosen.items()}, mixed.avg_bits, mixed.sensitivity, mixed.candidates)
     plan.save(out_dir / PLAN_FILE, shapes)
     avg = plan.avg_bits(shapes)
     log.info("bit plan: %.4f bits per weight (budget %.4f), sensitivities (%s) in %.0f s", avg, mixed.avg_bits,
              mixed.sensitivity, store.seconds)
     return plan, {"path": str(out_dir / PLAN_FILE), "avg_bits": avg, "source": "allocated",
-                  "sensitivity_seconds": round(store.seconds, 3),
-                  "allocation_seconds": round(time.perf_counter() - t_alloc, 3)}
+                  "sensitivity_seconds": round(store.seconds + t_moments, 3),
+                  "allocation_seconds": round(time.perf_counter() - t_alloc, 3), **info}
 
 
 __all__ = ["BitPlan", "MixedSettings", "Option", "allocate", "hull", "linear_shapes", "parse_candidate", "plan_for_run",

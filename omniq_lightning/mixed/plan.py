@@ -24,7 +24,8 @@ from typing import Any
 from omniq_lightning.io import write_json
 from omniq_lightning.quant import WeightFormat
 
-ESTIMATORS = ("measured", "proxy", "kfac", "kfac-gptq")
+ESTIMATORS = ("measured", "proxy", "kfac", "kfac-gptq", "local", "local-gptq")
+SEARCH_PENALTIES = (64.0, 32.0, 16.0, 8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.0)
 _CANDIDATE = re.compile(r"^w?(\d+)(?:g(\d+))?(sym)?$")
 
 
@@ -49,6 +50,7 @@ class MixedSettings:
     sensitivity: str = "proxy"
     plan: str | None = None  # a bit_plan.json to run instead of allocating one
     windows: int = 8  # calibration windows the estimators use
+    search_penalties: tuple[float, ...] = SEARCH_PENALTIES  # the local estimators' plan search (mixed.search)
 
     def __post_init__(self) -> None:
         if self.sensitivity not in ESTIMATORS:
@@ -59,16 +61,20 @@ class MixedSettings:
             raise ValueError(f"quant.avg_bits must be a number of bits per weight in [1, 16], got {self.avg_bits}")
         if self.windows < 1:
             raise ValueError(f"quant.sensitivity_windows must be positive, got {self.windows}")
+        if not self.search_penalties or any(p < 0 for p in self.search_penalties):
+            raise ValueError("quant.search_penalties must be a non-empty list of move penalties >= 0 (units of the "
+                             f"median score), got {list(self.search_penalties)}")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], symmetric: bool) -> MixedSettings:
         return cls(avg_bits=float(cfg["avg_bits"]),
                    candidates=tuple(parse_candidate(c, symmetric) for c in cfg.get("candidates") or []),
                    sensitivity=str(cfg.get("sensitivity", "proxy")), plan=cfg.get("plan"),
-                   windows=int(cfg.get("sensitivity_windows", 8)))
+                   windows=int(cfg.get("sensitivity_windows", 8)),
+                   search_penalties=tuple(float(p) for p in cfg.get("search_penalties") or SEARCH_PENALTIES))
 
 
-MIXED_KEYS = ("avg_bits", "candidates", "sensitivity", "plan", "sensitivity_windows")
+MIXED_KEYS = ("avg_bits", "candidates", "sensitivity", "plan", "sensitivity_windows", "search_penalties")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,15 @@ different blocks compare on one scale:
   run gives that linear alone) instead of round-to-nearest. One forward and backward per window, then one
   ``[out, in] x [in, in]`` product (and for ``kfac-gptq`` one GPTQ solve) per linear and candidate.
 
+* ``local``: the same kind of expansion taken at the *base plan* (every linear in one uniform format, the one
+  nearest the budget) instead of at full precision, ``g . d + 1/2 sum_ij F_ij d_ij^2`` with ``d = Q_c(W) -
+  Q_base(W)`` and ``g``, ``F`` the mean gradient and the Fisher diagonal of the NLL *at the base plan*: it
+  predicts what moving one linear away from the base does to a model whose other linears are all quantized,
+  which is the question at 2 bits, where an expansion at full precision is far from the model being built
+  (the first-order term no longer vanishes there). The full-precision expansion (the ``proxy``) is kept
+  beside it, and ``mixed.search`` evaluates whole plans built from both. ``local-gptq`` rounds with GPTQ on
+  each linear's input second moment instead of round-to-nearest (in both expansions).
+
 Scores are written to ``sensitivity.json`` as they are computed (atomically, linear by linear for the
 measured estimator), and a rerun continues where it stopped.
 """
@@ -77,15 +86,108 @@ def grads_for(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, nn.P
             p.requires_grad_(saved[n])
 
 
-def fisher_diagonal(model: nn.Module, windows: torch.Tensor, names: Sequence[str], device: torch.device):
-    """The empirical Fisher diagonal of the windows' mean NLL for the named linears' weights (float32, CPU)."""
+def gradient_moments(model: nn.Module, windows: torch.Tensor, names: Sequence[str], device: torch.device
+                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per named linear, the mean over windows of the gradient of a window's mean NLL, and of its square (the
+    empirical Fisher diagonal), for the weights (float32, CPU)."""
     with grads_for(model, names) as params:
+        mean = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
         fisher = {n: torch.zeros(p.shape, dtype=torch.float32) for n, p in params.items()}
         for w in windows:
             grads = torch.autograd.grad(window_nll(model, w, device), list(params.values()))
             for n, g in zip(params, grads, strict=True):
-                fisher[n] += g.detach().float().pow(2).cpu() / len(windows)
-    return fisher
+                g = g.detach().float().cpu()
+                mean[n] += g / len(windows)
+                fisher[n] += g.pow(2) / len(windows)
+    return mean, fisher
+
+
+def fisher_diagonal(model: nn.Module, windows: torch.Tensor, names: Sequence[str], device: torch.device):
+    """The empirical Fisher diagonal of the windows' mean NLL for the named linears' weights (float32, CPU)."""
+    return gradient_moments(model, windows, names, device)[1]
+
+
+@torch.no_grad()
+def input_moments(model: nn.Module, windows: torch.Tensor, names: Sequence[str], device: torch.device
+                  ) -> dict[str, torch.Tensor]:
+    """Per named linear, the mean ``x x^T`` of its inputs over the windows' tokens (float32, CPU): the
+    second moment GPTQ solves with."""
+    mods = {n: model.get_submodule(n) for n in names}
+    H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in mods.items()}
+
+    def hook(name):
+        def record(_m, args, _out):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+            H[name] += (x.T @ x).cpu() / (x.shape[0] * len(windows))
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    try:
+        for w in windows:
+            model(input_ids=w[None].to(device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: h.float() for n, h in H.items()}
+
+
+def rounded(w: torch.Tensor, fmt: WeightFormat, H: torch.Tensor | None = None) -> torch.Tensor:
+    """``w`` in format ``fmt``: round-to-nearest, or GPTQ's rounding given the input second moment ``H``."""
+    if H is None:
+        return fake_quant_weight(w, fmt)
+    w32 = w.detach().float()
+    return (w32 + gptq_error(w32, H.double(), fmt)).to(w.dtype)
+
+
+def local_expansion(model: nn.Module, fits: Mapping[str, Sequence[WeightFormat]], base: WeightFormat,
+                    windows: torch.Tensor, device: torch.device, moments: Mapping[str, torch.Tensor] | None = None,
+                    cache: dict | None = None) -> dict[str, dict[WeightFormat, tuple[float, float]]]:
+    """Per linear and candidate ``c``, two predictions of the NLL increase, ``(local, full)``:
+
+    * ``local = g . d + 1/2 sum F d^2`` with ``d = Q_c(W) - Q_base(W)`` and ``g``, ``F`` the NLL's mean gradient
+      and Fisher diagonal with every named linear at ``base``: the expansion at the base plan;
+    * ``full = 1/2 sum F0 (Q_c(W) - W)^2``, ``F0`` the Fisher diagonal at full precision: the expansion there
+      (the ``proxy``, with the same rounding).
+
+    Rounding is GPTQ's where ``moments`` gives the linears' input second moments, else round-to-nearest; the
+    base roundings are left in ``cache`` (``(name, format) -> weight``)."""
+    H = moments or {}
+    cache = {} if cache is None else cache
+    names = list(fits)
+    fisher0 = fisher_diagonal(model, windows, names, device)
+    for n in names:
+        if (n, base) not in cache:
+            cache[(n, base)] = rounded(model.get_submodule(n).weight.detach().cpu(), base, H.get(n))
+    with base_plan(model, {n: base for n in names}, H, cache):
+        mean, fisher = gradient_moments(model, windows, names, device)
+    scores: dict[str, dict[WeightFormat, tuple[float, float]]] = {}
+    for n, formats in fits.items():
+        w = model.get_submodule(n).weight.detach().cpu().float()
+        qb = cache[(n, base)].float()
+        scores[n] = {}
+        for c in formats:
+            q = qb if c == base else rounded(w, c, H.get(n)).float()
+            d = q - qb
+            local = float((mean[n] * d).sum() + 0.5 * (fisher[n] * d.pow(2)).sum())
+            scores[n][c] = (local, 0.5 * float((fisher0[n] * (q - w).pow(2)).sum()))
+    return scores
+
+
+@contextlib.contextmanager
+def base_plan(model: nn.Module, formats: Mapping[str, WeightFormat], moments: Mapping[str, torch.Tensor],
+              cache: Mapping | None = None) -> Iterator[None]:
+    """While active, the named linears hold their weights rounded to ``formats`` (taken from ``cache``,
+    ``(name, format) -> weight``, where it has them); the weights are restored after."""
+    originals = {n: model.get_submodule(n).weight.data for n in formats}
+    cache = cache or {}
+    try:
+        for n, f in formats.items():
+            q = cache[(n, f)] if (n, f) in cache else rounded(originals[n].cpu(), f, moments.get(n))
+            model.get_submodule(n).weight.data = q.to(device=originals[n].device, dtype=originals[n].dtype)
+        yield
+    finally:
+        for n, w in originals.items():
+            model.get_submodule(n).weight.data = w
 
 
 def kfac_factors(model: nn.Module, windows: torch.Tensor, names: Sequence[str], device: torch.device
@@ -134,37 +236,46 @@ def gptq_error(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat) -> torch.Ten
     return gptq_quantize(w, H, quantize) - w  # GPTQ's default dampening and block size
 
 
+LOCAL = ("local", "local-gptq")
+
+
 def _key(fmt: WeightFormat) -> str:
     return json.dumps(fmt.to_dict(), sort_keys=True)
 
 
 class SensitivityStore:
-    """``sensitivity.json``: per linear, per candidate format (its JSON), the predicted NLL increase."""
+    """``sensitivity.json``: per linear, per candidate format (its JSON), the predicted NLL increase (for the
+    local estimators, the pair ``[local, full]`` of ``local_expansion``)."""
 
-    def __init__(self, path: Path, estimator: str, windows: int) -> None:
+    def __init__(self, path: Path, estimator: str, windows: int, base: WeightFormat | None = None) -> None:
         self.path, self.estimator, self.windows = path, estimator, windows
+        self.base = None if base is None else base.to_dict()  # what the local estimators expanded around
         self.scores: dict[str, dict[str, float]] = {}
         self.seconds = 0.0
         if path.is_file():
             data = json.loads(path.read_text())
-            if data.get("estimator") == estimator and data.get("windows") == windows:
+            if (data.get("estimator"), data.get("windows"), data.get("base")) == (estimator, windows, self.base):
                 self.scores, self.seconds = data["scores"], float(data.get("seconds", 0.0))
 
-    def get(self, name: str, fmt: WeightFormat) -> float | None:
+    def get(self, name: str, fmt: WeightFormat) -> float | list[float] | None:
         return self.scores.get(name, {}).get(_key(fmt))
 
-    def put(self, name: str, fmt: WeightFormat, value: float) -> None:
+    def put(self, name: str, fmt: WeightFormat, value: float | list[float]) -> None:
         self.scores.setdefault(name, {})[_key(fmt)] = value
 
     def save(self) -> None:
-        write_json(self.path, {"estimator": self.estimator, "windows": self.windows, "seconds": round(self.seconds, 3),
-                               "scores": self.scores})
+        write_json(self.path, {"estimator": self.estimator, "windows": self.windows, "base": self.base,
+                               "seconds": round(self.seconds, 3), "scores": self.scores})
 
 
 def sensitivities(model: nn.Module, shapes: Mapping[str, tuple[int, int]], candidates: Sequence[WeightFormat],
                   windows: torch.Tensor, estimator: str, store: SensitivityStore, device: torch.device,
-                  progress: Callable[[str], None] = print) -> dict[str, dict[WeightFormat, float]]:
-    """Every linear's predicted NLL increase per candidate that fits it (a group size must divide its width)."""
+                  progress: Callable[[str], None] = print, base: WeightFormat | None = None,
+                  moments: Mapping[str, torch.Tensor] | None = None, cache: dict | None = None
+                  ) -> dict[str, dict[WeightFormat, float]]:
+    """Every linear's predicted NLL increase per candidate that fits it (a group size must divide its width).
+    The ``local`` estimators expand around ``base`` (with GPTQ rounding on ``moments`` for ``local-gptq``; the
+    base roundings are kept in ``cache``)."""
     fits = {n: [c for c in candidates if in_f % (c.group_size or in_f) == 0] for n, (_, in_f) in shapes.items()}
     missing = [n for n in shapes if any(store.get(n, c) is None for c in fits[n])]
     model.to(device)
@@ -176,6 +287,15 @@ def sensitivities(model: nn.Module, shapes: Mapping[str, tuple[int, int]], candi
             for c in fits[n]:
                 err = fake_quant_weight(w, c) - w
                 store.put(n, c, 0.5 * float((fisher[n] * err.pow(2)).sum()))
+        store.seconds += time.perf_counter() - t0
+        store.save()
+    elif missing and estimator in LOCAL:
+        if base is None:
+            raise ValueError(f"the {estimator} estimator needs a base format to expand around")
+        for n, by_format in local_expansion(model, {n: fits[n] for n in missing}, base, windows, device,
+                                            moments, cache).items():
+            for c, v in by_format.items():
+                store.put(n, c, list(v))
         store.seconds += time.perf_counter() - t0
         store.save()
     elif missing and estimator in ("kfac", "kfac-gptq"):
