@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from omniq_lightning.mixed.allocate import Option, allocate
-from omniq_lightning.mixed.sensitivity import base_plan, nll, rounded
+from omniq_lightning.mixed.sensitivity import nll, plan_weights
 from omniq_lightning.quant import WeightFormat
 
 
@@ -68,7 +68,7 @@ def candidate_plans(options: Mapping[str, Sequence[Option]], budget_bits: int, b
 def plan_nll(model: nn.Module, formats: Mapping[str, WeightFormat], windows: torch.Tensor, device: torch.device,
              moments: Mapping[str, torch.Tensor], cache: Mapping | None = None) -> float:
     """The calibration NLL of the model with every planned linear rounded to its format (then restored)."""
-    with base_plan(model, formats, moments, cache):
+    with plan_weights(model, formats, moments, cache):
         return nll(model, windows, device)
 
 
@@ -100,4 +100,4 @@ def search_plan(model: nn.Module, score_sets: Mapping[str, Mapping[str, Sequence
     return best[1], records
 
 
-__all__ = ["base_format", "candidate_plans", "move_scale", "penalised", "plan_nll", "rounded", "search_plan"]
+__all__ = ["base_format", "candidate_plans", "move_scale", "penalised", "plan_nll", "search_plan"]

@@ -158,7 +158,7 @@ def local_expansion(model: nn.Module, fits: Mapping[str, Sequence[WeightFormat]]
     for n in names:
         if (n, base) not in cache:
             cache[(n, base)] = rounded(model.get_submodule(n).weight.detach().cpu(), base, H.get(n))
-    with base_plan(model, {n: base for n in names}, H, cache):
+    with plan_weights(model, {n: base for n in names}, H, cache):
         mean, fisher = gradient_moments(model, windows, names, device)
     scores: dict[str, dict[WeightFormat, tuple[float, float]]] = {}
     for n, formats in fits.items():
@@ -174,7 +174,7 @@ def local_expansion(model: nn.Module, fits: Mapping[str, Sequence[WeightFormat]]
 
 
 @contextlib.contextmanager
-def base_plan(model: nn.Module, formats: Mapping[str, WeightFormat], moments: Mapping[str, torch.Tensor],
+def plan_weights(model: nn.Module, formats: Mapping[str, WeightFormat], moments: Mapping[str, torch.Tensor],
               cache: Mapping | None = None) -> Iterator[None]:
     """While active, the named linears hold their weights rounded to ``formats`` (taken from ``cache``,
     ``(name, format) -> weight``, where it has them); the weights are restored after."""
