@@ -14,7 +14,8 @@ calibration and evaluation windows); uniform cells are that grid's own cells (ru
   uniform base plan with the plan search, ``local-gptq`` for GPTQ).
 * ``curve``: ``--curve-method`` (GPTQ) at ``--budgets`` bits for each estimator, beside its uniform cells. The
   sensitivities depend only on the model and the calibration windows, so an estimator's scores are computed
-  in its first cell and copied into the others (``sensitivity.json`` keeps the seconds they cost, reported once).
+  in its first cell and copied into the others (``sensitivity.json`` keeps the seconds they cost, reported once;
+  the local estimators' scores depend on the base format too, and are recomputed where it differs).
   ``measured`` runs the model once per linear, candidate and window: hours for SmolLM2-135M on a CPU.
 
 Tables go between the ``mixed`` markers of ``benchmarks/RESULTS.md``, the curve to ``mixed_<model>.png``.
