@@ -71,11 +71,11 @@ def plan_for_run(model: nn.Module, adapter, mixed: MixedSettings, windows: torch
                            for n in shapes}, budget)
     plan = BitPlan({n: o.fmt for n, o in chosen.items()}, mixed.avg_bits, mixed.sensitivity, mixed.candidates)
     plan.save(out_dir / PLAN_FILE, shapes)
-    avg = plan.avg_bits(shapes)
+    avg, seconds = plan.avg_bits(shapes), store.seconds + t_moments
     log.info("bit plan: %.4f bits per weight (budget %.4f), sensitivities (%s) in %.0f s", avg, mixed.avg_bits,
-             mixed.sensitivity, store.seconds)
+             mixed.sensitivity, seconds)
     return plan, {"path": str(out_dir / PLAN_FILE), "avg_bits": avg, "source": "allocated",
-                  "sensitivity_seconds": round(store.seconds + t_moments, 3),
+                  "sensitivity_seconds": round(seconds, 3),
                   "allocation_seconds": round(time.perf_counter() - t_alloc, 3), **info}
 
 

@@ -30,7 +30,7 @@ def base_format(candidates: Sequence[WeightFormat], shapes: Mapping[str, tuple[i
     """The candidate that fits every linear and whose uniform plan is nearest ``avg_bits`` (the cheaper on a tie)."""
     total = sum(o * i for o, i in shapes.values())
     uniform = {c: sum(c.storage_bits(*s) for s in shapes.values()) / total for c in candidates
-               if all(i % (c.group_size or i) == 0 for _, i in shapes.values())}
+               if all(c.fits(i) for _, i in shapes.values())}
     if not uniform:
         raise ValueError("the local estimators expand around one format for every linear, and no candidate fits "
                          "them all: add a per-channel candidate (e.g. w2, w3, w4) or one whose group size divides "

@@ -107,6 +107,17 @@ def fisher_diagonal(model: nn.Module, windows: torch.Tensor, names: Sequence[str
     return gradient_moments(model, windows, names, device)[1]
 
 
+def _moment_hook(H: dict[str, torch.Tensor], name: str, windows: int, outputs: dict | None = None):
+    """A forward hook adding a window's mean ``x x^T`` of the linear's inputs (over ``windows``) to ``H[name]``
+    (float64, CPU), and keeping its output in ``outputs`` where given."""
+    def record(_m, args, out):
+        x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
+        H[name] += (x.T @ x).cpu() / (x.shape[0] * windows)
+        if outputs is not None:
+            outputs[name] = out
+    return record
+
+
 @torch.no_grad()
 def input_moments(model: nn.Module, windows: torch.Tensor, names: Sequence[str], device: torch.device
                   ) -> dict[str, torch.Tensor]:
@@ -114,14 +125,7 @@ def input_moments(model: nn.Module, windows: torch.Tensor, names: Sequence[str],
     second moment GPTQ solves with."""
     mods = {n: model.get_submodule(n) for n in names}
     H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in mods.items()}
-
-    def hook(name):
-        def record(_m, args, _out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            H[name] += (x.T @ x).cpu() / (x.shape[0] * len(windows))
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    handles = [m.register_forward_hook(_moment_hook(H, n, len(windows))) for n, m in mods.items()]
     try:
         for w in windows:
             model(input_ids=w[None].to(device), use_cache=False)
@@ -132,11 +136,13 @@ def input_moments(model: nn.Module, windows: torch.Tensor, names: Sequence[str],
 
 
 def rounded(w: torch.Tensor, fmt: WeightFormat, H: torch.Tensor | None = None) -> torch.Tensor:
-    """``w`` in format ``fmt``: round-to-nearest, or GPTQ's rounding given the input second moment ``H``."""
+    """``w`` in format ``fmt``: round-to-nearest, or GPTQ's rounding given the input second moment ``H`` (GPTQ's
+    default dampening and block size)."""
     if H is None:
         return fake_quant_weight(w, fmt)
     w32 = w.detach().float()
-    return (w32 + gptq_error(w32, H.double(), fmt)).to(w.dtype)
+    quantize, _ = format_column_quantizer(w32, fmt)
+    return gptq_quantize(w32, H.double(), quantize).to(w.dtype)
 
 
 def local_expansion(model: nn.Module, fits: Mapping[str, Sequence[WeightFormat]], base: WeightFormat,
@@ -175,7 +181,7 @@ def local_expansion(model: nn.Module, fits: Mapping[str, Sequence[WeightFormat]]
 
 @contextlib.contextmanager
 def plan_weights(model: nn.Module, formats: Mapping[str, WeightFormat], moments: Mapping[str, torch.Tensor],
-              cache: Mapping | None = None) -> Iterator[None]:
+                 cache: Mapping | None = None) -> Iterator[None]:
     """While active, the named linears hold their weights rounded to ``formats`` (taken from ``cache``,
     ``(name, format) -> weight``, where it has them); the weights are restored after."""
     originals = {n: model.get_submodule(n).weight.data for n in formats}
@@ -199,15 +205,7 @@ def kfac_factors(model: nn.Module, windows: torch.Tensor, names: Sequence[str], 
     H = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for n, m in mods.items()}
     S = {n: torch.zeros(m.out_features, dtype=torch.float64) for n, m in mods.items()}
     outputs: dict[str, torch.Tensor] = {}
-
-    def hook(name):
-        def record(_m, args, out):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(torch.float64)
-            H[name] += (x.T @ x).cpu() / (x.shape[0] * len(windows))
-            outputs[name] = out
-        return record
-
-    handles = [m.register_forward_hook(hook(n)) for n, m in mods.items()]
+    handles = [m.register_forward_hook(_moment_hook(H, n, len(windows), outputs)) for n, m in mods.items()]
     try:
         with grads_for(model, names):  # the weights require gradients, so the outputs carry them
             for w in windows:
@@ -232,8 +230,7 @@ def kfac_score(error: torch.Tensor, H: torch.Tensor, S: torch.Tensor) -> float:
 def gptq_error(w: torch.Tensor, H: torch.Tensor, fmt: WeightFormat) -> torch.Tensor:
     """The weight error GPTQ leaves in format ``fmt``, given the input second moment ``H``."""
     w = w.detach().float()
-    quantize, _ = format_column_quantizer(w, fmt)
-    return gptq_quantize(w, H, quantize) - w  # GPTQ's default dampening and block size
+    return rounded(w, fmt, H) - w
 
 
 LOCAL = ("local", "local-gptq")
@@ -276,7 +273,7 @@ def sensitivities(model: nn.Module, shapes: Mapping[str, tuple[int, int]], candi
     """Every linear's predicted NLL increase per candidate that fits it (a group size must divide its width).
     The ``local`` estimators expand around ``base`` (with GPTQ rounding on ``moments`` for ``local-gptq``; the
     base roundings are kept in ``cache``)."""
-    fits = {n: [c for c in candidates if in_f % (c.group_size or in_f) == 0] for n, (_, in_f) in shapes.items()}
+    fits = {n: [c for c in candidates if c.fits(in_f)] for n, (_, in_f) in shapes.items()}
     missing = [n for n in shapes if any(store.get(n, c) is None for c in fits[n])]
     model.to(device)
     t0 = time.perf_counter()

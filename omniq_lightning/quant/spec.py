@@ -97,6 +97,10 @@ class WeightFormat:
     def validate_linear(self, in_features: int) -> None:
         check_group_size(self.group_size, in_features)
 
+    def fits(self, in_features: int) -> bool:
+        """Whether a linear of this input width can take the format (its group size divides the width)."""
+        return in_features % (self.group_size or in_features) == 0
+
     def metadata_bits_per_group(self) -> int:
         """Bits stored per group besides the codes: a 16-bit scale, plus for asymmetric grids the zero point
         (``bits`` bits, an integer on the grid) or, for the power grid, a 16-bit midpoint."""
