@@ -184,11 +184,12 @@ torch::Tensor vq_gemv(torch::Tensor x, std::vector<torch::Tensor> idx, std::vect
     shift = xs.matmul(*mean);          // x . mean, per token
     xs = (xs * *std_).contiguous();    // the normalisation folded into the input
   }
-  auto acc = torch::empty({x.size(0), out_features}, xs.options());
+  TORCH_CHECK(x.size(0) <= 65535, "vq_gemv takes at most 65535 tokens; dequantize and matmul beyond that");
+  auto acc = torch::zeros({x.size(0), out_features}, xs.options());
   auto stream = c10::cuda::getCurrentCUDAStream();
   for (size_t i = 0; i < parts.size(); ++i) {
     TORCH_CHECK(parts[i].rows * parts[i].v == out_features, "part ", i, " does not cover ", out_features, " rows");
-    omniq::launch_vq_gemv(parts[i], xs.data_ptr<float>(), acc.data_ptr<float>(), x.size(0), x.size(1), out_features, i > 0, stream);
+    omniq::launch_vq_gemv(parts[i], xs.data_ptr<float>(), acc.data_ptr<float>(), x.size(0), x.size(1), out_features, stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (shift.has_value()) acc.add_(shift->unsqueeze(1));

@@ -27,8 +27,11 @@ SMOLLM2 = MODELS_DIR / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.ggu
 
 
 def quick(tmp_path, *overrides):
+    """A quick CUDA run. A run that trains (OmniQuant) must have used the fused kernels; round-to-nearest
+    weight-only needs no fake-quant at all (its folded weights are evaluated as they are)."""
     res = run(compose([*QUICK, *overrides, f"output_dir={tmp_path}"]))
-    assert res["environment"]["fused_kernels"] in ("prebuilt", "JIT-compiled"), res["environment"]["fused_kernels"]
+    if "method=rtn" not in overrides:
+        assert res["environment"]["fused_kernels"] in ("prebuilt", "JIT-compiled"), res["environment"]["fused_kernels"]
     return res
 
 

@@ -36,11 +36,13 @@ def disabled() -> bool:
     return os.environ.get("OMNIQ_DISABLE_CUDA_EXT", "0").lower() in ("1", "true", "yes")
 
 
-_status = {"fused_kernels": "not loaded"}
+NOT_USED = "not used: no fake-quant ran on a CUDA tensor in this process"
+_status = {"fused_kernels": NOT_USED}
 
 
 def status() -> str:
-    """How fake-quant runs on CUDA: "prebuilt", "JIT-compiled", or why the reference is used (for results.json)."""
+    """How fake-quant runs on CUDA: "prebuilt", "JIT-compiled", why the reference is used, or that nothing asked
+    for it yet (e.g. round-to-nearest weight-only, whose folded weights need no fake-quant) (for results.json)."""
     return _status["fused_kernels"]
 
 
