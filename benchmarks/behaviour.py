@@ -31,9 +31,9 @@ CELLS: dict[str, list[str]] = {
     "fp": ["method=fp"],
     "rtn-w4a16-gptq": ["method=rtn", "quant=w4a16", "export.format=gptq"],
     "rtn-w3a16-fake": ["method=rtn", "quant=w3a16"],
-    "gptq-w3a16-gptq": ["method=gptq", "quant=w3a16", "export.format=gptq"],
+    "gptq-w2a16-gptq": ["method=gptq", "quant=w2a16", "export.format=gptq"],
     "awq-w4a16-ct": ["method=awq", "quant=w4a16", "export.format=compressed-tensors"],
-    "smoothquant-w8a8-ct": ["method=smoothquant", "quant=w8a8", "quant.w_symmetric=true",
+    "smoothquant-w8a8-ct": ["method=smoothquant", "quant=w8a8", "quant.w_symmetric=true", "quant.kv_bits=16",
                             "export.format=compressed-tensors"],
     "omniquant-w4a16-default": ["method=omniquant", "quant=w4a16", "method.epochs=2"],
     "omniquant-w4a4-default": ["method=omniquant", "quant=w4a4", "method.epochs=2"],
@@ -45,8 +45,8 @@ CELLS: dict[str, list[str]] = {
     "rptq-w4a3kv-dynamic-rtn": ["method=rptq", "quant=w4a3kv", "method.weights=rtn", "method.dynamic=true"],
     "vptq-vq2-vq": ["method=vptq", "quant=vq2", "quant.w_vq.vector=2", "quant.w_vq.centroids=16",
                     "quant.w_vq.normalize=false", "method.kmeans_iters=5", "export.format=vq"],
-    "gptq-mixed3-fake": ["method=gptq", "quant=mixed", "quant.avg_bits=3"],
-    "rtn-mixed5-ct": ["method=rtn", "quant=mixed", "quant.avg_bits=5", "quant.candidates=[w4,w8]",
+    "gptq-mixed3-fake": ["method=gptq", "quant=mixed", "quant.mixed.avg_bits=3"],
+    "rtn-mixed5-ct": ["method=rtn", "quant=mixed", "quant.mixed.avg_bits=5", "quant.mixed.candidates=[w4,w8]",
                       "export.format=compressed-tensors"],
 }
 

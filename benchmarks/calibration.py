@@ -32,7 +32,7 @@ from omniq_lightning.methods import OmniQuant
 from omniq_lightning.models import BlockContext, LlamaAdapter
 from omniq_lightning.quant import QuantSpec
 from omniq_lightning.quant import cuda as cuda_ext
-from omniq_lightning.transforms import BlockPlan
+from omniq_lightning.transforms import BlockSetup
 
 SHAPES = {
     "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
@@ -72,8 +72,8 @@ def build(shape: str, seqlen: int, nsamples: int, device: torch.device, spec: Qu
         for i in range(nsamples):
             inputs[i] = x[i]
             targets[i] = adapter.call_block(block, x[i : i + 1], ctx)[0]
-    plan = BlockPlan(spec, let_roles=() if spec.weight_only else ("norm", "vo", "qk"))
-    qblock = adapter.quantize_block(block, plan, stats)
+    plan = BlockSetup(spec, let_locations=() if spec.weight_only else ("norm", "vo", "qk"))
+    qblock = adapter.build_quant_block(block, plan, stats)
     return qblock, ctx, BlockDataModule(inputs, targets, batch_size=batch_size)
 
 

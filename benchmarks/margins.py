@@ -21,7 +21,7 @@ from pathlib import Path
 from cells import REPO, write_section
 
 QUICK = ["calib.nsamples=16", "eval.max_windows=20", "eval.fp_baseline=false", "trainer.enable_progress_bar=false"]
-MIXED = "quant.candidates=[w2,w3,w4,w8]"
+MIXED = "quant.mixed.candidates=[w2,w3,w4,w8]"
 VQ2_TINY = ["quant.w_vq.vector=2", "quant.w_vq.centroids=16", "quant.w_vq.normalize=false"]  # tests/test_vptq.py
 # claim -> (better run, worse run); a run is (method, quant, overrides)
 CLAIMS = {
@@ -33,8 +33,8 @@ CLAIMS = {
     "awq < rtn, w4a16": (("awq", "w4a16", []), ("rtn", "w4a16", [])),
     "smoothquant < rtn, w6a6": (("smoothquant", "w6a6", []), ("rtn", "w6a6", [])),
     "smoothquant < rtn, w4a4": (("smoothquant", "w4a4", []), ("rtn", "w4a4", [])),
-    "mixed rtn < uniform rtn, at w3a16's budget": (("rtn", "mixed", ["quant.avg_bits=BUDGET", MIXED]), ("rtn", "w3a16", [])),
-    "mixed gptq < uniform gptq, at w3a16's budget": (("gptq", "mixed", ["quant.avg_bits=BUDGET", MIXED]), ("gptq", "w3a16", [])),
+    "mixed rtn < uniform rtn, at w3a16's budget": (("rtn", "mixed", ["quant.mixed.avg_bits=BUDGET", MIXED]), ("rtn", "w3a16", [])),
+    "mixed gptq < uniform gptq, at w3a16's budget": (("gptq", "mixed", ["quant.mixed.avg_bits=BUDGET", MIXED]), ("gptq", "w3a16", [])),
     "rptq < rtn static per tensor, w4a8": (("rptq", "w4a8", []), ("rtn", "w4a8", ["quant.a_granularity=tensor"])),
     "rptq < smoothquant static per tensor, w4a8": (("rptq", "w4a8", []),
                                                    ("smoothquant", "w4a8", ["quant.a_granularity=tensor"])),

@@ -51,7 +51,7 @@ def mixed_folder(method: str, budget: float, estimator: str) -> str:
 
 def mixed_matches(budget: float, estimator: str) -> Callable[[dict], bool]:
     protocol = protocol_of("cpu")
-    return lambda res: protocol(res) and settings_match(res, {"quant.avg_bits": budget, "quant.sensitivity": estimator})
+    return lambda res: protocol(res) and settings_match(res, {"quant.mixed.avg_bits": budget, "quant.mixed.sensitivity": estimator})
 
 
 def value(res, corpus: str = "wikitext2") -> float | None:
@@ -97,7 +97,7 @@ class Cells:
             shutil.copy2(donor, out / SENSITIVITY)  # the same model and calibration windows: the same scores
         print(f"cell {method} mixed {budget:g} ({estimator}) ...", flush=True)
         overrides = [*cell_overrides(self.model, method, "mixed", self.model_args, "cpu"),
-                     f"quant.avg_bits={budget}", f"quant.sensitivity={estimator}"]
+                     f"quant.mixed.avg_bits={budget}", f"quant.mixed.sensitivity={estimator}"]
         return run_cell(overrides, out, self.mixed_root / f"{out.name}.log", matches)
 
 

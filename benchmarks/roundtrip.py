@@ -50,8 +50,8 @@ def load_gptq_reference(packed: Path, fake: Path):
     """The fake-quant model with every packed linear's weight replaced by the reference dequantization."""
     from safetensors.torch import load_file
 
+    from omniq_lightning.export.gptq import dequantize_gptq
     from omniq_lightning.export.hf import load_fake_quant
-    from omniq_lightning.export.packed import dequantize_gptq
 
     cfg = json.loads((packed / "config.json").read_text())["quantization_config"]
     v1 = cfg["checkpoint_format"] == "gptq"

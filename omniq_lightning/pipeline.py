@@ -1,16 +1,21 @@
-"""The run: load, capture, the loop over blocks, evaluation, export. The only place that knows the order of things."""
+"""The run: every setting checked, the model loaded, the model-level stage, the loop over blocks, evaluation,
+export. The only place that knows the order of things.
+
+``method=fp`` (a method config with ``evaluation_only``) evaluates the model as loaded; every other method goes
+through :func:`run_calibration`: what can be checked is checked before anything is written to ``output_dir``,
+then the stage before the block loop (``passes``: mixed-precision plans, whole-model transforms), then each
+block in turn (:func:`calibrate_block`), resuming finished blocks whose fingerprint still matches.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import logging
-import platform
-import resource
-import subprocess
 import time
-from dataclasses import replace
-from importlib import metadata
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,26 +24,32 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from omniq_lightning.calib import ActivationCache, BlockDataModule, BlockRun, RunState, observe_linear_inputs
+from omniq_lightning.calib.loop import run_samples
 from omniq_lightning.data import calibration_windows, load_corpus, tokenize
 from omniq_lightning.eval import perplexity, placed_for_evaluation, zero_shot
-from omniq_lightning.export import ExportRequest, check_export, export_dtype, save_fake_quant, write_packed
+from omniq_lightning.export import ExportRequest, check_export, export_dtype, save_fake_quant, write_export
+from omniq_lightning.export.registry import exporter
 from omniq_lightning.io import write_json
-from omniq_lightning.methods import METHODS, Method, build_method
-from omniq_lightning.mixed import BitPlan, linear_shapes, plan_for_run, quant_settings
-from omniq_lightning.models import BlockContext, LoadedModel, ModelAdapter, load_model
-from omniq_lightning.nn import ActQuantizer, ClusterActQuantizer
+from omniq_lightning.methods import DataNeeds, Method, ModelTraits, build_method
+from omniq_lightning.mixed import MixedPrecisionPass, linear_shapes, quant_settings
+from omniq_lightning.mixed.plan import MixedSettings
+from omniq_lightning.models import BlockContext, LoadedModel, load_model
 from omniq_lightning.nn.act import restore_cluster_quantizers
-from omniq_lightning.quant import QuantizedWeight, QuantSpec, WeightFormat
-from omniq_lightning.quant.cuda import status as cuda_extension_status
-from omniq_lightning.quant.spec import VectorFormat
-from omniq_lightning.quant.vq import VectorQuantizedWeight
+from omniq_lightning.nn.formats import format_record, kind_of, read_codes
+from omniq_lightning.passes import ModelPass, PassContext, run_passes
+from omniq_lightning.quant import QuantSpec
+from omniq_lightning.quant.spec import format_from_dict
+from omniq_lightning.report import bits_per_weight, calibration_seconds, environment, export_sizes, peak_memory, summary
+from omniq_lightning.solvers import observe_static_ranges
 from omniq_lightning.tracking import build_logger, log_summary
-from omniq_lightning.transforms import BlockPlan
+from omniq_lightning.transforms import BlockSetup
 
 log = logging.getLogger(__name__)
 
-AVAILABLE_METHODS = ("fp", *METHODS)
 CACHE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+# --- settings ---------------------------------------------------------------------------------------------------
 
 
 def resolve_cache_dtype(setting: str, model_dtype: torch.dtype) -> torch.dtype:
@@ -47,14 +58,6 @@ def resolve_cache_dtype(setting: str, model_dtype: torch.dtype) -> torch.dtype:
     if setting not in CACHE_DTYPES:
         raise ValueError(f"calib.cache_dtype must be auto or one of {sorted(CACHE_DTYPES)}, got {setting!r}")
     return CACHE_DTYPES[setting]
-
-
-def check_finite(cache: ActivationCache, what: str) -> None:
-    if not torch.isfinite(cache.data).all():
-        raise FloatingPointError(
-            f"{what} contain NaN or Inf in the {cache.dtype} activation cache: the hidden states overflow it. "
-            "Use calib.cache_dtype=bfloat16 or float32"
-        )
 
 
 def resolve_device(name: str) -> torch.device:
@@ -80,6 +83,63 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     return "32-true" if setting == "32" else setting
 
 
+def check_format_capabilities(method: Method, formats) -> None:
+    """Every weight format of the run has what the method needs (``nn.formats`` capabilities)."""
+    needs = method.format_needs()
+    for fmt in {f for f in formats if f.quantized}:
+        kind = kind_of(fmt)
+        missing = sorted(needs - kind.capabilities)
+        if missing:
+            hint = f"; {kind.hint}" if kind.hint else ""
+            raise ValueError(f"weight format {fmt.name} ({kind.name}) lacks what method={method.name} needs "
+                             f"({', '.join(missing)}){hint}")
+
+
+@dataclass
+class Job:
+    """A calibration run as its settings decide it, checked before any model loads."""
+
+    cfg: DictConfig
+    method: Method
+    spec: QuantSpec
+    mixed: MixedSettings | None
+    export_format: str
+    export_dtype: torch.dtype
+    device: torch.device
+    precision: str
+    out_dir: Path
+    config: dict[str, Any]
+    passes: list[ModelPass] = field(default_factory=list)
+
+    @property
+    def quant_name(self) -> str:
+        """The run's quantization label: the preset's own name for a mixed plan (``mixed3.0``), else the spec's."""
+        return str(self.cfg.quant.name) if self.mixed is not None else self.spec.name
+
+
+def prepare(cfg: DictConfig) -> Job:
+    """Build and check everything the settings alone decide (method, quantization, export, device)."""
+    method = build_method(OmegaConf.to_container(cfg.method, resolve=True))
+    spec, mixed = quant_settings(OmegaConf.to_container(cfg.quant, resolve=True))
+    method.validate(spec)
+    check_format_capabilities(method, {spec.weight_format} if mixed is None else set(mixed.candidates))
+    export_format = str(cfg.export.format)
+    exporter(export_format)  # known
+    dtype = export_dtype(str(cfg.export.get("dtype", "auto")), str(cfg.model.dtype))
+    device = resolve_device(cfg.device)
+    precision = resolve_precision(str(cfg.trainer.precision), device)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    # what "auto" settings became on this machine: a resume elsewhere must not silently change them
+    config["resolved"] = {"device_type": device.type, "precision": precision}
+    passes = method.model_passes(spec)
+    if mixed is not None:
+        passes.append(MixedPrecisionPass(mixed))
+    return Job(cfg, method, spec, mixed, export_format, dtype, device, precision, Path(cfg.output_dir), config, passes)
+
+
+# --- the model --------------------------------------------------------------------------------------------------
+
+
 def load(cfg: DictConfig) -> LoadedModel:
     m = cfg.model
     return load_model(
@@ -92,6 +152,12 @@ def load(cfg: DictConfig) -> LoadedModel:
     )
 
 
+def model_traits(loaded: LoadedModel) -> ModelTraits:
+    adapter, blocks = loaded.adapter, loaded.adapter.blocks(loaded.model)
+    sites = adapter.sites(adapter.prepare_block(copy.deepcopy(blocks[0])))
+    return ModelTraits(adapter.recipe_family, adapter.let_for_weight_only, adapter.experts, tuple(sites))
+
+
 def check_seqlen(seqlen: int, loaded: LoadedModel, what: str) -> None:
     context = loaded.adapter.context_length(loaded.model)
     if seqlen > context:
@@ -101,28 +167,21 @@ def check_seqlen(seqlen: int, loaded: LoadedModel, what: str) -> None:
         )
 
 
-def check_spec_fits(loaded: LoadedModel, spec: QuantSpec) -> None:
-    """Every linear layer of every block can take the spec (group size divides its input width)."""
-    if not spec.quantizes_weights:
-        return
-    fmt = spec.weight_format
-    for i, block in enumerate(loaded.adapter.blocks(loaded.model)):
-        for name, m in block.named_modules():
-            if isinstance(m, torch.nn.Linear):
-                try:
-                    spec.validate_linear(m.in_features)
-                    if isinstance(fmt, VectorFormat):
-                        fmt.validate_shape(m.out_features, m.in_features)
-                except ValueError as exc:
-                    raise ValueError(f"block {i} {name}: {exc}") from None
+def check_formats_fit(shapes: Mapping[str, tuple[int, int]], fmt) -> None:
+    """Every quantized linear can take the format (e.g. its group size divides the input width)."""
+    for name, (out_f, in_f) in shapes.items():
+        try:
+            fmt.validate_shape(out_f, in_f)
+        except ValueError as exc:
+            raise ValueError(f"{name}: {exc}") from None
 
 
-def check_method_format(method: Method, spec: QuantSpec) -> None:
-    """Vector formats need a method that fits codebooks; scalar methods need a grid."""
-    vector = isinstance(spec.weight_format, VectorFormat)
-    if vector and not method.vector_formats:
-        raise ValueError(f"quant={spec.name} vector-quantizes the weights, which method={method.name} cannot do: use "
-                         "method=vptq, or a scalar preset such as quant=w2a16g64")
+def calibration_data(cfg: DictConfig, loaded: LoadedModel) -> torch.Tensor:
+    """The calibration windows ``[nsamples, seqlen]`` (seeded: the same settings give the same windows)."""
+    seqlen, n = int(cfg.calib.seqlen), int(cfg.calib.nsamples)
+    check_seqlen(seqlen, loaded, "calib")
+    corpus = load_corpus(cfg.calib.corpus, "calib", cfg.paths.data_dir)
+    return calibration_windows(tokenize(corpus, loaded.tokenizer), n, seqlen, int(cfg.calib.seed))
 
 
 def evaluate(cfg: DictConfig, loaded: LoadedModel, device: torch.device) -> dict[str, dict[str, Any]]:
@@ -155,326 +214,367 @@ def evaluate(cfg: DictConfig, loaded: LoadedModel, device: torch.device) -> dict
     return out
 
 
-# --- the block loop -----------------------------------------------------------------------------------
+# --- the block loop ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def run_over(fn, src: ActivationCache, dst: ActivationCache, target: ActivationCache | None = None) -> float | None:
-    """``dst[j] = fn(src[j])`` for every sample (``dst`` may be ``src``); returns the MSE to ``target``."""
-    err, count = 0.0, 0
-    for j in range(len(src)):
-        out = fn(src[j].unsqueeze(0).float())[0]
-        if target is not None:
-            err += torch.mean((out.float() - target[j].float()) ** 2).item()
-            count += 1
-        dst[j] = out
-    return err / count if count else None
+def check_finite(cache: ActivationCache, what: str) -> None:
+    if not torch.isfinite(cache.data).all():
+        raise FloatingPointError(
+            f"{what} contain NaN or Inf in the {cache.dtype} activation cache: the hidden states overflow it. "
+            "Use calib.cache_dtype=bfloat16 or float32"
+        )
 
 
-@torch.no_grad()
-def observe_static_ranges(qblock, inputs: ActivationCache, ctx: BlockContext) -> None:
-    """Record the ranges of per-tensor (static) activation quantizers on the block's calibration inputs."""
-    static = [m for m in qblock.modules() if isinstance(m, (ActQuantizer, ClusterActQuantizer)) and m.static and m.active]
-    if not static:
-        return
-    for m in static:
-        m.reset_range()
-        m.observing = True
-    for j in range(len(inputs)):
-        qblock(inputs[j].unsqueeze(0).float(), ctx)
-    for m in static:
-        m.observing = False
+@dataclass
+class Caches:
+    """The block loop's activations: the full-precision block inputs and outputs, the quantized inputs (what the
+    quantized blocks so far produce) and, for methods that ask, the fp block's outputs on the quantized inputs."""
+
+    fp_in: ActivationCache
+    fp_out: ActivationCache
+    q_in: ActivationCache
+    aug: ActivationCache | None
+
+    def next_block(self) -> None:
+        """This block's fp outputs are the next block's fp inputs."""
+        self.fp_in, self.fp_out = self.fp_out, self.fp_in
+
+    def close(self) -> None:
+        for c in (self.fp_in, self.fp_out, self.q_in, self.aug):
+            if c is not None:
+                c.close()
 
 
-def calibration_data(cfg: DictConfig, loaded: LoadedModel) -> torch.Tensor:
-    """The calibration windows ``[nsamples, seqlen]`` (seeded: the same settings give the same windows)."""
-    seqlen, n = int(cfg.calib.seqlen), int(cfg.calib.nsamples)
-    check_seqlen(seqlen, loaded, "calib")
-    corpus = load_corpus(cfg.calib.corpus, "calib", cfg.paths.data_dir)
-    return calibration_windows(tokenize(corpus, loaded.tokenizer), n, seqlen, int(cfg.calib.seed))
+@dataclass
+class BlockLoop:
+    """What every block of the loop shares."""
+
+    job: Job
+    loaded: LoadedModel
+    setup: BlockSetup
+    formats: dict[int, dict[str, Any]]  # per block: its linears' planned formats, by name within the block
+    fingerprints: dict[int, dict[str, Any]]
+    state: RunState
+    contexts: list[BlockContext]
+    caches: Caches
+    needs: DataNeeds
+    logger: Any = None
 
 
-def quantize(cfg: DictConfig, loaded: LoadedModel, plan: BlockPlan, method: Method, device: torch.device,
-             state: RunState, logger, windows: torch.Tensor, bit_plan: BitPlan | None = None) -> list[dict[str, Any]]:
-    """Quantize every block in order, resuming finished blocks from ``state``; returns per-block records. With a
-    mixed-precision ``bit_plan``, each block's linears take their planned formats."""
-    model, adapter = loaded.model, loaded.adapter
-    n, seqlen = windows.shape
-    cache_dtype = resolve_cache_dtype(str(cfg.calib.cache_dtype), next(model.parameters()).dtype)
-    cache_dir = Path(cfg.calib.cache_dir)
-
-    def new_cache(tag: str) -> ActivationCache:
-        return ActivationCache(n, (seqlen, adapter.hidden_size(model)), cache_dtype, device,
-                               where=cfg.calib.cache, path=cache_dir / f"{tag}.bin")
-
-    model.to("cpu")
-    for m in adapter.pre_block_modules(model):
-        m.to(device)
-    fp_in = new_cache("fp_in")
-    contexts = adapter.capture(model, (windows[i : i + 1] for i in range(n)), fp_in, device)
-    check_finite(fp_in, "block 0 inputs")
-    q_in, fp_out = new_cache("q_in"), new_cache("fp_out")
-    q_in.data.copy_(fp_in.data)
-    aug = new_cache("aug") if getattr(method, "aug_loss", False) else None
-    precision = resolve_precision(str(cfg.trainer.precision), device)
-    batch_size = int(cfg.method.get("batch_size", 1))
-    blocks = adapter.blocks(model)
-    prefix = adapter.blocks_prefix(model)
-    base_plan = plan
-    records = []
-    progress = bool(cfg.trainer.enable_progress_bar)
-    for i in tqdm(range(len(blocks)), desc="blocks", disable=not progress):
-        t0 = time.perf_counter()
-        ctx = contexts[i]
-        plan = base_plan if bit_plan is None else replace(base_plan, formats=bit_plan.for_block(f"{prefix}.{i}"))
-        model_dtype = next(blocks[i].parameters()).dtype
-        block = adapter.prepare_block(blocks[i].to(device=device, dtype=torch.float32))
-        finished = state.is_finished(i)
-        gather = plan.let and not finished
-        with observe_linear_inputs(block) if gather else contextlib.nullcontext({}) as stats:
-            run_over(lambda x, b=block, c=ctx: adapter.call_block(b, x, c), fp_in, fp_out)
-        check_finite(fp_out, f"block {i} full-precision outputs")
-        if aug is not None and not finished:
-            run_over(lambda x, b=block, c=ctx: adapter.call_block(b, x, c), q_in, aug)
-        if finished:
-            folded = adapter.finish_block(adapter.quantize_block(block, replace(plan, let_roles=())).fold())
-            saved = {k[len("block."):]: v for k, v in state.load_block(i).items() if k.startswith("block.")}
-            restore_cluster_quantizers(folded, saved)  # RPTQ's per-cluster quantizers, saved with the block
-            folded.load_state_dict(saved)
-            folded.to(device)
-            block_stats: dict[str, float | None] = {"resumed": 1.0, "calibration_seconds": state.block_seconds(i)}
-        else:
-            qblock = adapter.quantize_block(block, plan, stats).to(device)
-            observe_static_ranges(qblock, q_in, ctx)
-            run = BlockRun(index=i, n_blocks=len(blocks), ctx=ctx, device=device, precision=precision,
-                           checkpoint_dir=state.checkpoint_dir(i), resume_checkpoint=state.resume_checkpoint(i),
-                           logger=logger, progress_bar=progress)
-            calibrated = method.calibrate(qblock, BlockDataModule(q_in, fp_out, batch_size, aug), run) or {}
-            observe_static_ranges(qblock, q_in, ctx)  # again: the learned transforms moved the ranges
-            learned, learned_stats = qblock.learned_record()
-            folded = adapter.finish_block(method.finalize(qblock))
-            codes = {k: v for name, q in qblock.quantized.items() for k, v in q.tensors(f"qweight.{name}").items()}
-            formats = {name: q.fmt.to_dict() for name, q in qblock.quantized.items()}
-            block_stats = {**learned_stats, **calibrated, "calibration_seconds": round(time.perf_counter() - t0, 3)}
-            state.save_block(i, {**{f"block.{k}": v for k, v in folded.state_dict().items()}, **learned, **codes},
-                             metadata={"formats": json.dumps(formats, sort_keys=True)},
-                             seconds=block_stats["calibration_seconds"])
-        mse = run_over(lambda x, b=folded, c=ctx: adapter.call_block(b, x, c), q_in, q_in, target=fp_out)
-        fp_in, fp_out = fp_out, fp_in
-        for p in folded.parameters():  # parameters only: static activation ranges stay float32
-            p.data = p.data.to(model_dtype)
-        blocks[i] = folded.to("cpu") if device.type != "cpu" else folded  # offload: one block on the device
-        record = {"block": i, "output_mse": mse, "seconds": round(time.perf_counter() - t0, 3), **block_stats}
-        records.append(record)
-        if logger is not None:
-            logger.log_metrics({f"block_{i}/{k}": v for k, v in record.items() if k != "block" and v is not None})
-        log.info("block %d/%d: output MSE %.3e (%.1f s)", i + 1, len(blocks), mse, record["seconds"])
-    for c in (fp_in, fp_out, q_in, aug):
-        if c is not None:
-            c.close()
-    return records
-
-
-# --- results --------------------------------------------------------------------------------------------
-
-
-def calibration_seconds(records: list[dict] | None) -> float | None:
-    """The summed calibration seconds of the blocks, each as recorded by the run that calibrated it; None when
-    nothing was calibrated or a resumed block predates the record."""
-    if not records or any(r.get("calibration_seconds") is None for r in records):
-        return None
-    return round(sum(r["calibration_seconds"] for r in records), 3)
-
-
-def peak_memory(device: torch.device) -> dict[str, float]:
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    mem = {"cpu_peak_rss_gib": round(rss_kib / 2**20, 3)}
-    if device.type == "cuda":
-        mem["gpu_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-    return mem
-
-
-def environment() -> dict[str, Any]:
-    versions = {}
-    for pkg in ("omniq-lightning", "torch", "transformers", "lightning", "torchmetrics", "hydra-core"):
-        try:
-            versions[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            versions[pkg] = None
+def block_fingerprint(job: Job, setup: BlockSetup, formats: Mapping[str, Any], pass_digests: Mapping[str, str]
+                      ) -> dict[str, Any]:
+    """Everything that decides a block beyond the run's configuration: its linears' formats, the transforms it
+    gets, the method's resolved settings and the model-level stage's decisions."""
     return {
-        "versions": versions,
-        "python": platform.python_version(),
-        "git_commit": git_commit(),
-        "machine": platform.machine(),
-        "cuda_device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        "fused_kernels": cuda_extension_status(),
+        "formats": {n: format_record(f) for n, f in sorted(formats.items())},
+        "transforms": {"let_locations": list(setup.let_locations), "let_alpha": setup.let_alpha,
+                       "let_shift": setup.let_shift},
+        "spec": job.spec.to_dict(),
+        "method": {"name": job.method.name, "class": type(job.method).__qualname__,
+                   "settings": json.loads(json.dumps(job.method.describe(), sort_keys=True, default=str))},
+        "passes": dict(sorted(pass_digests.items())),
     }
 
 
-def git_commit() -> str | None:
-    repo = Path(__file__).resolve().parents[1]
+def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What differs between two block fingerprints, in words (linears by name, or the part that changed)."""
+    changes = []
+    for name in sorted(set(old.get("formats", {})) | set(new.get("formats", {}))):
+        a, b = old.get("formats", {}).get(name), new.get("formats", {}).get(name)
+        if a != b:
+            changes.append(f"{name}: {format_from_dict(a).name if a else '16-bit'} -> "
+                           f"{format_from_dict(b).name if b else '16-bit'}")
+    for part in ("transforms", "spec", "method", "passes"):
+        if old.get(part) != new.get(part):
+            changes.append(f"{part}: {old.get(part)} -> {new.get(part)}")
+    return changes
+
+
+def check_finished_blocks(state: RunState, fingerprints: Mapping[int, dict[str, Any]], recalibrate: bool) -> None:
+    """Finished blocks are reused only if what decided them is what decides them now. Otherwise the run is refused,
+    naming what changed, or with ``calib.recalibrate_changed=true`` the blocks from the first changed one on
+    are calibrated again (later blocks take its outputs as their inputs)."""
+    changed = {}
+    for i, fp in fingerprints.items():
+        if state.is_finished(i):
+            old = state.block_fingerprint(i)
+            if old is None:
+                changed[i] = ["the block was recorded without a fingerprint (an older version of omniq-lightning)"]
+            elif old != fp:
+                changed[i] = fingerprint_changes(old, fp)
+    if not changed:
+        return
+    first = min(changed)
+    if recalibrate:
+        log.warning("finished blocks %s were calibrated under other settings: calibrating block %d and later again",
+                    sorted(changed), first)
+        state.forget_blocks(first)
+        return
+    details = "; ".join(f"block {i}: " + ", ".join(c[:4]) + (f" (and {len(c) - 4} more)" if len(c) > 4 else "")
+                        for i, c in sorted(changed.items())[:3])
+    raise ValueError(f"{state.dir} holds finished blocks calibrated under other settings than this run's, so they "
+                     f"cannot be reused ({details}). Use another output_dir for a new run, or set "
+                     "calib.recalibrate_changed=true to calibrate the changed blocks (and those after them) again")
+
+
+def new_cache(job: Job, loaded: LoadedModel, n: int, seqlen: int, tag: str) -> ActivationCache:
+    model = loaded.model
+    dtype = resolve_cache_dtype(str(job.cfg.calib.cache_dtype), next(model.parameters()).dtype)
+    return ActivationCache(n, (seqlen, loaded.adapter.hidden_size(model)), dtype, job.device,
+                           where=job.cfg.calib.cache, path=Path(job.cfg.calib.cache_dir) / f"{tag}.bin")
+
+
+def calibrate_blocks(loop_parts: dict[str, Any], windows: torch.Tensor) -> list[dict[str, Any]]:
+    """Calibrate every block in order (resuming finished ones); returns the blocks' records."""
+    job, loaded = loop_parts["job"], loop_parts["loaded"]
+    model, adapter = loaded.model, loaded.adapter
+    n, seqlen = windows.shape
+    model.to("cpu")
+    for m in adapter.pre_block_modules(model):
+        m.to(job.device)
+    fp_in = new_cache(job, loaded, n, seqlen, "fp_in")
+    contexts = adapter.capture(model, (windows[i : i + 1] for i in range(n)), fp_in, job.device)
+    check_finite(fp_in, "block 0 inputs")
+    needs = job.method.data_needs()
+    caches = Caches(fp_in, new_cache(job, loaded, n, seqlen, "fp_out"), new_cache(job, loaded, n, seqlen, "q_in"),
+                    new_cache(job, loaded, n, seqlen, "aug") if needs.augmented_targets else None)
+    caches.q_in.data.copy_(fp_in.data)
+    loop = BlockLoop(contexts=contexts, caches=caches, needs=needs, **loop_parts)
+    records = []
+    blocks = adapter.blocks(model)
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True, check=True, timeout=10
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo, capture_output=True, text=True, timeout=10
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return commit + ("-dirty" if dirty else "")
+        for i in tqdm(range(len(blocks)), desc="blocks", disable=not job.cfg.trainer.enable_progress_bar):
+            records.append(calibrate_block(loop, i))
+    finally:
+        caches.close()
+    return records
 
 
-def quantized_weights(state: RunState, adapter: ModelAdapter, model
-                      ) -> dict[str, QuantizedWeight | VectorQuantizedWeight]:
-    """Every quantized linear's codes and grid, as saved with its finished block, keyed by its name in the model."""
+def calibrate_block(loop: BlockLoop, i: int) -> dict[str, Any]:
+    """One block: its full-precision outputs (the targets, and the next block's inputs), then either its finished
+    state from a previous run or a new calibration (built, calibrated by the method, folded, saved), then the
+    quantized block's outputs on the quantized inputs (the next block's quantized inputs)."""
+    t0 = time.perf_counter()
+    job, adapter, caches, state = loop.job, loop.loaded.adapter, loop.caches, loop.state
+    blocks, ctx, device = adapter.blocks(loop.loaded.model), loop.contexts[i], job.device
+    setup = replace(loop.setup, formats=loop.formats[i])
+    model_dtype = next(blocks[i].parameters()).dtype
+    block = adapter.prepare_block(blocks[i].to(device=device, dtype=torch.float32))
+    finished = state.is_finished(i)
+
+    def fp_block(x: torch.Tensor) -> torch.Tensor:
+        return adapter.call_block(block, x, ctx)
+
+    with observe_linear_inputs(block) if setup.let and not finished else contextlib.nullcontext({}) as stats:
+        run_samples(fp_block, caches.fp_in, out=caches.fp_out)
+    check_finite(caches.fp_out, f"block {i} full-precision outputs")
+    if finished:
+        folded = resume_block(loop, i, block, setup)
+        block_stats: dict[str, float | None] = {"resumed": 1.0, "calibration_seconds": state.block_seconds(i)}
+    else:
+        if caches.aug is not None:
+            run_samples(fp_block, caches.q_in, out=caches.aug)
+        folded, block_stats = fit_block_and_save(loop, i, block, setup, stats, t0)
+    mse = run_samples(lambda x: adapter.call_block(folded, x, ctx), caches.q_in, out=caches.q_in, target=caches.fp_out)
+    caches.next_block()
+    for p in folded.parameters():  # parameters only: static activation ranges stay float32
+        p.data = p.data.to(model_dtype)
+    blocks[i] = folded.to("cpu") if device.type != "cpu" else folded  # offload: one block on the device
+    record = {"block": i, "output_mse": mse, "seconds": round(time.perf_counter() - t0, 3), **block_stats}
+    if loop.logger is not None:
+        loop.logger.log_metrics({f"block_{i}/{k}": v for k, v in record.items() if k != "block" and v is not None})
+    log.info("block %d/%d: output MSE %.3e (%.1f s)", i + 1, len(blocks), mse, record["seconds"])
+    return record
+
+
+def resume_block(loop: BlockLoop, i: int, block, setup: BlockSetup):
+    """A finished block, rebuilt and loaded from the run state."""
+    adapter = loop.loaded.adapter
+    folded = adapter.finish_block(adapter.build_quant_block(block, replace(setup, let_locations=())).fold())
+    saved = {k[len("block."):]: v for k, v in loop.state.load_block(i).items() if k.startswith("block.")}
+    restore_cluster_quantizers(folded, saved)  # RPTQ's per-cluster quantizers, saved with the block
+    folded.load_state_dict(saved)
+    return folded.to(loop.job.device)
+
+
+def fit_block_and_save(loop: BlockLoop, i: int, block, setup: BlockSetup, stats, t0: float):
+    """Build the quantized block, let the method calibrate it, fold it and save it (with its codes and learned
+    tensors) as finished."""
+    job, adapter, caches, ctx = loop.job, loop.loaded.adapter, loop.caches, loop.contexts[i]
+    qblock = adapter.build_quant_block(block, setup, stats).to(job.device)
+    observe_static_ranges(qblock, caches.q_in, ctx)
+    run = BlockRun(index=i, n_blocks=len(loop.contexts), ctx=ctx, device=job.device, precision=job.precision,
+                   checkpoint_dir=loop.state.checkpoint_dir(i), resume_checkpoint=loop.state.resume_checkpoint(i),
+                   logger=loop.logger, progress_bar=bool(job.cfg.trainer.enable_progress_bar))
+    data = BlockDataModule(caches.q_in, caches.fp_out, loop.needs.batch_size, caches.aug)
+    calibrated = job.method.calibrate(qblock, data, run) or {}
+    observe_static_ranges(qblock, caches.q_in, ctx)  # again: the learned transforms moved the ranges
+    learned, learned_stats = qblock.learned_record()
+    folded = adapter.finish_block(job.method.finalize(qblock))
+    codes = {k: v for name, q in qblock.codes.items() for k, v in q.tensors(f"qweight.{name}").items()}
+    formats = {name: format_record(q.fmt) for name, q in qblock.codes.items()}
+    block_stats = {**learned_stats, **calibrated, "calibration_seconds": round(time.perf_counter() - t0, 3)}
+    loop.state.save_block(i, {**{f"block.{k}": v for k, v in folded.state_dict().items()}, **learned, **codes},
+                          metadata={"formats": json.dumps(formats, sort_keys=True)},
+                          seconds=block_stats["calibration_seconds"], fingerprint=loop.fingerprints[i])
+    return folded, block_stats
+
+
+# --- results ----------------------------------------------------------------------------------------------------
+
+
+def stored_codes(state: RunState, adapter, model) -> dict[str, Any]:
+    """Every quantized linear's stored codes, as saved with its finished block, keyed by its name in the model."""
     prefix = adapter.blocks_prefix(model)
-    out: dict[str, QuantizedWeight] = {}
+    out: dict[str, Any] = {}
     for i in range(len(adapter.blocks(model))):
         tensors = state.load_block(i)
         for name, fmt in json.loads(state.block_metadata(i).get("formats", "{}")).items():
-            key = f"qweight.{name}"
-            if fmt.get("kind") == VectorFormat.kind:
-                out[f"{prefix}.{i}.{name}"] = VectorQuantizedWeight.from_tensors(tensors, key, VectorFormat.from_dict(fmt))
-            else:
-                out[f"{prefix}.{i}.{name}"] = QuantizedWeight(tensors[f"{key}.codes"], tensors[f"{key}.scale"],
-                                                             tensors[f"{key}.zero"], WeightFormat(**fmt))
+            out[f"{prefix}.{i}.{name}"] = read_codes(tensors, f"qweight.{name}", format_from_dict(fmt))
     return out
 
 
-def export_sizes(path: Path, model) -> dict[str, float]:
-    """The checkpoint's tensor bytes against the same model's parameters in fp16."""
-    stored = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
-    fp16 = 2 * sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    return {"bytes": stored, "fp16_bytes": fp16, "fraction_of_fp16": round(stored / fp16, 4)}
-
-
-def bits_per_weight(shapes: dict[str, tuple[int, int]], spec: QuantSpec, bit_plan: BitPlan | None = None) -> float:
-    """Average storage bits per weight of the blocks' quantized linears (``linear_shapes`` of the model before
-    quantization) in their weight formats (the spec's, or each linear's in a mixed plan), counted by
-    ``WeightFormat.storage_bits``: the codes, a 16-bit scale per group and, for asymmetric grids, the zero point
-    or midpoint."""
-    if not shapes:
-        raise ValueError("no quantizable linears found: bits per weight are undefined")
-    if bit_plan is not None:
-        return bit_plan.avg_bits(shapes)
-    fmt = spec.weight_format
-    return sum(fmt.storage_bits(*s) for s in shapes.values()) / max(sum(o * i for o, i in shapes.values()), 1)
+def stored_formats(state: RunState, adapter, model) -> dict[str, Any]:
+    """Every quantized linear's format as its finished block recorded it, by name in the model."""
+    prefix = adapter.blocks_prefix(model)
+    return {f"{prefix}.{i}.{name}": format_from_dict(fmt) for i in range(len(adapter.blocks(model)))
+            for name, fmt in json.loads(state.block_metadata(i).get("formats", "{}")).items()}
 
 
 def run(cfg: DictConfig) -> dict[str, Any]:
     """Run the job the config describes and return (and write) its results."""
+    if cfg.method.get("evaluation_only"):
+        return run_evaluation(cfg)
+    return run_calibration(cfg)
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
+    """``method=fp``: the model evaluated as loaded."""
     t_start = time.perf_counter()
-    name = cfg.method.name
-    if name not in AVAILABLE_METHODS:
-        raise ValueError(f"unknown method '{name}'; available methods: {', '.join(AVAILABLE_METHODS)}")
-    spec, mixed = quant_settings(cfg.quant)  # validated up front, before any model loads
-    export_format = str(cfg.get("export", {}).get("format", "fake"))
-    packed_dtype = export_dtype(str(cfg.get("export", {}).get("dtype", "auto")), str(cfg.model.dtype))
-    method = None if name == "fp" else build_method(name, OmegaConf.to_container(cfg.method, resolve=True))
-    if method is not None:
-        check_method_format(method, spec)
-        method.validate(spec)
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.device)
     out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config = OmegaConf.to_container(cfg, resolve=True)
-    # what "auto" settings became on this machine: a resume elsewhere must not silently change them
-    config["resolved"] = {"device_type": device.type, "precision": resolve_precision(str(cfg.trainer.precision), device)}
-    state = None if method is None else RunState.open(out_dir, config)
-
     loaded = load(cfg)
-    bit_plan, windows = None, None
-    if method is not None:
-        if mixed is None:
-            check_spec_fits(loaded, spec)
-        plan = method.plan(spec, loaded.adapter.family, loaded.adapter.let_for_weight_only)
-        loaded.adapter.check_plan(loaded.model, plan)
-        formats = {plan.spec.weight_format} if mixed is None else set(mixed.candidates)
-        check_export(export_format, ExportRequest(plan.spec, frozenset(formats), moe=not loaded.adapter.packed_export))
-        windows = calibration_data(cfg, loaded)
-        if mixed is not None:
-            bit_plan, plan_info = plan_for_run(loaded.model, loaded.adapter, mixed, windows, out_dir, device)
-            loaded.model.to("cpu")
     t_loaded = time.perf_counter()
-    results: dict[str, Any] = {
-        "model": {"name": cfg.model.name, "path": loaded.source.location, "gguf_file": loaded.source.gguf_file,
-                  "dtype": cfg.model.dtype},
-        "method": name,
-        "quant": None if method is None else {"name": spec.name, **spec.to_dict()},
-    }
-    t_q0 = t_quant = t_loaded
-    if method is None:
-        results.update(evaluate(cfg, loaded, device))
-    else:
-        if cfg.eval.fp_baseline:
-            results.update({f"{k}_fp": v for k, v in evaluate(cfg, loaded, device).items()})
-        shapes = linear_shapes(loaded.model, loaded.adapter)  # before quantization swaps the linears
-        t_q0 = time.perf_counter()
-        logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), out_dir,
-                              f"{cfg.model.name}-{cfg.method.tag}", config)
-        results["blocks"] = quantize(cfg, loaded, plan, method, device, state, logger, windows, bit_plan)
-        results["method_settings"] = method.describe()
-        t_quant = time.perf_counter()
-        results["bits_per_weight"] = round(bits_per_weight(shapes, spec, bit_plan), 4)
-        if bit_plan is not None:
-            results["bit_plan"] = plan_info
-        results.update(evaluate(cfg, loaded, device))
-        extra = {"method": name, "model": cfg.model.name}
-        if bit_plan is not None:  # the bits of each layer
-            extra["formats"] = {n: f.to_dict() for n, f in sorted(bit_plan.formats.items())}
-        results["export"] = str(save_fake_quant(loaded.model, loaded.tokenizer, spec, out_dir / "model", extra,
-                                                loaded.adapter))
-        if export_format != "fake":
-            quantized = quantized_weights(state, loaded.adapter, loaded.model)
-            packed = write_packed(out_dir / "model", quantized, spec, export_format, out_dir / f"model-{export_format}",
-                                  packed_dtype)
-            results["export_packed"] = {"format": export_format, "path": str(packed), **export_sizes(packed, loaded.model)}
-        table = [{"corpus": c, "fp": results.get("perplexity_fp", {}).get(c, {}).get("perplexity"),
-                  name: r["perplexity"]} for c, r in results["perplexity"].items()]
-        summary_metrics = {f"ppl/{c}": r["perplexity"] for c, r in results["perplexity"].items()}
-        summary_metrics |= {f"zero_shot/{t}/{m}": v for t, r in results.get("zero_shot", {}).items()
-                            for m, v in r.items() if m in ("acc", "acc_norm", "perplexity")}
-        log_summary(logger, summary_metrics, table)
+    results: dict[str, Any] = {"model": model_record(cfg, loaded), "method": str(cfg.method.name), "quant": None}
+    results.update(evaluate(cfg, loaded, device))
     t_done = time.perf_counter()
+    return finish(results, cfg, device, out_dir, OmegaConf.to_container(cfg, resolve=True),
+                  {"load": t_loaded - t_start, "evaluate_fp": 0.0, "quantize": 0.0, "evaluate": t_done - t_loaded,
+                   "total": t_done - t_start})
+
+
+def model_record(cfg: DictConfig, loaded: LoadedModel) -> dict[str, Any]:
+    return {"name": cfg.model.name, "path": loaded.source.location, "gguf_file": loaded.source.gguf_file,
+            "dtype": cfg.model.dtype}
+
+
+def finish(results: dict[str, Any], cfg: DictConfig, device: torch.device, out_dir: Path, config: dict,
+           seconds: dict[str, float]) -> dict[str, Any]:
     results.update({
         "wall_seconds": {
-            "load": round(t_loaded - t_start, 3),
-            "evaluate_fp": round(t_q0 - t_loaded, 3),
-            "quantize": round(t_quant - t_q0, 3),
+            **{k: round(v, 3) for k, v in seconds.items() if k != "total"},
             # the blocks' calibration summed over the runs that did it (a resumed run counts its earlier work)
             "calibration": calibration_seconds(results.get("blocks")),
-            "evaluate": round(t_done - t_quant, 3),
-            "total": round(t_done - t_start, 3),
+            "total": round(seconds["total"], 3),
         },
         "memory": peak_memory(device),
         "device": str(device),
         "environment": environment(),
         "config": config,
     })
+    out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "results.json", results)
     print(summary(results, out_dir))
     return results
 
 
-def summary(results: dict[str, Any], out_dir: Path) -> str:
-    quant = results["quant"]
-    head = f"omniq-lightning: {results['model']['name']} / {results['method']}"
-    if quant:
-        head += f" {quant['name']} ({results['bits_per_weight']:.2f} bits per weight)"
-    lines = [head]
-    for name, r in results["perplexity"].items():
-        fp = results.get("perplexity_fp", {}).get(name)
-        fp_txt = f"full precision {fp['perplexity']:.4f} -> " if fp else ""
-        label = "quantized " if quant else ""
-        lines.append(f"  {name:<12} perplexity {fp_txt}{label}{r['perplexity']:.4f}  "
-                     f"({r['windows']} windows x {r['seqlen']} tokens)")
-    for task, r in results.get("zero_shot", {}).items():
-        fp = results.get("zero_shot_fp", {}).get(task)
-        shown = {m: v for m, v in r.items() if m in ("acc", "acc_norm")}
-        fp_txt = f" (full precision {', '.join(f'{m} {fp[m]:.4f}' for m in shown)})" if fp else ""
-        lines.append(f"  {task:<14} {', '.join(f'{m} {v:.4f}' for m, v in shown.items())}{fp_txt}  "
-                     f"({r['documents']} documents{'' if r['limit'] is None else ', limit'})")
-    lines.append(f"  time {results['wall_seconds']['total']:.1f} s; output folder {out_dir}")
-    return "\n".join(lines)
+def run_calibration(cfg: DictConfig) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    job = prepare(cfg)
+    torch.manual_seed(int(cfg.seed))
+    loaded = load(cfg)
+    model, adapter = loaded.model, loaded.adapter
+    traits = model_traits(loaded)
+    job.method.check_model(traits)
+    for p in job.passes:
+        p.check_model(traits)
+    shapes = linear_shapes(model, adapter)  # before quantization swaps the linears
+    if job.mixed is None:
+        check_formats_fit(shapes, job.spec.weight_format)
+    setup = job.method.setup(job.spec, traits)
+    adapter.check_setup(model, setup)
+    request = ExportRequest(job.spec, frozenset({job.spec.weight_format}), adapter.fused_experts,
+                            frozenset(shapes.values()))
+    if job.mixed is None:
+        check_export(job.export_format, request)
+    windows = calibration_data(cfg, loaded)
+    if cfg.eval.get("tasks"):
+        check_seqlen(int(cfg.eval.seqlen), loaded, "eval")
+
+    state = RunState.open(job.out_dir, job.config)
+    ctx = PassContext(model, adapter, windows, job.device, job.out_dir, shapes)
+    pass_results = run_passes(job.passes, ctx, state)
+    model.to("cpu")
+    planned = {}  # per linear: a pass's format (a bit plan), else the spec's
+    for r in pass_results.values():
+        planned.update(r.formats or {})
+    formats = {n: planned.get(n, job.spec.weight_format) for n in shapes}
+    if job.mixed is not None:
+        check_export(job.export_format, replace(request, formats=frozenset(formats.values())))
+    prefix = adapter.blocks_prefix(model)
+    per_block = {i: {n[len(f"{prefix}.{i}."):]: f for n, f in formats.items() if n.startswith(f"{prefix}.{i}.")}
+                 for i in range(len(adapter.blocks(model)))}
+    digests = {name: r.digest() for name, r in pass_results.items()}
+    fingerprints = {i: block_fingerprint(job, setup, f, digests) for i, f in per_block.items()}
+    check_finished_blocks(state, fingerprints, bool(cfg.calib.get("recalibrate_changed", False)))
+    for name, r in pass_results.items():
+        state.save_pass(name, r)
+    t_loaded = time.perf_counter()
+
+    results: dict[str, Any] = {"model": model_record(cfg, loaded), "method": job.method.name,
+                               "quant": {"name": job.quant_name, **job.spec.to_dict()}}
+    if cfg.eval.fp_baseline:
+        results.update({f"{k}_fp": v for k, v in evaluate(cfg, loaded, job.device).items()})
+    t_q0 = time.perf_counter()
+    logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), job.out_dir,
+                          f"{cfg.model.name}-{job.method.tag}", job.config)
+    loop_parts = dict(job=job, loaded=loaded, setup=setup, formats=per_block, fingerprints=fingerprints, state=state,
+                      logger=logger)
+    results["blocks"] = calibrate_blocks(loop_parts, windows)
+    results["method_settings"] = job.method.describe()
+    t_quant = time.perf_counter()
+    written = stored_formats(state, adapter, model)
+    results["bits_per_weight"] = round(bits_per_weight(shapes, written), 4)
+    for name, r in pass_results.items():
+        results[name] = r.info
+    results.update(evaluate(cfg, loaded, job.device))
+    export_results(job, loaded, state, written, results)
+    table = [{"corpus": c, "fp": results.get("perplexity_fp", {}).get(c, {}).get("perplexity"),
+              job.method.name: r["perplexity"]} for c, r in results["perplexity"].items()]
+    metrics = {f"ppl/{c}": r["perplexity"] for c, r in results["perplexity"].items()}
+    metrics |= {f"zero_shot/{t}/{m}": v for t, r in results.get("zero_shot", {}).items()
+                for m, v in r.items() if m in ("acc", "acc_norm", "perplexity")}
+    log_summary(logger, metrics, table)
+    t_done = time.perf_counter()
+    return finish(results, cfg, job.device, job.out_dir, job.config,
+                  {"load": t_loaded - t_start, "evaluate_fp": t_q0 - t_loaded, "quantize": t_quant - t_q0,
+                   "evaluate": t_done - t_quant, "total": t_done - t_start})
+
+
+def export_results(job: Job, loaded: LoadedModel, state: RunState, written: Mapping[str, Any],
+                   results: dict[str, Any]) -> None:
+    """The fake-quant model (always), and the packed checkpoint ``export.format`` names, from the stored codes."""
+    extra: dict[str, Any] = {"method": job.method.name, "model": job.cfg.model.name}
+    if job.mixed is not None:  # the bits of each layer
+        extra["formats"] = {n: f.to_dict() for n, f in sorted(written.items())}
+    fake_dir = job.out_dir / "model"
+    results["export"] = str(save_fake_quant(loaded.model, loaded.tokenizer, job.spec, fake_dir, extra,
+                                            loaded.adapter, name=job.quant_name))
+    if job.export_format != "fake":
+        codes = stored_codes(state, loaded.adapter, loaded.model)
+        packed = write_export(job.export_format, fake_dir, codes, job.spec,
+                              job.out_dir / f"model-{job.export_format}", job.export_dtype)
+        results["export_packed"] = {"format": job.export_format, "path": str(packed),
+                                    **export_sizes(packed, loaded.model)}
+

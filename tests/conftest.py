@@ -6,12 +6,25 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 MODELS_DIR = Path(os.environ.get("OMNIQ_MODELS_DIR", SHARED / "models"))
 DATA_DIR = Path(os.environ.get("OMNIQ_DATA_DIR", SHARED / "data"))
 STORIES = MODELS_DIR / "stories260K"
+
+
+@torch.no_grad()
+def replay(model, adapter, hidden, contexts):
+    """All blocks run standalone on captured block-0 inputs ``[n, seqlen, hidden]``: the last block's outputs."""
+    out = []
+    for x in hidden:
+        h = x.unsqueeze(0)
+        for block, ctx in zip(adapter.blocks(model), contexts, strict=True):
+            h = adapter.call_block(block, h, ctx)
+        out.append(h[0])
+    return torch.stack(out)
 
 
 @pytest.fixture(autouse=True)

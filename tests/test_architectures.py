@@ -28,7 +28,8 @@ from omniq_lightning.eval import perplexity
 from omniq_lightning.models import adapter_for
 from omniq_lightning.nn import LETRouter, QuantLinear
 from omniq_lightning.quant import QuantSpec
-from omniq_lightning.transforms import ROLES, BlockPlan
+from omniq_lightning.transforms import LOCATIONS, BlockSetup
+from tests.conftest import replay
 
 COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256)
@@ -76,6 +77,11 @@ def captured(model, adapter, n=2):
     return ids, cache, contexts
 
 
+def folding_sites(adapter, block):
+    """The names of the block's sites where a diagonal transform folds."""
+    return {s.name for s in adapter.sites(block) if s.diagonal_folds}
+
+
 def last_block_output(model, adapter, ids):
     out = {}
     handle = adapter.blocks(model)[-1].register_forward_hook(
@@ -91,7 +97,7 @@ def test_capture_and_replay_are_exact(family):
     model = tiny(family)
     adapter = adapter_for(model.config.model_type)
     ids, cache, contexts = captured(model, adapter)
-    replayed = adapter.replay(model, cache.all(), contexts)
+    replayed = replay(model, adapter, cache.all(), contexts)
     expected = torch.cat([last_block_output(model, adapter, ids[i : i + 1]) for i in range(len(ids))])
     assert (replayed - expected).abs().max().item() == 0.0
 
@@ -104,8 +110,8 @@ def test_each_block_replays_with_its_own_mask_and_rotary_embedding(family):
     adapter = adapter_for(model.config.model_type)
     ids, cache, contexts = captured(model, adapter)
     assert contexts[0] is not contexts[1]
-    wrong = adapter.replay(model, cache.all(), [contexts[0]] * len(contexts))
-    right = adapter.replay(model, cache.all(), contexts)
+    wrong = replay(model, adapter, cache.all(), [contexts[0]] * len(contexts))
+    right = replay(model, adapter, cache.all(), contexts)
     assert (wrong - right).abs().max().item() > 1e-4
 
 
@@ -128,8 +134,8 @@ def test_transforms_fold_exactly(family):
         ref = adapter.call_block(block, x, ctx)
     scale = ref.abs().max().item()
     assert (ref - original).abs().max().item() <= 1e-5 * scale  # preparing (unfusing experts) keeps the function
-    declared = {d.name for d in adapter.pairs(block)}
-    qb = adapter.quantize_block(copy.deepcopy(block), BlockPlan(QuantSpec(w_bits=16, lwc=False), let_roles=ROLES), stats)
+    declared = folding_sites(adapter, block)
+    qb = adapter.build_quant_block(copy.deepcopy(block), BlockSetup(QuantSpec(w_bits=16, lwc=False), let_locations=LOCATIONS), stats)
     assert set(qb.let) == declared
     randomized_pairs(qb, 0)
     with torch.no_grad():
@@ -138,7 +144,7 @@ def test_transforms_fold_exactly(family):
     assert (unfolded - ref).abs().max().item() <= 2e-5 * scale
     assert (folded - ref).abs().max().item() <= 2e-5 * scale
     for spec in (QuantSpec(w_bits=4, w_group_size=16), QuantSpec(w_bits=4, a_bits=8, kv_bits=8)):
-        qb = adapter.quantize_block(copy.deepcopy(block), BlockPlan(spec, let_roles=ROLES), stats)
+        qb = adapter.build_quant_block(copy.deepcopy(block), BlockSetup(spec, let_locations=LOCATIONS), stats)
         randomized_pairs(qb, 1)
         with torch.no_grad():
             unfolded = qb(x, ctx)
@@ -150,13 +156,14 @@ def test_transforms_fold_exactly(family):
             assert diff.mean().item() <= 1e-3 * unfolded.abs().mean().item(), spec.name
 
 
-def test_pairs_each_family_can_keep_exact():
+def test_sites_say_where_a_diagonal_folds():
     """q_norm / k_norm normalise each head after the projection (Qwen3, Gemma-3): a q/k factor would be undone,
-    so those families declare no q/k pair; the MoE norm pair reaches the router; Phi-3 pairs on fused rows."""
+    so there the q/k site takes no diagonal; the MoE norm site reaches the router; Phi-3's sites are on fused rows.
+    Every family declares its q/k site (RPTQ clusters it in place either way) except Phi-3."""
     def declared(f):
         model = tiny(f)
         adapter = adapter_for(model.config.model_type)
-        return {d.name for d in adapter.pairs(adapter.prepare_block(adapter.blocks(model)[0]))}
+        return folding_sites(adapter, adapter.prepare_block(adapter.blocks(model)[0]))
 
     roles = {f: declared(f) for f in FAMILIES}
     for f in ("qwen3", "gemma3_text", "gemma3", "qwen3_moe"):
@@ -166,10 +173,11 @@ def test_pairs_each_family_can_keep_exact():
     moe = tiny("qwen2_moe")
     adapter = adapter_for("qwen2_moe")
     block = adapter.prepare_block(moe.model.layers[0])
-    mlp_in = next(d for d in adapter.pairs(block) if d.name == "mlp_in")
+    mlp_in = next(d for d in adapter.sites(block) if d.name == "mlp_in")
     assert mlp_in.targets[0] == "mlp.gate" and "mlp.shared_expert_gate" in mlp_in.targets
-    phi = next(d for d in adapter_for("phi3").pairs(tiny("phi3").model.layers[0]) if d.name == "vo")
+    phi = next(d for d in adapter_for("phi3").sites(tiny("phi3").model.layers[0]) if d.name == "vo")
     assert phi.source == "self_attn.qkv_proj" and phi.source_rows == (64 + 32, 64 + 64)
+    assert "qk" not in {s.name for s in adapter_for("phi3").sites(tiny("phi3").model.layers[0])}
 
 
 def test_gemma_norm_folds_as_one_plus_w():
@@ -190,7 +198,7 @@ def test_gemma_norm_folds_as_one_plus_w():
 def test_an_expert_without_calibration_tokens_is_handled(monkeypatch):
     """An expert no calibration token is routed to: no up -> down transform is initialised for it, GPTQ rounds
     it to nearest (there is no Hessian) and says how many; the router stays in full precision."""
-    from omniq_lightning.methods.gptq import gptq_block
+    from omniq_lightning.solvers import gptq_block
 
     model = tiny("mixtral")
     adapter = adapter_for("mixtral")
@@ -209,7 +217,7 @@ def test_an_expert_without_calibration_tokens_is_handled(monkeypatch):
     with torch.no_grad(), observe_linear_inputs(block) as stats:
         adapter.call_block(block, cache.all(), contexts[0])
     assert "mlp.experts.3.down_proj" not in stats
-    qb = adapter.quantize_block(block, BlockPlan(QuantSpec(w_bits=4), let_roles=("norm", "up_down")), stats)
+    qb = adapter.build_quant_block(block, BlockSetup(QuantSpec(w_bits=4), let_locations=("norm", "up_down")), stats)
     assert "up_down_e3" not in qb.let and "up_down_e2" in qb.let
     rtn = qb.block.mlp.experts[3].down_proj
     expected = rtn.wq(rtn.weight).detach().clone()

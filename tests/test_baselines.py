@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from omniq_lightning.config import compose
-from omniq_lightning.methods import build_method
+from omniq_lightning.methods import GPTQ, OmniQuant
 from omniq_lightning.pipeline import run
 from omniq_lightning.quant import WeightFormat, fake_quant_weight, grid, grid_of
 from omniq_lightning.quant.gptq import HessianAccumulator, gptq_quantize
@@ -108,11 +108,11 @@ def test_smoothquant_refuses_weight_only_settings(tmp_path):
 
 def test_gptq_dampening_out_of_range():
     with pytest.raises(ValueError, match="dampening method.damp=1.5 is out of range"):
-        build_method("gptq", {"damp": 1.5})
+        GPTQ(damp=1.5)
 
 
 def test_group_size_that_does_not_divide_a_layer_is_refused_naming_the_layer(tmp_path):
-    with pytest.raises(ValueError, match="block 0 mlp.down_proj: w_group_size=8 does not divide the input width 172"):
+    with pytest.raises(ValueError, match="model.layers.0.mlp.down_proj: w_group_size=8 does not divide the input width 172"):
         run(compose(["method=gptq", "quant=w4a16", "quant.w_group_size=8", f"output_dir={tmp_path}"]))
 
 
@@ -123,6 +123,6 @@ def test_omniquant_compositions_run_and_beat_rtn(quick_run, composition):
 
 def test_composition_settings_are_validated():
     with pytest.raises(ValueError, match="method.init"):
-        build_method("omniquant", {"init": "gptq"})
+        OmniQuant(init="gptq")
     with pytest.raises(ValueError, match="method.rounding"):
-        build_method("omniquant", {"rounding": "stochastic"})
+        OmniQuant(rounding="stochastic")

@@ -26,7 +26,7 @@ from omniq_lightning.eval import perplexity
 from omniq_lightning.export import load_fake_quant
 from omniq_lightning.methods import OmniQuant, build_method
 from omniq_lightning.quant import QuantSpec
-from omniq_lightning.transforms import BlockPlan
+from omniq_lightning.transforms import BlockSetup
 
 W4A4 = QuantSpec(w_bits=4, a_bits=4, kv_bits=4)
 
@@ -41,7 +41,7 @@ def tiny_block_setup(stories, n=4, seqlen=32, spec=W4A4, let=True):
     with torch.no_grad(), observe_linear_inputs(block) as stats:
         for i in range(n):
             targets[i] = adapter.call_block(block, inputs[i].unsqueeze(0), ctx)[0]
-    qblock = adapter.quantize_block(block, BlockPlan(spec, let_roles=("norm", "vo", "qk") if let else ()), stats)
+    qblock = adapter.build_quant_block(block, BlockSetup(spec, let_locations=("norm", "vo", "qk") if let else ()), stats)
     return qblock, ctx, BlockDataModule(inputs, targets, batch_size=2)
 
 
@@ -85,12 +85,21 @@ def test_non_finite_loss_stops_with_the_block_and_a_remedy(stories):
 
 
 def test_method_settings_are_validated():
+    target = {"_target_": "omniq_lightning.methods.OmniQuant", "name": "omniquant"}
     with pytest.raises(ValueError, match="method.let"):
-        build_method("omniquant", {"let": "maybe"})
-    with pytest.raises(ValueError, match="bad settings for method 'omniquant'"):
-        build_method("omniquant", {"lwc_learning_rate": 1.0})
-    with pytest.raises(ValueError, match="unknown method 'quip'.*available methods: fp, rtn, gptq, awq"):
-        build_method("quip", {})
+        build_method({**target, "let": "maybe"})
+    with pytest.raises(ValueError, match="bad settings for method 'omniquant'.*lwc_learning_rate"):
+        build_method({**target, "lwc_learning_rate": 1.0})
+    with pytest.raises(ValueError, match="method config 'mine' has no _target_"):
+        build_method({"name": "mine", "epochs": 3})
+    with pytest.raises(ValueError, match="_target_ 'omniq_lightning.methods.QuIP' cannot be imported"):
+        build_method({"_target_": "omniq_lightning.methods.QuIP", "name": "quip"})
+    from hydra.errors import MissingConfigException
+
+    from omniq_lightning.config import compose
+
+    with pytest.raises(MissingConfigException, match="(?s)method/quip.*omniquant"):
+        compose(["method=quip"])
 
 
 def test_resume_with_a_different_configuration_is_refused(tmp_path):

@@ -63,7 +63,7 @@ def test_formats_refuse_what_they_cannot_hold_and_name_those_that_can():
     with pytest.raises(UnsupportedFormat, match="one weight format per checkpoint.*Formats that fit: fake"):
         check_export("gptq", mixed)
     with pytest.raises(UnsupportedFormat, match="mixture-of-experts"):
-        check_export("gptq", ExportRequest(QuantSpec(w_bits=4), frozenset({WeightFormat(4)}), moe=True))
+        check_export("gptq", ExportRequest(QuantSpec(w_bits=4), frozenset({WeightFormat(4)}), fused_experts=True))
 
 
 def test_packed_checkpoints_ship_half_precision_unless_told_otherwise():
@@ -177,7 +177,9 @@ def test_gptq_format_reads_back_exactly(tmp_path_factory, method, quant, extra):
 
 
 def test_three_bit_gptq_packs_whole_blocks_of_32(tmp_path):
-    from omniq_lightning.export.packed import gptq_tensors
+    from omniq_lightning.config import compose
+    from omniq_lightning.export.gptq import gptq_tensors
+    from omniq_lightning.pipeline import run
     from omniq_lightning.quant import quantize_weight
 
     w = torch.randn(64, 96)
@@ -187,6 +189,14 @@ def test_three_bit_gptq_packs_whole_blocks_of_32(tmp_path):
     assert torch.allclose(dequantize_gptq(t, "x", 3, v1=False), q.dequantize(), rtol=2**-10, atol=1e-6)
     with pytest.raises(UnsupportedFormat, match="blocks of 32"):
         gptq_tensors(quantize_weight(torch.randn(64, 172), WeightFormat(3)), "y", v1=False)
+    w3 = QuantSpec(w_bits=3)
+    check_export("gptq", ExportRequest(w3, frozenset({w3.weight_format}), shapes=frozenset({(64, 96)})))
+    with pytest.raises(UnsupportedFormat, match="blocks of 32.*64x172"):
+        check_export("gptq", ExportRequest(w3, frozenset({w3.weight_format}), shapes=frozenset({(64, 172)})))
+    # stories260K's MLP is 172 wide: refused before any calibration, nothing written
+    with pytest.raises(UnsupportedFormat, match="blocks of 32"):
+        run(compose(["method=rtn", "quant=w3a16", "export.format=gptq", f"output_dir={tmp_path / 'run'}"]))
+    assert not (tmp_path / "run").exists()
 
 
 def test_gptqmodel_loads_the_gptq_checkpoint_where_it_is_installed(tmp_path_factory, eval_ids):

@@ -11,12 +11,12 @@ from transformers import AutoModelForCausalLM, OPTConfig, Qwen2Config
 from omniq_lightning.calib import ActivationCache, observe_linear_inputs
 from omniq_lightning.models import adapter_for
 from omniq_lightning.quant import QuantSpec
-from omniq_lightning.transforms import ROLES, BlockPlan
+from omniq_lightning.transforms import LOCATIONS, BlockSetup
 
 
-def every_pair(spec: QuantSpec) -> BlockPlan:
+def every_pair(spec: QuantSpec) -> BlockSetup:
     """A plan that builds every transform the adapter declares."""
-    return BlockPlan(spec, let_roles=ROLES)
+    return BlockSetup(spec, let_locations=LOCATIONS)
 
 NO_QUANT = QuantSpec(w_bits=16, a_bits=16, kv_bits=16, lwc=False)
 W4A4 = QuantSpec(w_bits=4, a_bits=4, kv_bits=4)
@@ -50,7 +50,7 @@ def check_exact(model, adapter):
     block, x, ctx, stats, ref = block_setup(model, adapter)
     scale = ref.abs().max().item()
     # 1) random LET factors without quantization leave the block's function unchanged
-    qb = adapter.quantize_block(copy.deepcopy(block), every_pair(NO_QUANT), stats)
+    qb = adapter.build_quant_block(copy.deepcopy(block), every_pair(NO_QUANT), stats)
     randomize_let(qb)
     with torch.no_grad():
         unfolded = qb(x, ctx)
@@ -60,7 +60,7 @@ def check_exact(model, adapter):
     assert (folded - ref).abs().max().item() <= 2e-5 * scale
     # 2) with quantization, folding into plain weights gives the unfolded quantized block's output
     for spec in (W4A4, W3G):
-        qb = adapter.quantize_block(copy.deepcopy(block), every_pair(spec), stats)
+        qb = adapter.build_quant_block(copy.deepcopy(block), every_pair(spec), stats)
         randomize_let(qb, seed=3)
         with torch.no_grad():
             unfolded = qb(x, ctx)
@@ -77,7 +77,7 @@ def test_llama_let_folding_is_exact_under_gqa_and_rope(stories):
 def test_qk_scale_must_respect_rotary_pairs(stories):
     """The q/k factor is shared by each rotary pair; breaking that (as a per-channel factor would) is not exact."""
     block, x, ctx, stats, ref = block_setup(stories.model, stories.adapter)
-    qb = stories.adapter.quantize_block(copy.deepcopy(block), every_pair(NO_QUANT), stats)
+    qb = stories.adapter.build_quant_block(copy.deepcopy(block), every_pair(NO_QUANT), stats)
     pair = qb.let["qk"]
     pair.expand_target = lambda p: torch.cat([p, 2 * p], dim=-1).reshape(-1)  # different scales within a pair
     n_kv, rep = 4, 2
@@ -114,7 +114,7 @@ def test_qwen2_let_folding_is_exact_with_qkv_biases():
 
 def test_quantized_block_explains_itself(stories):
     block, x, ctx, stats, _ = block_setup(stories.model, stories.adapter)
-    qb = stories.adapter.quantize_block(copy.deepcopy(block), every_pair(QuantSpec(w_bits=4, w_group_size=4, a_bits=8)),
+    qb = stories.adapter.build_quant_block(copy.deepcopy(block), every_pair(QuantSpec(w_bits=4, w_group_size=4, a_bits=8)),
                                         stats)
     text = str(qb)
     assert "w4 g4 asym +LWC" in text and "a8 per-token" in text and "LET pairs" in text
@@ -122,8 +122,8 @@ def test_quantized_block_explains_itself(stories):
 
 def test_lwc_without_let_has_only_clipping_parameters(stories):
     block, *_ = block_setup(stories.model, stories.adapter)
-    qb = stories.adapter.quantize_block(copy.deepcopy(block), BlockPlan(QuantSpec(w_bits=3)))
+    qb = stories.adapter.build_quant_block(copy.deepcopy(block), BlockSetup(QuantSpec(w_bits=3)))
     params = list(qb.quant_parameters())
     assert len(params) == 2 * 7  # gamma and beta for q, k, v, o, gate, up, down
     with pytest.raises(ValueError, match="statistics"):
-        stories.adapter.quantize_block(copy.deepcopy(block), every_pair(QuantSpec(w_bits=3)))
+        stories.adapter.build_quant_block(copy.deepcopy(block), every_pair(QuantSpec(w_bits=3)))

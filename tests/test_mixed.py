@@ -9,13 +9,13 @@ import random
 import pytest
 import torch
 
-from omniq_lightning.mixed import BitPlan, MixedSettings, Option, allocate, hull, parse_candidate
+from omniq_lightning.mixed import BitPlan, MixedSettings, Option, allocate, parse_candidate
 from omniq_lightning.mixed.search import base_format, candidate_plans, search_plan
 from omniq_lightning.mixed.sensitivity import gptq_error, kfac_factors, kfac_score, local_expansion, nll
 from omniq_lightning.quant import WeightFormat, fake_quant_weight
 
 QUICK = ["calib.nsamples=16", "eval.max_windows=20", "eval.fp_baseline=false", "trainer.enable_progress_bar=false"]
-CANDIDATES = "quant.candidates=[w2,w3,w4,w8]"
+CANDIDATES = "quant.mixed.candidates=[w2,w3,w4,w8]"
 
 
 def random_problem(seed: int, n: int = 12):
@@ -60,12 +60,6 @@ def test_a_budget_below_the_cheapest_plan_is_refused():
         allocate(options, 10)
 
 
-def test_hull_drops_dominated_and_non_convex_options():
-    f = WeightFormat(4)
-    pts = hull([Option(f, 10, 5.0), Option(f, 20, 4.9), Option(f, 30, 1.0), Option(f, 40, 2.0)])
-    assert [(o.bits, o.loss) for o in pts] == [(10, 5.0), (30, 1.0)]
-
-
 def test_candidates_are_named_like_presets():
     assert parse_candidate("w3g64") == WeightFormat(3, 64)
     assert parse_candidate("w8") == WeightFormat(8)
@@ -79,7 +73,7 @@ def runs(quick_run):
     """Uniform w3a16 and mixed plans at the same average bits, on stories260K (RTN and GPTQ: no training)."""
     uniform = {m: quick_run(m, "w3a16") for m in ("rtn", "gptq")}
     budget = uniform["rtn"][1]["bits_per_weight"]
-    mixed = {m: quick_run(m, "mixed", f"quant.avg_bits={budget}", CANDIDATES) for m in ("rtn", "gptq")}
+    mixed = {m: quick_run(m, "mixed", f"quant.mixed.avg_bits={budget}", CANDIDATES) for m in ("rtn", "gptq")}
     return uniform, mixed, budget
 
 
@@ -104,7 +98,7 @@ def test_the_plan_round_trips_through_its_json_file(runs, quick_run, tmp_path):
     first = sorted(edited["linears"])[0]
     edited["linears"][first] = WeightFormat(8).to_dict()  # a user's edit
     (tmp_path / "edited.json").write_text(json.dumps(edited))
-    ppl, res, out = quick_run("rtn", "mixed", f"quant.plan={tmp_path / 'edited.json'}", CANDIDATES)
+    ppl, res, out = quick_run("rtn", "mixed", f"quant.mixed.plan={tmp_path / 'edited.json'}", CANDIDATES)
     assert res["bit_plan"]["source"] == "given"
     manifest = json.loads((out / "model" / "omniq_quant.json").read_text())
     assert manifest["formats"][first]["bits"] == 8  # the export records the bits of each layer
@@ -113,7 +107,7 @@ def test_the_plan_round_trips_through_its_json_file(runs, quick_run, tmp_path):
 @pytest.mark.parametrize("method", ["awq", "omniquant"])
 def test_every_method_runs_on_a_mixed_plan(quick_run, method):
     extra = ["method.epochs=1"] if method == "omniquant" else []
-    ppl, res, out = quick_run(method, "mixed", "quant.avg_bits=3.5", CANDIDATES, *extra)
+    ppl, res, out = quick_run(method, "mixed", "quant.mixed.avg_bits=3.5", CANDIDATES, *extra)
     assert res["bits_per_weight"] <= 3.5 and res["bit_plan"]["source"] == "allocated"
     assert ppl < quick_run("rtn", "w2a16")[0]
 
@@ -124,7 +118,7 @@ def test_a_resumed_plan_reports_what_its_sensitivities_cost(tmp_path):
     from omniq_lightning.config import compose
     from omniq_lightning.pipeline import run
 
-    args = ["method=rtn", "quant=mixed", "quant.avg_bits=3.5", CANDIDATES, *QUICK, "logger=csv", f"output_dir={tmp_path}"]
+    args = ["method=rtn", "quant=mixed", "quant.mixed.avg_bits=3.5", CANDIDATES, *QUICK, "logger=csv", f"output_dir={tmp_path}"]
     first = run(compose(args))
     (tmp_path / "results.json").unlink()
     again = run(compose(args))
@@ -134,7 +128,7 @@ def test_a_resumed_plan_reports_what_its_sensitivities_cost(tmp_path):
 
 
 def test_measured_sensitivity_is_cached_and_resumed(quick_run):
-    ppl, res, out = quick_run("rtn", "mixed", "quant.avg_bits=3.5", "quant.sensitivity=measured", CANDIDATES)
+    ppl, res, out = quick_run("rtn", "mixed", "quant.mixed.avg_bits=3.5", "quant.mixed.sensitivity=measured", CANDIDATES)
     store = json.loads((out / "sensitivity.json").read_text())
     assert store["estimator"] == "measured" and len(store["scores"]) == 35  # 5 blocks x 7 linears
     assert all(len(v) == 4 for v in store["scores"].values())
@@ -198,7 +192,7 @@ def test_kfac_gptq_scores_the_error_gptq_leaves(stories):
 
 def test_kfac_sensitivity_plans_fit_the_budget(quick_run):
     for estimator in ("kfac", "kfac-gptq"):
-        ppl, res, out = quick_run("gptq", "mixed", "quant.avg_bits=3.0", f"quant.sensitivity={estimator}", CANDIDATES)
+        ppl, res, out = quick_run("gptq", "mixed", "quant.mixed.avg_bits=3.0", f"quant.mixed.sensitivity={estimator}", CANDIDATES)
         store = json.loads((out / "sensitivity.json").read_text())
         assert store["estimator"] == estimator and len(store["scores"]) == 35
         assert res["bits_per_weight"] <= 3.0 and res["bit_plan"]["source"] == "allocated"
@@ -295,7 +289,7 @@ def test_the_plan_search_starts_from_the_fewest_moves_and_keeps_the_lowest_calib
 
 def test_local_plans_fit_the_budget_and_record_their_search(quick_run):
     for estimator in ("local", "local-gptq"):
-        ppl, res, out = quick_run("gptq", "mixed", "quant.avg_bits=3.0", f"quant.sensitivity={estimator}", CANDIDATES)
+        ppl, res, out = quick_run("gptq", "mixed", "quant.mixed.avg_bits=3.0", f"quant.mixed.sensitivity={estimator}", CANDIDATES)
         store = json.loads((out / "sensitivity.json").read_text())
         assert store["estimator"] == estimator and store["base"] == WeightFormat(3).to_dict()
         assert res["bits_per_weight"] <= 3.0 and res["bit_plan"]["base"] == store["base"]

@@ -8,6 +8,7 @@ from transformers import AutoModelForCausalLM, OPTConfig, Qwen2Config
 
 from omniq_lightning.calib import ActivationCache
 from omniq_lightning.models import adapter_for, load_model, supported_model_types
+from tests.conftest import replay
 
 
 def final_block_output(model, adapter, ids):
@@ -29,7 +30,7 @@ def assert_replay_exact(model, adapter, n=3, seqlen=32, where="cpu", tmp_path=No
     cache = ActivationCache(n, (seqlen, model.config.hidden_size), torch.float32, "cpu", where=where,
                             path=None if tmp_path is None else tmp_path / "inps.bin")
     contexts = adapter.capture(model, (ids[i : i + 1] for i in range(n)), cache, "cpu")
-    replayed = adapter.replay(model, cache.all(), contexts)
+    replayed = replay(model, adapter, cache.all(), contexts)
     expected = torch.cat([final_block_output(model, adapter, ids[i : i + 1]) for i in range(n)])
     assert (replayed - expected).abs().max().item() == 0.0
     cache.close()

@@ -187,7 +187,7 @@ def test_spec_validates_fields_and_names_presets():
     with pytest.raises(ValueError, match="unknown quant setting"):
         QuantSpec.from_config({"w_bit": 4})
     with pytest.raises(ValueError, match="does not divide the input width 100"):
-        QuantSpec(w_group_size=64).validate_linear(100)
+        QuantSpec(w_group_size=64).weight_format.validate_shape(8, 100)
     with pytest.raises(AttributeError):
         QuantSpec().w_bits = 3  # frozen
 

@@ -10,12 +10,18 @@ import torch
 from transformers import AutoModelForCausalLM, OPTConfig, Qwen3Config
 
 from omniq_lightning.calib import ActivationCache
-from omniq_lightning.methods.base import full_precision_weights, weight_linears
-from omniq_lightning.methods.rptq import RPTQ, activations_in_full_precision, site_statistics
+from omniq_lightning.methods import ModelTraits
+from omniq_lightning.methods.rptq import RPTQ
 from omniq_lightning.models import adapter_for
 from omniq_lightning.nn import ClusterActQuantizer, QuantMatMul
 from omniq_lightning.quant import QuantSpec, fake_quant_per_tensor, tensor_range_params
-from omniq_lightning.transforms import BlockPlan
+from omniq_lightning.solvers import (
+    activations_in_full_precision,
+    full_precision_weights,
+    site_statistics,
+    weight_linears,
+)
+from omniq_lightning.transforms import BlockSetup, TransformSite
 from omniq_lightning.transforms.reorder import cluster_labels, permutation, range_points
 
 QUICK = ["calib.nsamples=16", "eval.max_windows=20", "eval.fp_baseline=false", "trainer.enable_progress_bar=false"]
@@ -49,9 +55,9 @@ def reordered(model, adapter, spec, index=1, n=3, seqlen=40):
     with torch.no_grad():
         ref = adapter.call_block(block, cache.all(), ctx)
     method = RPTQ(weights="rtn", clusters=4, head_clusters=2)
-    qb = adapter.quantize_block(block, method.plan(spec, adapter.family, False))
-    stats = site_statistics(qb, cache, ctx, qb.reorder_sites)
-    for site in qb.reorder_sites:
+    qb = adapter.build_quant_block(block, method.setup(spec, ModelTraits(adapter.recipe_family)))
+    stats = site_statistics(qb, cache, ctx, qb.sites)
+    for site in qb.sites:
         method.cluster_site(qb, site, stats)
     return qb, cache, ctx, ref
 
@@ -148,8 +154,12 @@ def test_rptq_refuses_weight_only_settings_and_undeclared_families():
         RPTQ().validate(QuantSpec(w_bits=4))
     with pytest.raises(ValueError, match="method.weights"):
         RPTQ(weights="awq")
-    assert adapter_for("phi3").reorder_sites(None) == []
-    assert BlockPlan(QuantSpec(w_bits=4)).let is False
+    fused = TransformSite("vo", "vo", "self_attn.qkv_proj", ("self_attn.o_proj",), source_rows=(96, 128))
+    with pytest.raises(ValueError, match="fused projections"):
+        RPTQ().check_model(ModelTraits("llama", sites=(fused,)))
+    with pytest.raises(ValueError, match="mixture-of-experts"):
+        RPTQ().check_model(ModelTraits("llama", experts=True))
+    assert BlockSetup(QuantSpec(w_bits=4)).let is False
 
 
 def test_kv_memory_formula_matches_a_hand_count():

@@ -10,8 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from omniq_lightning.export import UnsupportedFormat, dequantize_vq, load_vq_checkpoint
-from omniq_lightning.export.packed import ExportRequest, check_export
+from omniq_lightning.export import ExportRequest, UnsupportedFormat, check_export, dequantize_vq, load_vq_checkpoint
 from omniq_lightning.export.vq import vq_config, vq_tensors
 from omniq_lightning.quant import QuantSpec
 from omniq_lightning.quant.spec import VectorFormat
@@ -120,15 +119,16 @@ def test_wrong_method_or_export_is_refused(tmp_path):
     from omniq_lightning.config import compose
     from omniq_lightning.pipeline import run
 
-    with pytest.raises(ValueError, match="method=vptq"):
+    with pytest.raises(ValueError, match="lacks what method=gptq needs.*fitted by method=vptq"):
         run(compose(["model=stories260k", "method=gptq", "quant=vq2", f"output_dir={tmp_path}"]))
-    with pytest.raises(ValueError, match="needs a vector format"):
+    with pytest.raises(ValueError, match="w2 \\(scalar\\) lacks what method=vptq needs \\(codebook\\)"):
         run(compose(["model=stories260k", "method=vptq", "quant=w2a16", f"output_dir={tmp_path}"]))
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())  # refused before anything is written
     spec = QuantSpec.from_config({"w_vq": {"vector": 4, "centroids": 256}})
     with pytest.raises(UnsupportedFormat, match="export.format=vq"):
         check_export("gptq", ExportRequest(spec, frozenset({spec.weight_format})))
     w2 = QuantSpec(w_bits=2)
-    with pytest.raises(UnsupportedFormat, match="vector-quantized weights only"):
+    with pytest.raises(UnsupportedFormat, match="holds vector weight formats, not scalar"):
         check_export("vq", ExportRequest(w2, frozenset({w2.weight_format})))
 
 

@@ -1,8 +1,9 @@
 """Run state on disk: what a run is, which blocks are finished, and where the block in progress stands.
 
 ``output_dir/`` holds ``config.yaml`` (the settings that decide the result), ``state.json`` (finished
-blocks with the SHA-256 of their files), ``blocks/block_NNN.safetensors`` per finished block and
-``checkpoints/block_NNN/last.ckpt`` for the block in progress. Every write is atomic.
+blocks with the SHA-256 of their files and the fingerprint of what decided them; the model-level stage's
+decisions), ``blocks/block_NNN.safetensors`` per finished block, ``passes/<name>.safetensors`` for a pass that
+saved tensors, and ``checkpoints/block_NNN/last.ckpt`` for the block in progress. Every write is atomic.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from omniq_lightning.calib.checkpoint import CorruptCheckpointError
 from omniq_lightning.io import atomic_write, write_json
+from omniq_lightning.passes import PassResult, SavedPass
 
 # The settings that decide a run's result; anything else (evaluation, logging, paths) may change on resume.
 RESULT_KEYS = ("model", "quant", "method", "calib", "seed", "trainer.precision", "resolved")
@@ -59,10 +61,12 @@ def sha256(path: Path) -> str:
 
 
 class RunState:
-    def __init__(self, out_dir: str | Path, settings: dict[str, Any], finished: dict[str, dict] | None = None):
+    def __init__(self, out_dir: str | Path, settings: dict[str, Any], finished: dict[str, dict] | None = None,
+                 passes: dict[str, dict] | None = None):
         self.dir = Path(out_dir)
         self.settings = settings
         self.finished: dict[str, dict] = finished or {}
+        self.passes: dict[str, dict] = passes or {}
 
     @property
     def state_path(self) -> Path:
@@ -83,8 +87,8 @@ class RunState:
                     f"{out_dir} holds a run with a different configuration, so it cannot be resumed. Differing "
                     f"keys: {details}. Use the original settings to resume, or another output_dir for a new run"
                 )
-            finished = json.loads(state_path.read_text()).get("finished", {})
-            return cls(out_dir, settings, finished)
+            data = json.loads(state_path.read_text())
+            return cls(out_dir, settings, data.get("finished", {}), data.get("passes", {}))
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(config_path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(settings, sort_keys=True)))
         state = cls(out_dir, settings)
@@ -92,7 +96,7 @@ class RunState:
         return state
 
     def _write(self) -> None:
-        write_json(self.state_path, {"finished": self.finished})
+        write_json(self.state_path, {"finished": self.finished, "passes": self.passes})
 
     def block_path(self, i: int) -> Path:
         return self.dir / "blocks" / f"block_{i:03d}.safetensors"
@@ -108,15 +112,17 @@ class RunState:
         return str(i) in self.finished
 
     def save_block(self, i: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
-                   seconds: float | None = None) -> Path:
-        """Store a finished block (tensors, and string metadata), record it with the seconds its calibration took,
-        and drop its in-progress checkpoints."""
+                   seconds: float | None = None, fingerprint: dict[str, Any] | None = None) -> Path:
+        """Store a finished block (tensors, and string metadata), record it with the seconds its calibration took
+        and the fingerprint of what decided it, and drop its in-progress checkpoints."""
         path = self.block_path(i)
         data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         atomic_write(path, lambda tmp: save_file(data, tmp, metadata=metadata))
         self.finished[str(i)] = {"file": str(path.relative_to(self.dir)), "sha256": sha256(path)}
         if seconds is not None:
             self.finished[str(i)]["seconds"] = round(float(seconds), 3)
+        if fingerprint is not None:
+            self.finished[str(i)]["fingerprint"] = fingerprint
         self._write()
         shutil.rmtree(self.checkpoint_dir(i), ignore_errors=True)
         return path
@@ -133,6 +139,46 @@ class RunState:
             return load_file(str(path))
         except SafetensorError as exc:
             raise CorruptCheckpointError(f"block file {path} cannot be read ({exc}); delete it to recalibrate") from exc
+
+    def block_fingerprint(self, i: int) -> dict[str, Any] | None:
+        """What decided finished block ``i`` (None for a block recorded before fingerprints existed)."""
+        return self.finished.get(str(i), {}).get("fingerprint")
+
+    def forget_blocks(self, first: int) -> None:
+        """Forget finished blocks ``first`` and later (they will be calibrated again)."""
+        for key in [k for k in self.finished if int(k) >= first]:
+            del self.finished[key]
+            self.block_path(int(key)).unlink(missing_ok=True)
+        self._write()
+
+    # --- the model-level stage -----------------------------------------------------------------------------------
+    def pass_path(self, name: str) -> Path:
+        return self.dir / "passes" / f"{name}.safetensors"
+
+    def saved_pass(self, name: str) -> SavedPass | None:
+        """What pass ``name`` saved in this folder (None if it never ran here)."""
+        entry = self.passes.get(name)
+        if entry is None:
+            return None
+        tensors: dict[str, torch.Tensor] = {}
+        if entry.get("sha256"):
+            path = self.pass_path(name)
+            if not path.is_file() or sha256(path) != entry["sha256"]:
+                raise CorruptCheckpointError(f"{path} is missing or does not match its recorded hash: use a new "
+                                             f"output_dir (the finished blocks depend on what the {name} pass decided)")
+            tensors = load_file(str(path))
+        return SavedPass(entry["record"], tensors, entry["digest"])
+
+    def save_pass(self, name: str, result: PassResult) -> None:
+        """Record a pass's decision (its record, tensors and digest)."""
+        entry: dict[str, Any] = {"record": result.record, "digest": result.digest()}
+        if result.tensors:
+            path = self.pass_path(name)
+            data = {k: v.detach().cpu().contiguous() for k, v in result.tensors.items()}
+            atomic_write(path, lambda tmp: save_file(data, tmp))
+            entry["sha256"] = sha256(path)
+        self.passes[name] = entry
+        self._write()
 
     def block_seconds(self, i: int) -> float | None:
         """The seconds finished block ``i`` took to calibrate, in the run that did it (None if not recorded)."""

@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from omniq_lightning.io import write_json
 from omniq_lightning.nn.act import restore_cluster_quantizers
 from omniq_lightning.quant import QuantSpec
-from omniq_lightning.transforms import BlockPlan
+from omniq_lightning.transforms import BlockSetup
 
 MANIFEST = "omniq_quant.json"
 QUANTIZERS = ("act_quant", "q_quant", "k_quant", "v_quant")
@@ -35,7 +35,7 @@ RUNTIME = "omniq_runtime.safetensors"  # static activation ranges, by module nam
 
 
 def save_fake_quant(model, tokenizer, spec: QuantSpec, path: str | os.PathLike, extra: dict[str, Any] | None = None,
-                    adapter=None) -> Path:
+                    adapter=None, name: str | None = None) -> Path:
     """Write the model (in the model's own layout: ``adapter.export_layout``), its runtime quantizer state,
     the tokenizer and the manifest to ``path`` (complete or not at all: written beside, then renamed)."""
     path = Path(path)
@@ -48,7 +48,7 @@ def save_fake_quant(model, tokenizer, spec: QuantSpec, path: str | os.PathLike, 
     with adapter.export_layout(model) if adapter is not None else contextlib.nullcontext():
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    write_json(tmp / MANIFEST, {"format": "omniq-fake-quant-v1", "quant": spec.to_dict(), "name": spec.name,
+    write_json(tmp / MANIFEST, {"format": "omniq-fake-quant-v1", "quant": spec.to_dict(), "name": name or spec.name,
                                 **(extra or {})})
     if path.exists():
         shutil.rmtree(path)
@@ -71,11 +71,11 @@ def load_fake_quant(path: str | os.PathLike, dtype: str = "float32", attn_implem
     spec = QuantSpec(**read_manifest(path)["quant"])
     if spec.weight_only:
         return loaded
-    runtime = BlockPlan(replace(spec, w_bits=16, lwc=False))  # weights are already quantized in the file
+    runtime = BlockSetup(replace(spec, w_bits=16, lwc=False, w_vq=None, w_format=None))  # weights: quantized in the file
     adapter = loaded.adapter
     blocks = adapter.blocks(loaded.model)
     for i in range(len(blocks)):
-        blocks[i] = adapter.finish_block(adapter.quantize_block(adapter.prepare_block(blocks[i]), runtime).fold())
+        blocks[i] = adapter.finish_block(adapter.build_quant_block(adapter.prepare_block(blocks[i]), runtime).fold())
     runtime = Path(path) / RUNTIME
     if runtime.is_file():
         state = load_file(str(runtime))

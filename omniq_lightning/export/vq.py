@@ -29,6 +29,8 @@ import torch
 from safetensors import safe_open
 
 from omniq_lightning.export.bits import pack_bits, unpack_bits
+from omniq_lightning.export.packed import rewrite_checkpoint
+from omniq_lightning.export.registry import Exporter, ExportJob, ExportRequest, register_exporter
 from omniq_lightning.quant.spec import VectorFormat
 from omniq_lightning.quant.vq import Codebook, VectorQuantizedWeight
 
@@ -56,6 +58,24 @@ def vq_tensors(q: VectorQuantizedWeight, prefix: str) -> dict[str, torch.Tensor]
 def vq_config(quantized: Mapping[str, VectorQuantizedWeight]) -> dict:
     return {"quant_method": QUANT_METHOD, "format_version": 1,
             "config_for_layers": {n: {**q.fmt.to_dict(), "shape": list(q.shape)} for n, q in sorted(quantized.items())}}
+
+
+class VQExporter(Exporter):
+    name = VQ_FORMAT
+    kinds = ("vector",)
+
+    def why_not(self, req: ExportRequest) -> str | None:
+        if req.fused_experts:
+            return "mixture-of-experts checkpoints are exported in the fake-quant format only for now"
+        if not req.spec.weight_only:
+            return "it holds weight-only quantization"
+        return None
+
+    def write(self, job: ExportJob) -> Path:
+        return rewrite_checkpoint(job, lambda name, q: vq_tensors(q, name), vq_config(job.codes))
+
+
+register_exporter(VQExporter())
 
 
 def read_vq(tensors: Mapping[str, torch.Tensor], prefix: str, layer: Mapping) -> VectorQuantizedWeight:

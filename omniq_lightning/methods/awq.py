@@ -1,155 +1,18 @@
-"""AWQ on the block rails: activation-aware scale search over the adapter's LET pairs, then clipping search.
-
-Scales: for each pair AutoAWQ searches (norm -> linears, v -> o when there is one value head per query head,
-up -> down / fc1 -> fc2), ``s = mean|x|^r`` normalised by ``sqrt(max(s) min(s))``,
-with ``r`` on a grid in [0, 1); the ``r`` that minimises the paper's objective wins: the output error of
-the pair's target linears, ``sum_t || Q(W_t diag(s)) (diag(s)^-1 x_t) - W_t x_t ||^2``, on sampled inputs
-(the same tokens the clipping search uses; cheap enough to search every pair of every block on a CPU).
-Clipping: for each linear but the query and key projections, output channel and group, the range is shrunk
-on a grid (1.0 down to ``1 - max_shrink``) to minimise that group's output error on sampled inputs; the
-chosen ratio is stored as LWC logits, so folding is the same as for OmniQuant.
-"""
+"""AWQ (Lin et al. 2024) on the block rails: activation-aware scale search over the adapter's sites, then the
+clipping search (``solvers/awq.py``), stored as LWC logits so that folding is OmniQuant's."""
 
 from __future__ import annotations
 
-import torch
-
-from omniq_lightning.calib import ActivationCache
-from omniq_lightning.methods.base import Method, run_with_input_hooks, weight_linears
-from omniq_lightning.nn import NO_CLIP_LOGIT, LETRouter, QuantLinear, clip_logit
-from omniq_lightning.quant import fake_quant_weight
-from omniq_lightning.transforms import BlockPlan, QuantBlock
-
-MAX_CLIP_ROWS = 2048  # tokens sampled per linear for the clipping search
-AWQ_ROLES = ("norm", "vo", "up_down")  # AutoAWQ's pairs: norm -> linears, v -> o, up -> down (fc1 -> fc2)
-NO_CLIP_SUFFIXES = ("q_proj", "k_proj", "qkv_proj")
-
-
-@torch.no_grad()
-def linear_inputs(qblock: QuantBlock, inputs: ActivationCache, ctx, max_rows: int) -> dict[str, torch.Tensor]:
-    """Per weight-quantized linear (and MoE router): its inputs (as transformed by the current LET), up to
-    ``max_rows`` tokens spread evenly over the calibration samples, each sample's stride starting at its own
-    offset (so the first token, LLaMA's attention sink, is not over-represented). An MoE expert sees only the
-    tokens routed to it; one that sees none has no entry."""
-    rows: dict[str, list[torch.Tensor]] = {}
-    per_sample = max(1, max_rows // len(inputs))
-    calls: dict[str, int] = {}
-
-    def keep(name: str):
-        def fn(x: torch.Tensor) -> None:
-            x = x.detach().reshape(-1, x.shape[-1]).float()
-            step = max(1, x.shape[0] // per_sample)
-            j = calls[name] = calls.get(name, -1) + 1
-            rows.setdefault(name, []).append(x[(j * 7919) % step :: step][:per_sample])
-
-        return fn
-
-    names = [*weight_linears(qblock), *(n for n, m in qblock.block.named_modules() if isinstance(m, LETRouter))]
-    run_with_input_hooks(qblock, inputs, ctx, {n: keep(n) for n in names})
-    return {n: torch.cat(v) for n, v in rows.items()}
-
-
-def quantized_targets(qblock: QuantBlock, pair) -> list[str]:
-    """The pair's targets whose weights are quantized (a router or a full-precision gate has no error to search)."""
-    return [t for t in pair.targets if getattr(qblock.block.get_submodule(t), "wq", None) is not None]
-
-
-@torch.no_grad()
-def pair_error(
-    qblock: QuantBlock, pair, x: dict[str, torch.Tensor], refs: dict[str, torch.Tensor], s: torch.Tensor
-) -> float:
-    """AWQ's objective for one candidate scale: the mean squared output error of the pair's target linears
-    (against their full-precision outputs ``refs``) when their weight columns are multiplied by ``s`` before
-    quantization and their inputs divided by it (and quantized, when the linear quantizes its input)."""
-    s_t = pair.expand_target(s)
-    err = 0.0
-    for name in refs:
-        lin = qblock.block.get_submodule(name)
-        w = lin.effective()[0].float()
-        xs = x[name] / s_t
-        if lin.act_quant is not None:
-            xs = lin.act_quant(xs)
-        wq = fake_quant_weight(w * s_t, lin.wq.fmt)
-        err += torch.mean((xs @ wq.T - refs[name]) ** 2).item()
-    return err
-
-
-@torch.no_grad()
-def search_scales(qblock: QuantBlock, inputs: ActivationCache, ctx, n_grid: int) -> dict:
-    """Grid-search each norm/linear pair's scale exponent; pairs AWQ does not use are removed."""
-    for name in [n for n, p in qblock.let.items() if p.kind == "qk"]:
-        del qblock.let[name]
-    for pair in qblock.let.values():
-        pair.scale.fill_(1.0)
-        pair.shift = None
-    for wq in qblock.weight_quantizers():  # scales are searched on plain min/max ranges; clipping comes after
-        if wq.lwc_gamma is not None:
-            wq.set_clip(NO_CLIP_LOGIT)
-    x = linear_inputs(qblock, inputs, ctx, MAX_CLIP_ROWS)
-    chosen = {}
-    for name, pair in list(qblock.let.items()):
-        targets = [t for t in quantized_targets(qblock, pair) if t in x]
-        if pair.targets[0] not in x or not targets:  # an MoE expert that got no calibration token: unscaled
-            del qblock.let[name]
-            continue
-        mean_abs = x[pair.targets[0]].abs().mean(0)
-        if mean_abs.numel() != pair.scale.numel():  # e.g. v -> o under grouped-query attention: not searched
-            del qblock.let[name]
-            continue
-        refs = {t: x[t] @ qblock.block.get_submodule(t).effective()[0].float().T for t in targets}
-        best = (float("inf"), 0.0, torch.ones_like(pair.scale))
-        for r in range(n_grid):
-            ratio = r / n_grid
-            s = mean_abs.pow(ratio).clamp(min=1e-4)
-            s = s / (s.max() * s.min()).sqrt()
-            err = pair_error(qblock, pair, x, refs, s)
-            if err < best[0]:
-                best = (err, ratio, s.clone())
-        pair.scale.copy_(best[2])
-        chosen[name] = best[1]
-    return chosen
-
-
-@torch.no_grad()
-def search_clipping(qblock: QuantBlock, inputs: ActivationCache, ctx, n_grid: int, max_shrink: float) -> None:
-    """Per output channel and group, the clip ratio minimising ``|| (Q(W) - W) x ||^2`` on sampled inputs."""
-    if len(qblock.let):
-        qblock.apply_let()
-    x = linear_inputs(qblock, inputs, ctx, MAX_CLIP_ROWS)
-    ratios = [1.0 - max_shrink * i / n_grid for i in range(n_grid + 1)]
-    for name, lin in qblock.block.named_modules():
-        if not isinstance(lin, QuantLinear) or lin.wq is None or lin.wq.lwc_gamma is None or name not in x:
-            continue
-        if name.endswith(NO_CLIP_SUFFIXES):  # as AutoAWQ: query and key projections are not clipped
-            continue
-        wq = lin.wq
-        w = lin.effective()[0].detach().float()
-        group = wq.fmt.group_size or lin.in_features
-        xs = x[name].T.reshape(lin.in_features // group, group, -1)  # [groups, group, tokens]
-        best_err = torch.full(wq.lwc_gamma.shape, float("inf"), device=w.device)
-        best_logit = torch.empty_like(best_err)
-        for r in ratios:
-            lg = torch.full_like(best_err, clip_logit(r))
-            q = fake_quant_weight(w, wq.fmt, lg, lg)
-            diff = (q - w).reshape(lin.out_features, -1, group)  # [out, groups, group]
-            err = torch.einsum("ogk,gkt->ogt", diff, xs).pow(2).sum(-1)  # [out, groups]
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_logit = torch.where(better, lg, best_logit)
-        wq.set_clip(best_logit)
-
-
-def awq_block(qblock: QuantBlock, inputs, ctx, n_grid: int, clip: bool, max_shrink: float) -> dict:
-    chosen = search_scales(qblock, inputs, ctx, n_grid)
-    if clip:
-        search_clipping(qblock, inputs, ctx, n_grid, max_shrink)
-    return chosen
+from omniq_lightning.methods.base import Method
+from omniq_lightning.solvers import AWQ_LOCATIONS, awq_block
+from omniq_lightning.transforms import BlockSetup
 
 
 class AWQ(Method):
     name = "awq"
 
-    def __init__(self, n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5) -> None:
+    def __init__(self, n_grid: int = 20, clip: bool = True, max_shrink: float = 0.5, **label) -> None:
+        super().__init__(**label)
         if n_grid < 1:
             raise ValueError(f"method.n_grid must be positive, got {n_grid}")
         if not 0.0 <= max_shrink < 1.0:
@@ -160,12 +23,17 @@ class AWQ(Method):
         if not spec.quantizes_weights:
             raise ValueError(f"AWQ quantizes weights, but {spec.name} keeps them in 16 bits: choose w_bits in 2..8")
 
-    def plan(self, spec, family: str, let_for_weight_only: bool) -> BlockPlan:
-        self.validate(spec)
-        return BlockPlan(spec, let_roles=AWQ_ROLES, let_shift=False)
+    def format_needs(self) -> frozenset[str]:
+        return frozenset({"quantizer", "grid"})
+
+    def setup(self, spec, traits) -> BlockSetup:
+        return BlockSetup(spec, let_locations=AWQ_LOCATIONS, let_shift=False)
 
     def calibrate(self, qblock, data, run) -> None:
         if not self.clip:
             for wq in qblock.weight_quantizers():
                 wq.disable_lwc()  # no clipping: plain min/max ranges
         awq_block(qblock, data.inputs, run.ctx, self.n_grid, self.clip, self.max_shrink)
+
+    def describe(self) -> dict:
+        return {"n_grid": self.n_grid, "clip": self.clip, "max_shrink": self.max_shrink}

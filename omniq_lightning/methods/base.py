@@ -1,32 +1,77 @@
-"""The method interface: how a block is prepared, calibrated and finalized."""
+"""The method interface: what a method declares (settings it refuses, models it cannot take, the weight format
+capabilities and the data it needs), how it sets up a block, calibrates it and folds it."""
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from omniq_lightning.calib import ActivationCache, BlockDataModule, BlockRun
-from omniq_lightning.nn import QuantLinear
+from omniq_lightning.calib import BlockDataModule, BlockRun
 from omniq_lightning.quant import QuantSpec
-from omniq_lightning.transforms import BlockPlan, QuantBlock
+from omniq_lightning.transforms import BlockSetup, QuantBlock, TransformSite
+
+
+@dataclass(frozen=True)
+class ModelTraits:
+    """What a method may know of the model it quantizes (the adapter's answers, structure only).
+
+    recipe_family: which released recipes apply ("llama": RMSNorm, rotary, gated MLP; "opt").
+    let_for_weight_only: whether the family's released weight-only recipes use LET.
+    experts: whether its blocks hold mixture-of-experts MLPs.
+    sites: block 0's transform sites.
+    """
+
+    recipe_family: str
+    let_for_weight_only: bool = False
+    experts: bool = False
+    sites: tuple[TransformSite, ...] = ()
+
+
+@dataclass(frozen=True)
+class DataNeeds:
+    """What the block loop hands a method besides the block's inputs and full-precision targets.
+
+    augmented_targets: also the full-precision block's outputs on the quantized inputs (OmniQuant's aug_loss).
+    batch_size: samples per training step.
+    """
+
+    augmented_targets: bool = False
+    batch_size: int = 1
 
 
 class Method:
-    """One algorithm. ``plan`` decides the quantized block's shape; ``calibrate`` fits its parameters;
-    ``finalize`` folds them into plain weights and returns the block to put back into the model."""
+    """One algorithm, built from the ``method`` config (its ``_target_``; ``name`` labels the results, ``tag``
+    names the run's folder). The pipeline asks it, before any work, which settings (:meth:`validate`) and models
+    (:meth:`check_model`) it refuses, which weight format capabilities it needs (:meth:`format_needs`, see
+    ``nn.formats``), which data (:meth:`data_needs`) and which whole-model passes (:meth:`model_passes`); then, per block, :meth:`setup` decides the quantized
+    block's shape, :meth:`calibrate` fits its parameters and :meth:`finalize` folds them into plain weights."""
 
     name: str = ""
-    vector_formats: bool = False  # whether it quantizes weights onto codebooks (quant.w_vq) rather than grids
+
+    def __init__(self, *, name: str | None = None, tag: str | None = None) -> None:
+        self.name = name or type(self).name
+        self.tag = tag or self.name
 
     def validate(self, spec: QuantSpec) -> None:
         """Refuse quantization settings this method cannot handle (called before any model loads)."""
 
-    def plan(self, spec: QuantSpec, family: str, let_for_weight_only: bool) -> BlockPlan:
-        """How blocks are built: the spec, which declared transforms (roles) they get. ``family`` and
-        ``let_for_weight_only`` are the adapter's answers (recipe family, LET default)."""
+    def check_model(self, traits: ModelTraits) -> None:
+        """Refuse a model this method cannot quantize (called after loading, before any calibration)."""
+
+    def format_needs(self) -> frozenset[str]:
+        """The capabilities every weight format of the run must have (``nn.formats.CAPABILITIES``)."""
+        return frozenset({"quantizer"})
+
+    def data_needs(self) -> DataNeeds:
+        return DataNeeds()
+
+    def model_passes(self, spec: QuantSpec) -> list:
+        """The whole-model passes (``passes.ModelPass``) this method runs before the block loop."""
+        return []
+
+    def setup(self, spec: QuantSpec, traits: ModelTraits) -> BlockSetup:
+        """How blocks are built: the spec, which sites get diagonal transforms."""
         raise NotImplementedError
 
     def calibrate(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> dict[str, float] | None:
@@ -40,35 +85,3 @@ class Method:
 
     def finalize(self, qblock: QuantBlock) -> nn.Module:
         return qblock.fold()
-
-
-@contextlib.contextmanager
-def full_precision_weights(linears: Iterable[QuantLinear]) -> Iterator[None]:
-    """While active, the given linears run with their unquantized weights (their quantizers set aside)."""
-    saved = [(m, m.wq) for m in linears]
-    for m, _ in saved:
-        m.wq = None
-    try:
-        yield
-    finally:
-        for m, wq in saved:
-            m.wq = wq
-
-
-def weight_linears(qblock: QuantBlock) -> dict[str, QuantLinear]:
-    """The block's linears whose weights are still to be quantized, by name."""
-    return {n: m for n, m in qblock.block.named_modules() if isinstance(m, QuantLinear) and m.weight_quant}
-
-
-@torch.no_grad()
-def run_with_input_hooks(qblock: QuantBlock, inputs: ActivationCache, ctx,
-                         hooks: dict[str, Callable[[torch.Tensor], None]]) -> None:
-    """Run the block over every calibration sample, handing each named linear's input to ``hooks[name]``."""
-    handles = [qblock.block.get_submodule(n).register_forward_pre_hook(lambda _m, args, f=f: f(args[0]))
-               for n, f in hooks.items()]
-    try:
-        for j in range(len(inputs)):
-            qblock(inputs[j].unsqueeze(0).float(), ctx)
-    finally:
-        for h in handles:
-            h.remove()

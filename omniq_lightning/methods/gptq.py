@@ -1,79 +1,34 @@
-"""GPTQ on the block rails: Hessians from the block's calibration inputs, then column-wise quantization."""
+"""GPTQ (Frantar et al. 2023): Hessians from the block's calibration inputs, then column-wise quantization with
+lazy batch updates (``solvers/gptq.py``)."""
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-import torch
-
-from omniq_lightning.calib import ActivationCache
-from omniq_lightning.methods.base import Method, full_precision_weights, run_with_input_hooks, weight_linears
-from omniq_lightning.nn import QuantLinear
-from omniq_lightning.quant import GroupGrid
-from omniq_lightning.quant.gptq import (
-    ColumnQuantizer,
-    HessianAccumulator,
-    check_damp,
-    format_column_quantizer,
-    gptq_quantize,
-)
-from omniq_lightning.quant.weight import codes_of
-from omniq_lightning.transforms import BlockPlan, QuantBlock
-
-
-@torch.no_grad()
-def collect_hessians(qblock: QuantBlock, inputs: ActivationCache, ctx) -> dict[str, HessianAccumulator]:
-    """Each weight-quantized linear's input Hessian over all calibration samples (an MoE expert: over the
-    tokens routed to it), with the block's weights in full precision (one pass, as GPTQ gathers a block's
-    sub-layer inputs)."""
-    linears = weight_linears(qblock)
-    accs = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in linears.items()}
-
-    def record(name: str, lin: QuantLinear):  # the input the weight multiplies: activation-quantized if configured
-        return lambda x: accs[name].add(lin.act_quant(x) if lin.act_quant is not None else x)
-
-    with full_precision_weights(linears.values()):
-        run_with_input_hooks(qblock, inputs, ctx, {n: record(n, m) for n, m in linears.items()})
-    return accs
-
-
-def column_quantizer(lin: QuantLinear) -> tuple[ColumnQuantizer, GroupGrid]:
-    """The static column grid of a quantized linear (its LWC clipping included when present)."""
-    return format_column_quantizer(lin.weight, lin.wq.fmt, lin.wq.lwc_gamma, lin.wq.lwc_beta)
-
-
-def gptq_block(qblock: QuantBlock, inputs: ActivationCache, ctx, damp: float, act_order: bool,
-               blocksize: int) -> dict[str, float]:
-    """Fold any LET transforms, then replace every weight-quantized linear's weight by its GPTQ solution. A
-    linear that saw no calibration token (an MoE expert no token was routed to) has no Hessian: it is rounded
-    to nearest on its grid instead, and counted."""
-    qblock.fold_transforms()
-    hessians = collect_hessians(qblock, inputs, ctx)
-    without_tokens = 0
-    for name, lin in weight_linears(qblock).items():
-        if lin.wq.rounding is not None:
-            raise ValueError("GPTQ rounding and learned rounding both decide the rounding: choose one")
-        if hessians[name].n == 0:
-            lin.fold()
-            without_tokens += 1
-            continue
-        quantize, g = column_quantizer(lin)
-        q = gptq_quantize(lin.weight, hessians[name].H, quantize, blocksize, damp, act_order)
-        lin.set_quantized(codes_of(q, g, lin.wq.fmt))
-    return {"linears_without_tokens": float(without_tokens)} if without_tokens else {}
+from omniq_lightning.methods.base import Method
+from omniq_lightning.quant.gptq import check_damp
+from omniq_lightning.solvers import gptq_block
+from omniq_lightning.transforms import BlockSetup
 
 
 class GPTQ(Method):
     name = "gptq"
 
-    def __init__(self, damp: float = 0.01, act_order: bool = False, blocksize: int = 128) -> None:
+    def __init__(self, damp: float = 0.01, act_order: bool = False, blocksize: int = 128, **label) -> None:
+        super().__init__(**label)
         self.damp = check_damp(damp)
         if blocksize < 1:
             raise ValueError(f"method.blocksize must be positive, got {blocksize}")
         self.act_order, self.blocksize = act_order, blocksize
 
-    def plan(self, spec, family: str, let_for_weight_only: bool) -> BlockPlan:
-        return BlockPlan(replace(spec, lwc=False))
+    def format_needs(self) -> frozenset[str]:
+        return frozenset({"quantizer", "columns"})
+
+    def setup(self, spec, traits) -> BlockSetup:
+        return BlockSetup(replace(spec, lwc=False))
 
     def calibrate(self, qblock, data, run) -> dict[str, float]:
         return gptq_block(qblock, data.inputs, run.ctx, self.damp, self.act_order, self.blocksize)
+
+    def describe(self) -> dict:
+        return {"damp": self.damp, "act_order": self.act_order, "blocksize": self.blocksize}

@@ -23,30 +23,19 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
-import lightning as L
-
-from omniq_lightning.calib import (
-    AtomicCheckpointIO,
-    BlockDataModule,
-    BlockLightningModule,
-    BlockRun,
-    EpochCheckpoint,
-    KeepBest,
-    TrainSettings,
-    channel_energy,
-)
-from omniq_lightning.methods.awq import AWQ_ROLES, awq_block
-from omniq_lightning.methods.base import Method
-from omniq_lightning.methods.gptq import gptq_block
+from omniq_lightning.calib import BlockDataModule, BlockRun, TrainSettings
+from omniq_lightning.calib.fit import fit_block
+from omniq_lightning.methods.base import DataNeeds, Method, ModelTraits
 from omniq_lightning.nn import NO_CLIP_LOGIT, ActQuantizer
 from omniq_lightning.quant import QuantSpec
 from omniq_lightning.quant.functional import check_ranges
 from omniq_lightning.quant.gptq import check_damp
 from omniq_lightning.quant.weight import mse_clip_logits
-from omniq_lightning.transforms import BlockPlan, QuantBlock
+from omniq_lightning.solvers import AWQ_LOCATIONS, awq_block, gptq_block
+from omniq_lightning.transforms import BlockSetup, QuantBlock
 
 LET_CHOICES = ("auto", True, False)
-LET_ROLES = ("norm", "vo", "qk")  # OmniQuant's released pairs: norm -> linears, v -> o, q / k
+LET_LOCATIONS = ("norm", "vo", "qk")  # OmniQuant's released pairs: norm -> linears, v -> o, q / k
 INITS = ("statistics", "minmax", "mse", "awq")
 ROUNDINGS = ("nearest", "gptq")
 
@@ -107,7 +96,8 @@ class OmniQuant(Method):
     name = "omniquant"
 
     def __init__(self, recipe: str = "default", gptq_damp: float = 0.01, gptq_act_order: bool = False,
-                 **settings: Any) -> None:
+                 batch_size: int = 1, name: str | None = None, tag: str | None = None, **settings: Any) -> None:
+        super().__init__(name=name, tag=tag)
         if recipe not in RECIPES:
             raise ValueError(f"method.recipe must be one of {sorted(RECIPES)}, got {recipe!r}")
         unknown = sorted(set(settings) - set(SETTINGS))
@@ -118,6 +108,9 @@ class OmniQuant(Method):
         self.r = Recipe(**{k: base[k] if settings.get(k) is None else settings[k] for k in SETTINGS})
         self.check(self.r)
         self.gptq_damp, self.gptq_act_order = check_damp(gptq_damp), gptq_act_order
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"method.batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = batch_size
         self.resolved: dict[str, Any] = {}
 
     @staticmethod
@@ -146,31 +139,39 @@ class OmniQuant(Method):
         TrainSettings(loss=r.loss, optimizer=r.optimizer, schedule=r.schedule)  # validates those names
 
     # --- the recipe as it applies to a model and a setting ---------------------------------------------------
-    def let_recipe(self, spec: QuantSpec, family: str) -> tuple[float, float]:
+    def let_recipe(self, spec: QuantSpec, recipe_family: str) -> tuple[float, float]:
         """LET learning rate and SmoothQuant alpha: the released code's W4A4 LLaMA recipe (1e-3, 0.75)
         where it applies, (5e-3, 0.5) otherwise; explicit settings win."""
-        w4a4_llama = family == "llama" and spec.quantizes_activations and spec.a_bits <= 4
+        w4a4_llama = recipe_family == "llama" and spec.quantizes_activations and spec.a_bits <= 4
         lr = (1e-3 if w4a4_llama else 5e-3) if self.r.let_lr == "auto" else float(self.r.let_lr)
         alpha = (0.75 if w4a4_llama else 0.5) if self.r.let_alpha == "auto" else float(self.r.let_alpha)
         return lr, alpha
 
-    def plan(self, spec: QuantSpec, family: str, let_for_weight_only: bool) -> BlockPlan:
-        let_lr, alpha = self.let_recipe(spec, family)
+    def format_needs(self) -> frozenset[str]:
+        needs = {"quantizer"}
+        if self.r.init in ("awq", "mse") or self.r.learn_rounding:
+            needs.add("grid")
+        if self.r.rounding == "gptq":
+            needs.add("columns")
+        return frozenset(needs)
+
+    def data_needs(self) -> DataNeeds:
+        return DataNeeds(augmented_targets=bool(self.r.aug_loss), batch_size=self.batch_size)
+
+    def setup(self, spec: QuantSpec, traits: ModelTraits) -> BlockSetup:
+        let_lr, alpha = self.let_recipe(spec, traits.recipe_family)
         let = self.r.let
         if let == "auto":
-            let = (not spec.weight_only) or let_for_weight_only
+            let = (not spec.weight_only) or traits.let_for_weight_only
         self.resolved = {"recipe": self.recipe_name, **self.r.__dict__, "let": bool(let) or self.r.init == "awq",
                          "let_lr": let_lr, "let_alpha": alpha}
-        if self.r.init == "awq":  # AWQ's scales live on its pairs, without shifts
-            return BlockPlan(spec, let_roles=AWQ_ROLES, let_alpha=alpha, let_shift=False)
-        return BlockPlan(spec, let_roles=LET_ROLES if let else (), let_alpha=alpha)
+        if self.r.init == "awq":  # AWQ's scales live on its sites, without shifts
+            return BlockSetup(spec, let_locations=AWQ_LOCATIONS, let_alpha=alpha, let_shift=False)
+        return BlockSetup(spec, let_locations=LET_LOCATIONS if let else (), let_alpha=alpha)
 
     def describe(self) -> dict:
-        return dict(self.resolved)
-
-    @property
-    def aug_loss(self) -> bool:
-        return bool(self.r.aug_loss)
+        return {**self.resolved, "batch_size": self.batch_size, "gptq_damp": self.gptq_damp,
+                "gptq_act_order": self.gptq_act_order}
 
     # --- one block ----------------------------------------------------------------------------------------------
     def prepare(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> None:
@@ -215,30 +216,4 @@ class OmniQuant(Method):
     def train(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> dict[str, float]:
         if self.r.epochs == 0 or not any(True for _ in qblock.quant_parameters()):
             return {}
-        settings = self.train_settings(data)
-        energy = channel_energy(data.targets) if settings.loss == "mse_channel" else None
-        module = BlockLightningModule(qblock, run.ctx, run.index, settings, energy)
-        best = KeepBest() if settings.keep_best else None
-        trainer = L.Trainer(
-            max_epochs=self.r.epochs,
-            accelerator="gpu" if run.device.type == "cuda" else "cpu",
-            devices=[run.device.index or 0] if run.device.type == "cuda" else 1,
-            precision=run.precision,
-            logger=run.logger if run.logger is not None else False,
-            callbacks=[*([best] if best else []), EpochCheckpoint(run.checkpoint_dir), *run.callbacks],
-            enable_checkpointing=False,
-            plugins=[AtomicCheckpointIO()],
-            enable_progress_bar=run.progress_bar,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            log_every_n_steps=1,
-            default_root_dir=str(run.checkpoint_dir),
-        )
-        trainer.fit(module, datamodule=data, ckpt_path=run.resume_checkpoint, weights_only=True)
-        # Lightning's teardown moved the module to the CPU; what runs next (GPTQ rounding, folding, the
-        # next block's inputs) runs on the run's device, beside the cached activations.
-        qblock.to(run.device)
-        if best is None or not best.history:
-            return {}
-        return {"loss_start": best.history[0], "loss_best": best.best_loss,
-                "best_epoch": float(best.history.index(best.best_loss))}
+        return fit_block(qblock, data, run, self.train_settings(data), self.r.epochs)

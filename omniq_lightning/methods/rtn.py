@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import replace
 
 from omniq_lightning.methods.base import Method
-from omniq_lightning.transforms import BlockPlan
+from omniq_lightning.transforms import BlockSetup
 
 
 class RTN(Method):
     name = "rtn"
 
-    def plan(self, spec, family: str, let_for_weight_only: bool) -> BlockPlan:
-        return BlockPlan(replace(spec, lwc=False))
+    def setup(self, spec, traits) -> BlockSetup:
+        return BlockSetup(replace(spec, lwc=False))
 
     def calibrate(self, qblock, data, run) -> None:
         return None

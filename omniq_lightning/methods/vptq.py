@@ -1,7 +1,7 @@
 """VPTQ on the block rails: each linear's weight vector-quantized onto Hessian-weighted k-means codebooks, column
 by column with GPTQ's second-order error feedback (``quant/vq.py``). The format (vector length, codebook sizes,
 residual, outliers, normalisation) is the spec's ``w_vq`` (``quant=vq2|vq3|vq4``); this method decides how it
-is fitted. Hessians come from the block's calibration inputs, as for GPTQ (``collect_hessians``).
+is fitted. Hessians come from the block's calibration inputs, as for GPTQ (``solvers.collect_hessians``).
 
 Not combined with OmniQuant's LET or LWC: LWC clips a scalar grid, which a codebook has no use for, and the
 released LLaMA weight-only recipe leaves LET off. Codebook fine-tuning on the block output is not done (the
@@ -13,21 +13,19 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from omniq_lightning.methods.base import Method, weight_linears
-from omniq_lightning.methods.gptq import collect_hessians
-from omniq_lightning.quant import QuantSpec
+from omniq_lightning.methods.base import Method
 from omniq_lightning.quant.gptq import check_damp
-from omniq_lightning.quant.spec import VectorFormat
 from omniq_lightning.quant.vq import vq_quantize
-from omniq_lightning.transforms import BlockPlan
+from omniq_lightning.solvers import collect_hessians, weight_linears
+from omniq_lightning.transforms import BlockSetup
 
 
 class VPTQ(Method):
     name = "vptq"
-    vector_formats = True
 
     def __init__(self, damp: float = 0.01, blocksize: int = 128, permute: bool = True, kmeans_iters: int = 50,
-                 seed: int = 0) -> None:
+                 seed: int = 0, **label) -> None:
+        super().__init__(**label)
         self.damp = check_damp(damp)
         if blocksize < 1:
             raise ValueError(f"method.blocksize must be positive, got {blocksize}")
@@ -35,14 +33,11 @@ class VPTQ(Method):
             raise ValueError(f"method.kmeans_iters must be 0 or more, got {kmeans_iters}")
         self.blocksize, self.permute, self.kmeans_iters, self.seed = blocksize, bool(permute), kmeans_iters, seed
 
-    def validate(self, spec: QuantSpec) -> None:
-        if not isinstance(spec.weight_format, VectorFormat):
-            raise ValueError("method=vptq needs a vector format: quant=vq2, vq3 or vq4 (or quant.w_vq={vector: 4, "
-                             "centroids: 256, ...})")
+    def format_needs(self) -> frozenset[str]:
+        return frozenset({"codebook"})
 
-    def plan(self, spec: QuantSpec, family: str, let_for_weight_only: bool) -> BlockPlan:
-        self.validate(spec)
-        return BlockPlan(replace(spec, lwc=False))
+    def setup(self, spec, traits) -> BlockSetup:
+        return BlockSetup(replace(spec, lwc=False))
 
     def calibrate(self, qblock, data, run) -> dict[str, float]:
         qblock.fold_transforms()
@@ -54,7 +49,7 @@ class VPTQ(Method):
             without_tokens += acc.n == 0
             q = vq_quantize(lin.weight, acc.H if acc.n else None, lin.fmt, self.damp, self.blocksize, self.permute,
                             self.kmeans_iters, self.seed)
-            lin.set_quantized(q)
+            lin.set_codes(q)
             seconds.append(time.perf_counter() - t0)
         stats = {"vq_seconds": round(sum(seconds), 3), "vq_seconds_per_linear": round(sum(seconds) / len(seconds), 3)}
         if without_tokens:

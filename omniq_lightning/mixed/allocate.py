@@ -26,22 +26,6 @@ class Option:
     loss: float  # predicted loss increase (e.g. model NLL) when the linear takes this format
 
 
-def hull(options: Sequence[Option]) -> list[Option]:
-    """The lower convex hull of (bits, loss), from the cheapest option towards lower loss (for plots and reports)."""
-    pts: list[Option] = []
-    for o in sorted(options, key=lambda o: (o.bits, o.loss)):
-        if pts and o.loss >= pts[-1].loss:
-            continue  # dominated: more bits, no lower loss
-        while len(pts) >= 2:
-            a, b = pts[-2], pts[-1]  # drop b if it lies above the segment a -> o
-            if (b.loss - a.loss) * (o.bits - a.bits) >= (o.loss - a.loss) * (b.bits - a.bits):
-                pts.pop()
-            else:
-                break
-        pts.append(o)
-    return pts
-
-
 def _pareto(bits: np.ndarray, loss: np.ndarray) -> np.ndarray:
     """Indices of the states no other state beats in both bits and loss (sorted by bits)."""
     order = np.lexsort((loss, bits))
@@ -56,7 +40,7 @@ def allocate(options: Mapping[str, Sequence[Option]], budget_bits: int, max_stat
     cheapest = [min(o.bits for o in os_) for os_ in opts]
     if sum(cheapest) > budget_bits:
         raise ValueError(f"the budget is below the cheapest plan: every linear at its cheapest candidate needs "
-                         f"{sum(cheapest)} bits, the budget allows {budget_bits}: raise quant.avg_bits or add a "
+                         f"{sum(cheapest)} bits, the budget allows {budget_bits}: raise quant.mixed.avg_bits or add a "
                          "cheaper candidate")
     rest = np.cumsum([0, *cheapest[::-1]])[::-1]  # rest[i]: the fewest bits linears i.. can take
     bits, loss = np.zeros(1, dtype=np.int64), np.zeros(1)

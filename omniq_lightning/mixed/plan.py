@@ -1,6 +1,6 @@
 """A mixed-precision plan: one weight format per quantized linear, under an average-bit budget.
 
-``bit_plan.json`` (written to ``output_dir``, read back with ``quant.plan=PATH`` so a user can edit one)::
+``bit_plan.json`` (written to ``output_dir``, read back with ``quant.mixed.plan=PATH`` so a user can edit one)::
 
     {"avg_bits": 3.02, "budget": 3.03, "sensitivity": "proxy",
      "candidates": [{"bits": 2, "group_size": 64, ...}, ...],
@@ -23,6 +23,7 @@ from typing import Any
 
 from omniq_lightning.io import write_json
 from omniq_lightning.quant import WeightFormat
+from omniq_lightning.quant.spec import format_from_dict
 
 ESTIMATORS = ("measured", "proxy", "kfac", "kfac-gptq", "local", "local-gptq")
 SEARCH_PENALTIES = (64.0, 32.0, 16.0, 8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.0)
@@ -35,7 +36,7 @@ def parse_candidate(c: str | Mapping[str, Any], symmetric: bool = False) -> Weig
         return WeightFormat(**dict(c))
     m = _CANDIDATE.match(str(c).strip())
     if not m:
-        raise ValueError(f"quant.candidates entry {c!r} is not a weight format: use names like w2g64, w3g64, w4, "
+        raise ValueError(f"quant.mixed.candidates entry {c!r} is not a weight format: use names like w2g64, w3g64, w4, "
                          "w8 (bits, optional group size, optional sym)")
     bits, group, sym = m.groups()
     return WeightFormat(int(bits), int(group) if group else None, bool(sym) or symmetric)
@@ -43,7 +44,7 @@ def parse_candidate(c: str | Mapping[str, Any], symmetric: bool = False) -> Weig
 
 @dataclass(frozen=True)
 class MixedSettings:
-    """The ``quant=mixed`` settings: the budget, the candidate formats and how sensitivities are estimated."""
+    """The ``quant.mixed`` settings: the budget, the candidate formats and how sensitivities are estimated."""
 
     avg_bits: float
     candidates: tuple[WeightFormat, ...]
@@ -53,25 +54,39 @@ class MixedSettings:
     search_penalties: tuple[float, ...] = SEARCH_PENALTIES  # the local estimators' plan search (mixed.search)
 
     def __post_init__(self) -> None:
+        if self.plan is not None and not Path(self.plan).is_file():
+            what = "is a folder" if Path(self.plan).is_dir() else "does not exist"
+            raise FileNotFoundError(f"quant.mixed.plan={self.plan} {what}: give the path of a bit_plan.json file (a run "
+                                    "writes one to its output_dir), or leave quant.mixed.plan=null to allocate a plan")
         if self.sensitivity not in ESTIMATORS:
-            raise ValueError(f"quant.sensitivity must be one of {ESTIMATORS}, got {self.sensitivity!r}")
+            raise ValueError(f"quant.mixed.sensitivity must be one of {ESTIMATORS}, got {self.sensitivity!r}")
         if not self.candidates:
-            raise ValueError("quant.candidates must name at least one weight format (e.g. [w2g64, w3g64, w4g64, w8])")
+            raise ValueError("quant.mixed.candidates must name at least one weight format (e.g. [w2g64, w3g64, w4g64, w8])")
         if not (1.0 <= float(self.avg_bits) <= 16.0):
-            raise ValueError(f"quant.avg_bits must be a number of bits per weight in [1, 16], got {self.avg_bits}")
+            raise ValueError(f"quant.mixed.avg_bits must be a number of bits per weight in [1, 16], got {self.avg_bits}")
         if self.windows < 1:
-            raise ValueError(f"quant.sensitivity_windows must be positive, got {self.windows}")
+            raise ValueError(f"quant.mixed.sensitivity_windows must be positive, got {self.windows}")
         if not self.search_penalties or any(p < 0 for p in self.search_penalties):
-            raise ValueError("quant.search_penalties must be a non-empty list of move penalties >= 0 (units of the "
-                             f"median score), got {list(self.search_penalties)}")
+            raise ValueError("quant.mixed.search_penalties must be a non-empty list of move penalties >= 0 (units of "
+                             f"the median score), got {list(self.search_penalties)}")
 
     @classmethod
     def from_config(cls, cfg: Mapping[str, Any], symmetric: bool) -> MixedSettings:
-        return cls(avg_bits=float(cfg["avg_bits"]),
-                   candidates=tuple(parse_candidate(c, symmetric) for c in cfg.get("candidates") or []),
-                   sensitivity=str(cfg.get("sensitivity", "proxy")), plan=cfg.get("plan"),
-                   windows=int(cfg.get("sensitivity_windows", 8)),
-                   search_penalties=tuple(float(p) for p in cfg.get("search_penalties") or SEARCH_PENALTIES))
+        """The ``quant.mixed`` node (``symmetric``: the quant's ``w_symmetric``, for candidates named without it)."""
+        cfg = dict(cfg)
+        unknown = sorted(set(cfg) - set(MIXED_KEYS))
+        if unknown:
+            raise ValueError(f"unknown quant.mixed setting(s) {unknown}; allowed keys are {list(MIXED_KEYS)}")
+        if cfg.get("avg_bits") is None:
+            raise ValueError("quant.mixed needs avg_bits (the average bits per weight to fit), e.g. quant.mixed.avg_bits=3")
+        try:
+            avg_bits, windows = float(cfg["avg_bits"]), int(cfg.get("sensitivity_windows", 8))
+            penalties = tuple(float(p) for p in cfg.get("search_penalties") or SEARCH_PENALTIES)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"quant.mixed.avg_bits, sensitivity_windows and search_penalties must be numbers ({exc})") from None
+        return cls(avg_bits=avg_bits, candidates=tuple(parse_candidate(c, symmetric) for c in cfg.get("candidates") or []),
+                   sensitivity=str(cfg.get("sensitivity", "proxy")), plan=cfg.get("plan"), windows=windows,
+                   search_penalties=penalties)
 
 
 MIXED_KEYS = ("avg_bits", "candidates", "sensitivity", "plan", "sensitivity_windows", "search_penalties")
@@ -112,10 +127,10 @@ class BitPlan:
     def load(cls, path: str | os.PathLike) -> BitPlan:
         p = Path(path)
         if not p.is_file():
-            raise FileNotFoundError(f"bit plan {p} not found (quant.plan): give the path of a bit_plan.json")
+            raise FileNotFoundError(f"bit plan {p} not found (quant.mixed.plan): give the path of a bit_plan.json")
         try:
             data = json.loads(p.read_text())
-            formats = {n: WeightFormat(**f) for n, f in data["linears"].items()}
+            formats = {n: format_from_dict(f) for n, f in data["linears"].items()}
         except (ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"bit plan {p} cannot be read ({type(exc).__name__}: {exc}): it needs a 'linears' "
                              "mapping of module name -> {bits, group_size, symmetric, grid, grid_exponent}") from exc
@@ -128,8 +143,8 @@ class BitPlan:
         extra = sorted(set(self.formats) - set(shapes))
         if missing or extra:
             raise ValueError(f"the bit plan does not match the model's linears: missing {missing[:5]}, unknown {extra[:5]}")
-        for n, (_, in_f) in shapes.items():
+        for n, (out_f, in_f) in shapes.items():
             try:
-                self.formats[n].validate_linear(in_f)
+                self.formats[n].validate_shape(out_f, in_f)
             except ValueError as exc:
                 raise ValueError(f"bit plan, {n}: {exc}") from None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omniq_lightning.models.base import BlockContext, ModelAdapter, contexts_to
+from omniq_lightning.models.base import BlockContext, ModelAdapter, ModelSites
 from omniq_lightning.models.gemma import Gemma2Adapter, GemmaAdapter
 from omniq_lightning.models.llama import LlamaAdapter
 from omniq_lightning.models.loading import LoadedModel, ModelSource, resolve_source
@@ -44,11 +44,11 @@ __all__ = [
     "LoadedModel",
     "MoEAdapter",
     "ModelAdapter",
+    "ModelSites",
     "ModelSource",
     "OPTAdapter",
     "Phi3Adapter",
     "adapter_for",
-    "contexts_to",
     "load_model",
     "resolve_source",
     "supported_model_types",

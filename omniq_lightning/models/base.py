@@ -1,7 +1,7 @@
 """`ModelAdapter`: what the rest of the library may know about a model family, and block capture.
 
-An adapter *declares* structure: where the blocks are, which linears stay in full precision, where an
-equivalence transform can sit (:class:`~omniq_lightning.transforms.PairDecl`), which attention modules
+An adapter *declares* structure: where the blocks are, which linears stay in full precision, where a
+transform can sit (:class:`~omniq_lightning.transforms.TransformSite`), which attention modules
 get quantized matmuls, how its norms scale (``x * w`` or Gemma's ``x * (1 + w)``), and how a block is
 put into (and back out of) the shape the quantizers work on (MoE experts as one linear per expert).
 Statistics and algorithms live in ``transforms/`` and ``methods/``.
@@ -27,20 +27,28 @@ from torch import nn
 
 from omniq_lightning.nn import QuantLinear, QuantMatMul, register_attention, swap_linears
 from omniq_lightning.quant import WeightFormat
-from omniq_lightning.transforms import (
-    BlockPlan,
-    InputStats,
-    LETNorm,
-    LETPair,
-    PairDecl,
-    QuantBlock,
-    ReorderDecl,
-    initial_pair,
-)
+from omniq_lightning.transforms import BlockSetup, InputStats, LETNorm, LETPair, QuantBlock, TransformSite, initial_pair
 
 # Keyword arguments of a decoder layer that belong to generation, not to a standalone block call.
 _GENERATION_KWARGS = {"past_key_values", "past_key_value", "cache", "use_cache", "cache_position", "output_attentions"}
 FULL_PRECISION = WeightFormat(bits=16)
+
+
+@dataclass(frozen=True)
+class ModelSites:
+    """Where the residual stream enters and leaves the blocks, by module name in the model.
+
+    embedding: the token embedding (its output is block 0's input, after ``embedding_scale`` for Gemma).
+    final_norm: the norm after the last block; head: the output projection (``lm_head``).
+    tied: the head's weight is the embedding's (a transform of one is a transform of the other).
+    extra: modules between them and the blocks that see the residual stream too (OPT's project_in / project_out).
+    """
+
+    embedding: str
+    final_norm: str
+    head: str
+    tied: bool
+    extra: tuple[str, ...] = ()
 
 
 @dataclass
@@ -67,10 +75,10 @@ def _move(value: Any, device: torch.device | str) -> Any:
     return value
 
 
-def contexts_to(contexts: list[BlockContext], device: torch.device | str) -> list[BlockContext]:
-    """Move per-block contexts to ``device``, moving each distinct context once (blocks share them)."""
-    moved: dict[int, BlockContext] = {}
-    return [moved.setdefault(id(c), c.to(device)) for c in contexts]
+def tied_embeddings(model: nn.Module) -> bool:
+    """Whether the output head's weight is the token embedding's (one tensor)."""
+    head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    return head is not None and emb is not None and head.weight is emb.weight
 
 
 class _StopForward(Exception):
@@ -103,11 +111,12 @@ class ModelAdapter:
     """Base adapter. Subclasses name the model's parts; nothing outside ``models/`` knows them."""
 
     model_types: tuple[str, ...] = ()
-    family: str = ""  # recipe family for methods' "auto" settings: "llama" or "opt"
+    recipe_family: str = ""  # which released recipes apply ("llama": RMSNorm, rotary, gated MLP; "opt")
     let_for_weight_only: bool = False  # whether LET is used for weight-only settings when a method leaves it to the family
     norm_offset: float = 0.0  # norms compute x * (offset + w): 0 for LLaMA / LayerNorm, 1 for Gemma
     required_attn_implementation: str | None = None  # e.g. "eager" where sdpa would compute something else
-    packed_export: bool = True  # whether packed formats (compressed-tensors, GPTQ) can hold its layout
+    experts: bool = False  # its blocks hold mixture-of-experts MLPs
+    fused_experts: bool = False  # its checkpoint holds the experts as fused 3-D tensors (no per-linear packing)
 
     # --- structure -------------------------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -127,13 +136,13 @@ class ModelAdapter:
     def attention_modules(self, block: nn.Module) -> list[nn.Module]:
         raise NotImplementedError
 
-    def pairs(self, block: nn.Module) -> list[PairDecl]:
-        """Where equivalence transforms can sit in ``block`` (exactly, for this family)."""
+    def model_sites(self, model: nn.Module) -> ModelSites:
+        """The parts of the model outside its blocks that a whole-model pass may transform (names in the model)."""
         raise NotImplementedError
 
-    def reorder_sites(self, block: nn.Module) -> list[ReorderDecl]:
-        """RPTQ's sites in ``block`` (where channels may be clustered, and permuted where that folds exactly)."""
-        return []
+    def sites(self, block: nn.Module) -> list[TransformSite]:
+        """Where transforms can sit in ``block`` (a prepared block: :meth:`prepare_block`), and what folds there."""
+        raise NotImplementedError
 
     def keep_full_precision(self, block: nn.Module) -> set[str]:
         """Linears that are never quantized (e.g. MoE shared-expert gates), by name within the block."""
@@ -158,8 +167,8 @@ class ModelAdapter:
         blocks = self.blocks(model)
         return next(name for name, m in model.named_modules() if m is blocks)
 
-    def check_plan(self, model: nn.Module, plan: BlockPlan) -> None:
-        """Refuse a plan this model cannot take (e.g. transforms its blocks cannot absorb), before calibration."""
+    def check_setup(self, model: nn.Module, setup: BlockSetup) -> None:
+        """Refuse a block setup this model cannot take (e.g. transforms its blocks cannot absorb), before calibration."""
 
     # --- running blocks ----------------------------------------------------------------------------------------
     @staticmethod
@@ -215,17 +224,6 @@ class ModelAdapter:
             contexts.append(shared.setdefault(key, BlockContext(kwargs)))
         return contexts
 
-    @torch.no_grad()
-    def replay(self, model: nn.Module, hidden: torch.Tensor, contexts: list[BlockContext]) -> torch.Tensor:
-        """Run all blocks standalone on captured block-0 inputs ``[n, seqlen, hidden]``; returns the last block's outputs."""
-        out = []
-        for x in hidden:
-            h = x.unsqueeze(0)
-            for block, ctx in zip(self.blocks(model), contexts, strict=True):
-                h = self.call_block(block, h, ctx)
-            out.append(h[0])
-        return torch.stack(out)
-
     # --- quantization ------------------------------------------------------------------------------------------
     def base_attention(self, attn: nn.Module) -> Callable:
         """The attention function the module runs now (eager: its family's own implementation)."""
@@ -236,21 +234,22 @@ class ModelAdapter:
             return sys.modules[type(attn).__module__].eager_attention_forward
         return ALL_ATTENTION_FUNCTIONS[impl]
 
-    def quantize_block(self, block: nn.Module, plan: BlockPlan, stats: InputStats | None = None) -> QuantBlock:
-        """Swap in ``QuantLinear``s (and ``QuantMatMul``s) and register the transforms the plan asks for
-        (``plan.let_roles``, initialised from ``stats``: the fp block's per-channel input ranges); ``block``
+    def build_quant_block(self, block: nn.Module, setup: BlockSetup, stats: InputStats | None = None) -> QuantBlock:
+        """Swap in ``QuantLinear``s (and ``QuantMatMul``s) and register the diagonal transforms the setup asks for
+        (``setup.let_locations``, initialised from ``stats``: the fp block's per-channel input ranges); ``block``
         must already be prepared (:meth:`prepare_block`)."""
-        spec = plan.spec
-        decls = [d for d in self.pairs(block) if d.role in plan.let_roles]
-        if decls and stats is None:
+        spec = setup.spec
+        sites = self.sites(block)
+        chosen = [s for s in sites if s.location in setup.let_locations and s.diagonal_folds]
+        if chosen and stats is None:
             raise ValueError("LET needs the block's input statistics to initialise its scales")
-        specs = [s for d in decls if (s := initial_pair(d, block, stats, plan.let_alpha, plan.let_shift)) is not None]
+        specs = [p for s in chosen if (p := initial_pair(s, block, stats, setup.let_alpha, setup.let_shift)) is not None]
         keep = self.keep_full_precision(block)
 
         def make(name: str, lin: nn.Linear) -> QuantLinear:
             if name in keep:
                 return QuantLinear(lin, spec, quantize_input=False, fmt=FULL_PRECISION)
-            return QuantLinear(lin, spec, quantize_input=spec.quantizes_activations, fmt=plan.formats.get(name))
+            return QuantLinear(lin, spec, quantize_input=spec.quantizes_activations, fmt=setup.formats.get(name))
 
         swap_linears(block, make)
         if spec.quantizes_activations or spec.quantizes_kv:
@@ -259,10 +258,10 @@ class ModelAdapter:
                 attn.omniq_matmul = QuantMatMul(spec.a_bits, spec.kv_bits, spec.a_symmetric, self.base_attention(attn))
                 attn.config = copy.copy(attn.config)  # this module alone switches to the quantized attention
                 attn.config._attn_implementation = name
-        for s in specs:
-            if s.kind == "norm" and not isinstance(block.get_submodule(s.source), LETNorm):
-                block.set_submodule(s.source, LETNorm(block.get_submodule(s.source), self.norm_offset))
-        return QuantBlock(block, {s.name: LETPair(s) for s in specs}, self.call_block, self.reorder_sites(block))
+        for p in specs:
+            if p.location == "norm" and not isinstance(block.get_submodule(p.source), LETNorm):
+                block.set_submodule(p.source, LETNorm(block.get_submodule(p.source), self.norm_offset))
+        return QuantBlock(block, {p.name: LETPair(p) for p in specs}, self.call_block, sites)
 
     # --- helpers for subclasses --------------------------------------------------------------------------------
     @classmethod

@@ -5,35 +5,30 @@ from __future__ import annotations
 
 from torch import nn
 
-from omniq_lightning.models.base import ModelAdapter
-from omniq_lightning.models.llama import (
-    DOWN,
-    GATE,
-    O_PROJ,
-    UP,
-    K,
-    Q,
-    V,
-    attention_pairs,
-    gated_mlp_pairs,
-    reorder_sites,
-)
-from omniq_lightning.transforms import PairDecl, ReorderDecl
+from omniq_lightning.models.base import ModelAdapter, ModelSites, tied_embeddings
+from omniq_lightning.models.llama import attention_sites, gated_mlp_sites
+from omniq_lightning.transforms import TransformSite
 
 
 class GemmaAdapter(ModelAdapter):
-    """Pairs: input_layernorm -> q/k/v, v -> o, q/k (Gemma-2 only: Gemma-3's q_norm / k_norm undo a q/k scale),
-    pre_feedforward_layernorm -> gate/up, up -> down. The post-attention and post-feedforward norms act on the
+    """Sites: input_layernorm -> q/k/v, v -> o, q/k (a diagonal folds on Gemma-2 only: Gemma-3's q_norm / k_norm
+    undo a q/k scale), pre_feedforward_layernorm -> gate/up, up -> down. The post-attention and post-feedforward norms act on the
     projections' outputs before the residual add: no exact pair there. Folding a scale into a Gemma norm
     divides ``1 + w``, not ``w``."""
 
     model_types = ("gemma3_text", "gemma3")
-    family = "llama"  # RMSNorm + rotary + gated MLP: the LLaMA recipes apply
+    recipe_family = "llama"  # RMSNorm + rotary + gated MLP: the LLaMA recipes apply
     norm_offset = 1.0
 
+    def text_model_name(self, model: nn.Module) -> str:
+        return "model.language_model" if hasattr(model.model, "language_model") else "model"  # multimodal Gemma-3
+
     def text_model(self, model: nn.Module) -> nn.Module:
-        inner = model.model
-        return inner.language_model if hasattr(inner, "language_model") else inner  # multimodal Gemma-3
+        return model.get_submodule(self.text_model_name(model))
+
+    def model_sites(self, model: nn.Module) -> ModelSites:
+        text = self.text_model_name(model)
+        return ModelSites(f"{text}.embed_tokens", f"{text}.norm", "lm_head", tied_embeddings(model))
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return self.text_model(model).layers
@@ -45,11 +40,8 @@ class GemmaAdapter(ModelAdapter):
     def attention_modules(self, block: nn.Module) -> list[nn.Module]:
         return [block.self_attn]
 
-    def pairs(self, block: nn.Module) -> list[PairDecl]:
-        return attention_pairs(block, "input_layernorm") + gated_mlp_pairs("pre_feedforward_layernorm")
-
-    def reorder_sites(self, block: nn.Module) -> list[ReorderDecl]:
-        return reorder_sites(block, Q, K, V, O_PROJ, (GATE, UP), DOWN)
+    def sites(self, block: nn.Module) -> list[TransformSite]:
+        return attention_sites(block, "input_layernorm") + gated_mlp_sites("pre_feedforward_layernorm")
 
 
 class Gemma2Adapter(GemmaAdapter):

@@ -22,9 +22,9 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from omniq_lightning.models.llama import LlamaAdapter, attention_pairs, gated_mlp_pairs
+from omniq_lightning.models.llama import LlamaAdapter, attention_sites, gated_mlp_sites
 from omniq_lightning.nn import LETRouter
-from omniq_lightning.transforms import PairDecl
+from omniq_lightning.transforms import TransformSite
 
 NORM = "post_attention_layernorm"
 
@@ -95,8 +95,8 @@ class MoEAdapter(LlamaAdapter):
     ``mlp_only_layers``) pair like LLaMA."""
 
     model_types = ("mixtral", "qwen2_moe", "qwen3_moe")
-    family = "llama"
-    packed_export = False
+    experts = True
+    fused_experts = True
 
     def prepare_block(self, block: nn.Module) -> nn.Module:
         mlp = block.mlp
@@ -135,20 +135,19 @@ class MoEAdapter(LlamaAdapter):
     def keep_full_precision(self, block: nn.Module) -> set[str]:
         return {"mlp.shared_expert_gate"} if hasattr(block.mlp, "shared_expert_gate") else set()
 
-    def pairs(self, block: nn.Module) -> list[PairDecl]:
-        decls = attention_pairs(block, "input_layernorm")
+    def sites(self, block: nn.Module) -> list[TransformSite]:
+        sites = attention_sites(block, "input_layernorm")
         mlp = block.mlp
         if not _is_sparse(mlp):
-            return decls + gated_mlp_pairs(NORM)
+            return sites + gated_mlp_sites(NORM)
         assert isinstance(mlp.experts, UnfusedExperts), "prepare_block() the block first"
         targets = ["mlp.gate"] + [f"mlp.experts.{e}.{p}" for e in range(len(mlp.experts)) for p in ("gate_proj", "up_proj")]
         if hasattr(mlp, "shared_expert"):
             targets += ["mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj", "mlp.shared_expert_gate"]
-        decls.append(PairDecl("mlp_in", "norm", NORM, tuple(targets)))
+        sites.append(TransformSite("mlp_in", "norm", NORM, tuple(targets)))
         for e in range(len(mlp.experts)):
-            decls.append(PairDecl(f"up_down_e{e}", "up_down", f"mlp.experts.{e}.up_proj", (f"mlp.experts.{e}.down_proj",)))
+            sites.append(gated_mlp_sites(NORM, f"mlp.experts.{e}.", name=f"up_down_e{e}")[1])
         if hasattr(mlp, "shared_expert"):
-            decls += [d for d in gated_mlp_pairs(NORM, "mlp.shared_expert.") if d.role == "up_down"]
-            decls[-1] = PairDecl("up_down_shared", "up_down", decls[-1].source, decls[-1].targets)
-        return decls
+            sites.append(gated_mlp_sites(NORM, "mlp.shared_expert.", name="up_down_shared")[1])
+        return sites
 

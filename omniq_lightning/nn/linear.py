@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from omniq_lightning.nn.act import ActQuantizer
-from omniq_lightning.nn.weight import WeightQuantizer
-from omniq_lightning.quant import QuantizedWeight, QuantSpec, WeightFormat, validate_weight
-from omniq_lightning.quant.spec import VectorFormat
-from omniq_lightning.quant.vq import VectorQuantizedWeight
+from omniq_lightning.nn.formats import make_quantizer
+from omniq_lightning.nn.weight import WeightQuantizerBase
+from omniq_lightning.quant import QuantSpec
+from omniq_lightning.quant.functional import check_floating
 
 
 class QuantLinear(nn.Module):
@@ -19,33 +19,37 @@ class QuantLinear(nn.Module):
 
     An equivalent transform (LET) may :meth:`set_let` a transformed weight and bias before a forward
     pass: those are then quantized instead of the stored ones. :meth:`fold` writes the quantized
-    effective weight into ``weight`` for good and keeps its integer codes in ``quantized``.
+    effective weight into ``weight`` for good and keeps its stored codes in ``codes``.
+
+    ``input_transform``: one slot for a transform of the input that runs online, before the input quantizer
+    (e.g. a rotation whose inverse the weight holds: ``W x = (W R^T)(R x)``).
     """
 
-    def __init__(self, linear: nn.Linear, spec: QuantSpec, quantize_input: bool = True,
-                 fmt: WeightFormat | VectorFormat | None = None) -> None:
+    def __init__(self, linear: nn.Linear, spec: QuantSpec, quantize_input: bool = True, fmt=None) -> None:
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().clone(), requires_grad=False)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         self.fmt = fmt if fmt is not None else spec.weight_format
-        self.wq: WeightQuantizer | None = None  # scalar grids; a vector format's method sets the weight itself
-        if self.fmt.quantized and isinstance(self.fmt, WeightFormat):
-            validate_weight(self.weight, self.fmt.group_size)
-            self.wq = WeightQuantizer(self.fmt, self.out_features, self.in_features, spec.lwc, spec.lwc_init,
-                                      device=self.weight.device)
-        self.quantized: QuantizedWeight | VectorQuantizedWeight | None = None  # the codes, once folded
+        if self.fmt.quantized:
+            check_floating("weight", self.weight, finite=True)
+            self.fmt.validate_shape(self.out_features, self.in_features)
+        # the format kind's quantizer; None for 16-bit weights and for kinds whose method sets the codes (VQ)
+        self.wq: WeightQuantizerBase | None = make_quantizer(self.fmt, self.out_features, self.in_features, spec,
+                                                             self.weight.device)
+        self.codes = None  # the weight's stored codes (QuantizedWeight, VectorQuantizedWeight, ...), once folded
         self.act_quant = (
             ActQuantizer(spec.a_bits, spec.a_granularity, spec.a_symmetric)
             if quantize_input and spec.quantizes_activations
             else None
         )
+        self.input_transform: nn.Module | None = None
         self._let: tuple[torch.Tensor, torch.Tensor | None] | None = None  # a tuple: never registered as parameters
 
     @property
     def weight_quant(self) -> bool:
         """Whether the weight is still to be quantized (False once folded, or for 16-bit weights)."""
-        return self.quantized is None and self.fmt.quantized
+        return self.codes is None and self.fmt.quantized
 
     def set_let(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self._let = (weight, bias)
@@ -62,6 +66,8 @@ class QuantLinear(nn.Module):
         return (w if self.wq is None else self.wq(w)), b
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.input_transform is not None:
+            x = self.input_transform(x)
         if self.act_quant is not None:
             x = self.act_quant(x)
         w, b = self.quantized_weight()
@@ -82,12 +88,12 @@ class QuantLinear(nn.Module):
         self._let = None
 
     @torch.no_grad()
-    def set_quantized(self, q: QuantizedWeight | VectorQuantizedWeight) -> None:
-        """Store a weight that is already on its grid (codes and grid): no further weight quantization."""
+    def set_codes(self, q) -> None:
+        """Store a weight that is already quantized (its codes): no further weight quantization."""
         if q.shape != (self.out_features, self.in_features):
             raise ValueError(f"quantized weight of shape {q.shape} does not fit a {self.out_features}x{self.in_features} layer")
-        self.quantized = q.to(self.weight.device)
-        self.weight.data = self.quantized.dequantize().to(self.weight.dtype).contiguous()
+        self.codes = q.to(self.weight.device)
+        self.weight.data = self.codes.dequantize().to(self.weight.dtype).contiguous()
         self.wq = None
 
     @torch.no_grad()
@@ -95,14 +101,16 @@ class QuantLinear(nn.Module):
         """Write the quantized (clipped, rounded, transformed) weight into ``weight``; drop LWC and LET state."""
         self.fold_transform()
         if self.wq is not None:
-            self.set_quantized(self.wq.quantize(self.weight))
+            self.set_codes(self.wq.quantize(self.weight))
         elif self.weight_quant:
             raise RuntimeError(f"this linear's weight format {self.fmt.name} is set by its method (e.g. method=vptq "
                                "for vector formats), which did not quantize it")
 
     def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with this layer's (folded) weight; only valid without an input quantizer."""
-        assert self.act_quant is None, "a layer that quantizes its input cannot become a plain nn.Linear"
+        """A plain ``nn.Linear`` with this layer's (folded) weight; only valid without an input quantizer or an
+        online input transform."""
+        assert self.act_quant is None and self.input_transform is None, \
+            "a layer that quantizes or transforms its input cannot become a plain nn.Linear"
         assert not self.weight_quant, "fold() the layer before converting it"
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                         device=self.weight.device, dtype=self.weight.dtype)
@@ -114,8 +122,8 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         if self.wq is not None:
             w = ""  # the weight quantizer explains itself
-        elif self.quantized is not None:
-            w = f", {self.quantized.fmt.name} folded"
+        elif self.codes is not None:
+            w = f", {self.codes.fmt.name} folded"
         else:
             w = ", w16"
         return f"in_features={self.in_features}, out_features={self.out_features}{w}"

@@ -4,6 +4,9 @@ Quantizing K and V per token (over each head's channels) is exactly what a quant
 It plugs into Hugging Face attention through the registered attention function ``omniq_quant``: an
 attention module whose own config names it calls this module, which quantizes and then runs the
 original attention function (eager or sdpa) unchanged.
+
+``input_transform``: one slot for a transform of (query, key, value) as they arrive, after the rotary embedding
+and before quantization (e.g. an online rotation of q and k, which leaves every q.k product unchanged).
 """
 
 from __future__ import annotations
@@ -25,11 +28,11 @@ class QuantMatMul(nn.Module):
         self.k_quant = ActQuantizer(kv_bits, "token", symmetric)
         self.v_quant = ActQuantizer(kv_bits, "token", symmetric)
         self.base_attention = base_attention
-        self.observer: Callable | None = None  # sees (query, key, value) as they arrive (e.g. RPTQ's statistics)
+        self.input_transform: nn.Module | None = None  # (query, key, value) -> (query, key, value)
 
     def forward(self, module, query, key, value, attention_mask, **kwargs):
-        if self.observer is not None:
-            self.observer(query, key, value)
+        if self.input_transform is not None:
+            query, key, value = self.input_transform(query, key, value)
         return self.base_attention(
             module, self.q_quant(query), self.k_quant(key), self.v_quant(value), attention_mask, **kwargs
         )

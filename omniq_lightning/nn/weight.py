@@ -12,7 +12,40 @@ from omniq_lightning.quant.weight import NO_CLIP_LOGIT, clip_logit  # noqa: F401
 ROUNDING_LIMIT = 0.5  # learned rounding offsets live in [-0.5, 0.5] grid steps
 
 
-class WeightQuantizer(nn.Module):
+class WeightQuantizerBase(nn.Module):
+    """What every weight quantizer is to the rest of the library (a format kind's quantizer, ``nn.formats``):
+
+    * ``fmt``: the weight format; ``forward(w)``: ``w`` fake-quantized (differentiable where it learns);
+      ``quantize(w)``: the stored codes of what ``forward`` computed (``codes.dequantize() == forward(w)``);
+    * its trainable tensors by optimizer group: ``lwc_parameters()`` (clipping), ``rounding_parameters()``;
+    * ``project()`` after each optimizer step, ``set_ranges(ranges)`` (the range convention a method trains with).
+    A quantizer with nothing to learn keeps the defaults.
+    """
+
+    def __init__(self, fmt) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.lwc_gamma: nn.Parameter | None = None
+        self.lwc_beta: nn.Parameter | None = None
+        self.rounding: nn.Parameter | None = None
+
+    def lwc_parameters(self) -> list[nn.Parameter]:
+        return [p for p in (self.lwc_gamma, self.lwc_beta) if p is not None]
+
+    def rounding_parameters(self) -> list[nn.Parameter]:
+        return [] if self.rounding is None else [self.rounding]
+
+    def project(self) -> None:
+        """Keep the learned tensors in their domain (after every optimizer step)."""
+
+    def set_ranges(self, ranges: str) -> None:
+        check_ranges(ranges)
+
+    def quantize(self, w: torch.Tensor):
+        raise NotImplementedError
+
+
+class WeightQuantizer(WeightQuantizerBase):
     """Owns a weight's format (bits, group size, symmetry, grid) and its learnable quantization state:
 
     * ``lwc_gamma`` / ``lwc_beta``: Learnable Weight Clipping logits, one per group (max and min side);
@@ -24,14 +57,10 @@ class WeightQuantizer(nn.Module):
 
     def __init__(self, fmt: WeightFormat, out_features: int, in_features: int, lwc: bool = True,
                  lwc_init: float = 4.0, device: torch.device | str | None = None) -> None:
-        super().__init__()
-        fmt.validate_linear(in_features)
-        self.fmt = fmt
+        fmt.validate_shape(out_features, in_features)
+        super().__init__(fmt)
         self.out_features, self.in_features = out_features, in_features
         self.ranges = "detached"  # or "released" (OmniQuant's differentiable min/max), set by the method
-        self.lwc_gamma: nn.Parameter | None = None
-        self.lwc_beta: nn.Parameter | None = None
-        self.rounding: nn.Parameter | None = None
         if lwc:
             init = torch.full((out_features, self.n_groups), float(lwc_init), device=device)
             self.lwc_gamma = nn.Parameter(init.clone())

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 NO_QUANT_BITS = 16
 MIN_BITS, MAX_BITS = 2, 8
@@ -65,6 +65,7 @@ class WeightFormat:
         grid_exponent: the exponent p of the power grid (ignored for uniform grids).
     """
 
+    kind: ClassVar[str] = "scalar"
     bits: int = 4
     group_size: int | None = None
     symmetric: bool = False
@@ -94,7 +95,8 @@ class WeightFormat:
         grid = "" if self.grid == "uniform" else f"-{self.grid}{self.grid_exponent:g}"
         return f"w{self.bits}{group}{'sym' if self.symmetric else ''}{grid}"
 
-    def validate_linear(self, in_features: int) -> None:
+    def validate_shape(self, out_features: int, in_features: int) -> None:
+        """Refuse a ``[out, in]`` weight this format cannot hold (a group size that does not divide ``in``)."""
         check_group_size(self.group_size, in_features)
 
     def fits(self, in_features: int) -> bool:
@@ -119,7 +121,7 @@ class WeightFormat:
         return n * self.bits + groups * self.metadata_bits_per_group()
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return asdict(self)  # no "kind": scalar is what a format without one is (bit plans, block records)
 
 
 CODEBOOK_BITS = 16  # centroids, normalisation statistics: fp16
@@ -150,6 +152,7 @@ class VectorFormat:
         normalize: standardise each input column first (mean and std stored in 16 bits).
     """
 
+    kind: ClassVar[str] = "vector"
     vector: int = 4
     centroids: int = 256
     residual_centroids: int = 0
@@ -170,7 +173,6 @@ class VectorFormat:
             raise ValueError(f"w_vq.normalize must be true or false, got {self.normalize!r}")
 
     quantized = True
-    kind = "vector"
 
     @property
     def index_bits(self) -> float:
@@ -196,9 +198,6 @@ class VectorFormat:
         if in_features > 2**COLUMN_INDEX_BITS:
             raise ValueError(f"layers wider than {2**COLUMN_INDEX_BITS} inputs are not supported, got {in_features}")
 
-    def validate_linear(self, in_features: int) -> None:
-        """Nothing to check on the input width (vectors run along the output; see ``validate_shape``)."""
-
     def storage_bits(self, out_features: int, in_features: int) -> int:
         """Exact bits to store a ``[out, in]`` weight: indices, codebooks, outlier column indices, normalisation."""
         n_out = self.outlier_count(in_features)
@@ -223,6 +222,37 @@ class VectorFormat:
         return cls(**{k: v for k, v in d.items() if k != "kind"})
 
 
+# Weight format types by kind: the frozen dataclasses a format's ``to_dict()`` round-trips through. A format type
+# has a ``kind`` class attribute, ``quantized``, ``name``, ``validate_shape(out, in)``, ``storage_bits(out, in)`` and
+# ``to_dict()``; ``nn.formats.register_format_kind`` adds new ones (with their quantizer and stored codes).
+FORMAT_TYPES: dict[str, type] = {WeightFormat.kind: WeightFormat, VectorFormat.kind: VectorFormat}
+
+
+def register_format_type(cls: type) -> type:
+    """Make ``cls`` (a format type with a unique ``kind``) readable by :func:`format_from_dict`."""
+    kind = getattr(cls, "kind", None)
+    if not isinstance(kind, str) or not kind:
+        raise ValueError(f"a weight format type needs a 'kind' name, {cls.__name__} has {kind!r}")
+    if FORMAT_TYPES.get(kind, cls) is not cls:
+        raise ValueError(f"weight format kind {kind!r} is already registered by {FORMAT_TYPES[kind].__name__}")
+    FORMAT_TYPES[kind] = cls
+    return cls
+
+
+def format_from_dict(d: Mapping[str, Any]):
+    """A weight format from its ``to_dict()`` (a mapping without ``kind`` is a scalar ``WeightFormat``)."""
+    data = dict(d)
+    kind = data.pop("kind", WeightFormat.kind)
+    if kind not in FORMAT_TYPES:
+        raise ValueError(f"unknown weight format kind {kind!r}; known kinds: {', '.join(sorted(FORMAT_TYPES))}")
+    cls = FORMAT_TYPES[kind]
+    fields = getattr(cls, "__dataclass_fields__", {})
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown {kind} format setting(s) {unknown}; allowed: {sorted(fields)}")
+    return cls(**data)
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     """How weights, activations and the KV cache are quantized.
@@ -241,6 +271,8 @@ class QuantSpec:
         kv_bits: bits of the key/value cache, or 16 for none.
         w_vq: vector quantization of the weights (``VectorFormat``, VPTQ) instead of a scalar grid; the other
             ``w_*`` settings and ``lwc`` then do not apply.
+        w_format: any registered weight format kind, as a mapping with its ``kind`` (``{kind: vector, ...}`` is
+            the same as ``w_vq``); the other ``w_*`` settings then do not apply.
     """
 
     w_bits: int = 4
@@ -255,8 +287,16 @@ class QuantSpec:
     a_symmetric: bool = False
     kv_bits: int = NO_QUANT_BITS
     w_vq: VectorFormat | None = None
+    w_format: Any = None
 
     def __post_init__(self) -> None:
+        if self.w_format is not None and not hasattr(self.w_format, "kind"):
+            if not isinstance(self.w_format, Mapping) or "kind" not in self.w_format:
+                raise ValueError(f"w_format must be a mapping with a 'kind' (one of {sorted(FORMAT_TYPES)}) or null, "
+                                 f"got {self.w_format!r}")
+            object.__setattr__(self, "w_format", format_from_dict(self.w_format))
+        if self.w_format is not None and self.w_vq is not None:
+            raise ValueError("set w_vq or w_format, not both (w_vq is w_format with kind: vector)")
         if self.w_vq is not None and not isinstance(self.w_vq, VectorFormat):
             if not isinstance(self.w_vq, Mapping):
                 raise ValueError(f"w_vq must be a mapping of vector-quantization settings or null, got {self.w_vq!r}")
@@ -278,13 +318,15 @@ class QuantSpec:
     @property
     def weight_format(self) -> WeightFormat | VectorFormat:
         """The format of every quantized linear's weight (a per-linear plan may override it)."""
+        if self.w_format is not None:
+            return self.w_format
         if self.w_vq is not None:
             return self.w_vq
         return WeightFormat(self.w_bits, self.w_group_size, self.w_symmetric, self.w_grid, self.w_grid_exponent)
 
     @property
     def quantizes_weights(self) -> bool:
-        return self.w_vq is not None or self.w_bits != NO_QUANT_BITS
+        return self.weight_format.quantized
 
     @property
     def quantizes_activations(self) -> bool:
@@ -301,9 +343,11 @@ class QuantSpec:
     @property
     def name(self) -> str:
         """Short conventional name, e.g. ``w4a16g128``, ``w4a4`` or ``vq2`` (index bits of a vector format)."""
-        if self.w_vq is not None:
+        if self.w_vq is not None or self.w_format is not None:
             acts = f"a{self.a_bits}" if self.quantizes_activations else ""
-            return f"vq{self.w_vq.index_bits:g}{acts}{f'kv{self.kv_bits}' if self.quantizes_kv else ''}"
+            kv = f"kv{self.kv_bits}" if self.quantizes_kv else ""
+            w = f"vq{self.w_vq.index_bits:g}" if self.w_vq is not None else self.w_format.name
+            return f"{w}{acts}{kv}"
         group = f"g{self.w_group_size}" if self.w_group_size else ""
         grid = "" if self.w_grid == "uniform" else f"-{self.w_grid}{self.w_grid_exponent:g}"
         if self.quantizes_kv and not self.quantizes_activations:  # RPTQ's naming: W4A4KV = only K and V at 4 bits
@@ -311,14 +355,12 @@ class QuantSpec:
         kv = f"kv{self.kv_bits}" if self.quantizes_kv and self.kv_bits != self.a_bits else ""
         return f"w{self.w_bits}a{self.a_bits}{group}{kv}{grid}"
 
-    def validate_linear(self, in_features: int) -> None:
-        """Check that this spec can quantize a linear layer with ``in_features`` inputs."""
-        check_group_size(self.w_group_size, in_features)
-
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        if self.w_vq is None:
-            d.pop("w_vq")
+        d["w_format"] = None if self.w_format is None else self.w_format.to_dict() | {"kind": self.w_format.kind}
+        for key in ("w_vq", "w_format"):
+            if d[key] is None:
+                d.pop(key)
         return d
 
     @classmethod

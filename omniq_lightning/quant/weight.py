@@ -159,6 +159,11 @@ class QuantizedWeight:
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         return {f"{prefix}.codes": self.codes, f"{prefix}.scale": self.scale, f"{prefix}.zero": self.zero}
 
+    @classmethod
+    def from_tensors(cls, t, prefix: str, fmt: WeightFormat) -> QuantizedWeight:
+        """The inverse of :meth:`tensors`."""
+        return cls(t[f"{prefix}.codes"], t[f"{prefix}.scale"], t[f"{prefix}.zero"], fmt)
+
 
 def codes_on_grid(gx: torch.Tensor, g: GroupGrid, fmt: WeightFormat, offset: torch.Tensor | None = None) -> torch.Tensor:
     """Integer codes (as floats, unsigned ``0..2^b-1``) of grouped values ``gx`` on a fixed grid."""

@@ -1,31 +1,30 @@
-"""Equivalence transforms (LET scale/shift pairs, their declarations and exact folding) and the quantized block."""
+"""Transform sites and the transforms on them (LET's diagonal scales and shifts, RPTQ's reorders, their exact
+folding) and the quantized block."""
 
-from omniq_lightning.transforms.block import BlockPlan, QuantBlock
+from omniq_lightning.transforms.block import BlockSetup, QuantBlock
 from omniq_lightning.transforms.let import (
-    ROLES,
     InputStats,
     LETNorm,
     LETPair,
     LETPairSpec,
-    PairDecl,
     initial_pair,
     midpoint_shift,
     scale_input_columns,
     scale_output_rows,
     smoothquant_scale,
 )
-from omniq_lightning.transforms.reorder import ReorderDecl
+from omniq_lightning.transforms.sites import LOCATIONS, HeadLayout, TransformSite
 
 __all__ = [
-    "ROLES",
-    "BlockPlan",
+    "LOCATIONS",
+    "BlockSetup",
+    "HeadLayout",
     "InputStats",
     "LETNorm",
     "LETPair",
     "LETPairSpec",
-    "PairDecl",
     "QuantBlock",
-    "ReorderDecl",
+    "TransformSite",
     "initial_pair",
     "midpoint_shift",
     "scale_input_columns",

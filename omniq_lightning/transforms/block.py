@@ -4,41 +4,43 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
 from omniq_lightning.nn import LETRouter, QuantLinear, WeightQuantizer
-from omniq_lightning.quant import QuantizedWeight, QuantSpec, WeightFormat
-from omniq_lightning.transforms.let import ROLES, LETNorm, LETPair
-from omniq_lightning.transforms.reorder import ReorderDecl
+from omniq_lightning.quant import QuantSpec
+from omniq_lightning.transforms.let import LETNorm, LETPair
+from omniq_lightning.transforms.sites import LOCATIONS, TransformSite
 
 
 @dataclass(frozen=True)
-class BlockPlan:
-    """How to build a block's ``QuantBlock``: the spec its layers use, the transforms it gets and per-linear
-    weight formats.
+class BlockSetup:
+    """How to build a block's ``QuantBlock``: the spec its layers use, the diagonal transforms it gets and
+    per-linear weight formats (a method's ``setup`` makes it).
 
-    let_roles: which of the adapter's declared pairs get a transform ("norm", "vo", "qk", "up_down").
+    let_locations: the site locations that get a diagonal transform (LET, AWQ's or SmoothQuant's scales):
+      "norm", "vo", "qk", "up_down" (at the sites where a diagonal folds).
     let_alpha: the SmoothQuant migration strength that initialises their scales.
     let_shift: shifts where the source can absorb them (OPT), never where it cannot.
     formats: per-linear weight formats by name within the block (a mixed-precision plan); others use the spec's.
     """
 
     spec: QuantSpec
-    let_roles: tuple[str, ...] = ()
+    let_locations: tuple[str, ...] = ()
     let_alpha: float = 0.5
     let_shift: bool = True
-    formats: Mapping[str, WeightFormat] = field(default_factory=dict)
+    formats: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = set(self.let_roles) - set(ROLES)
+        unknown = set(self.let_locations) - set(LOCATIONS)
         if unknown:
-            raise ValueError(f"unknown LET roles {sorted(unknown)}; roles are {ROLES}")
+            raise ValueError(f"unknown site locations {sorted(unknown)}; locations are {LOCATIONS}")
 
     @property
     def let(self) -> bool:
-        return bool(self.let_roles)
+        return bool(self.let_locations)
 
 
 class QuantBlock(nn.Module):
@@ -49,13 +51,13 @@ class QuantBlock(nn.Module):
     """
 
     def __init__(self, block: nn.Module, let_pairs: dict[str, LETPair], call: Callable,
-                 reorder_sites: list[ReorderDecl] | None = None) -> None:
+                 sites: list[TransformSite] | None = None) -> None:
         super().__init__()
         self.block = block
         self.let = nn.ModuleDict(let_pairs)
         self._call = call
-        self.reorder_sites = list(reorder_sites or [])  # where RPTQ may cluster channels (the adapter's declaration)
-        self.quantized: dict[str, QuantizedWeight] = {}  # codes of every quantized linear, once folded
+        self.sites = list(sites or [])  # every transform site the adapter declares (RPTQ reorders on them)
+        self.codes: dict[str, Any] = {}  # the stored codes of every quantized linear, once folded, by name
         self._learned: tuple[dict[str, torch.Tensor], dict[str, float]] | None = None
 
     def learned_tensors(self) -> dict[str, torch.Tensor]:
@@ -95,12 +97,11 @@ class QuantBlock(nn.Module):
 
     def lwc_parameters(self) -> Iterator[nn.Parameter]:
         for wq in self.weight_quantizers():
-            for p in (wq.lwc_gamma, wq.lwc_beta):
-                if p is not None:
-                    yield p
+            yield from wq.lwc_parameters()
 
     def rounding_parameters(self) -> Iterator[nn.Parameter]:
-        return iter([wq.rounding for wq in self.weight_quantizers() if wq.rounding is not None])
+        for wq in self.weight_quantizers():
+            yield from wq.rounding_parameters()
 
     def let_parameters(self) -> Iterator[nn.Parameter]:
         return iter(list(self.let.parameters()))
@@ -140,14 +141,14 @@ class QuantBlock(nn.Module):
     def fold(self) -> nn.Module:
         """Fold LET, LWC and learned rounding into the weights; returns the block with plain norms, and plain
         linears wherever the input is not quantized (layers that quantize their input keep a folded QuantLinear).
-        The integer codes of every quantized linear stay in ``quantized``, by name within the block."""
+        The stored codes of every quantized linear stay in ``codes``, by name within the block."""
         self.fold_transforms()
         for name, m in list(self.block.named_modules()):
             if isinstance(m, QuantLinear):
                 m.fold()
-                if m.quantized is not None:
-                    self.quantized[name] = m.quantized
-                if m.act_quant is None:
+                if m.codes is not None:
+                    self.codes[name] = m.codes
+                if m.act_quant is None and m.input_transform is None:
                     self.block.set_submodule(name, m.to_linear())
         return self.block
 

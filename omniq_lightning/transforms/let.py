@@ -6,10 +6,10 @@ weight columns are multiplied by ``s`` and its bias gains ``W @ d``. The transfo
 gets quantized, so the transform can move activation outliers into weights, where they are easier to
 quantize, without changing the full-precision function.
 
-Adapters *declare* where transforms can sit (:class:`PairDecl`: structure only); this module turns a
-declaration into initial factors from the block's input statistics (SmoothQuant scales, Outlier
-Suppression+ shifts) and holds the learnable factors. All math here is pure functions; the modules only
-hold the factors.
+Adapters *declare* where transforms can sit (:class:`~omniq_lightning.transforms.sites.TransformSite`:
+structure only); this module turns a site into initial diagonal factors from the block's input statistics
+(SmoothQuant scales, Outlier Suppression+ shifts) and holds the learnable factors. All math here is pure
+functions; the modules only hold the factors.
 """
 
 from __future__ import annotations
@@ -21,17 +21,12 @@ import torch
 from torch import nn
 
 from omniq_lightning.quant import truncate_ste
+from omniq_lightning.transforms.sites import Rows, TransformSite, _identity
 
 MIN_SCALE = 1e-5
-ROLES = ("norm", "vo", "qk", "up_down")  # norm -> linears, v -> o, q / s with k * s, up (fc1) -> down (fc2)
 
 # Per-channel input ranges of a block's linears (and routers), by module name within the block: name -> (min, max).
 InputStats = dict[str, tuple[torch.Tensor, torch.Tensor]]
-Rows = tuple[int, int] | None  # a row slice [start, stop) of a fused linear (Phi-3's qkv_proj, gate_up_proj)
-
-
-def _identity(t: torch.Tensor) -> torch.Tensor:
-    return t
 
 
 def scale_input_columns(w: torch.Tensor, b: torch.Tensor | None, s: torch.Tensor, shift: torch.Tensor | None):
@@ -118,46 +113,12 @@ class LETNorm(nn.Module):
         return norm
 
 
-@dataclass(frozen=True)
-class PairDecl:
-    """Where a transform can sit in a block, as an adapter declares it (names and shapes, no values).
-
-    role: ``norm`` (a norm feeding ``targets``: scale over the norm's channels), ``vo`` / ``up_down``
-      (linear ``source``'s output rows -> ``targets``' input columns), ``qk`` (q rows divided, k rows
-      multiplied: ``source`` = q, ``targets`` = [k]; QK^T unchanged).
-    source_rows: for a fused source (Phi-3), the row slice the factor applies to.
-    expand_source / expand_target: map the factor to the source's / targets' channels (grouped-query
-      attention; one scale per rotary pair).
-    reduce: map per-channel statistics of the targets' input to the factor's shape (e.g. the max over the
-      query heads that share a key/value head).
-    absorbs_shift: the source has a bias that can absorb a shift (OPT's LayerNorm and v_proj).
-    qk_shape: the factor's shape for a ``qk`` pair (it starts at ones).
-    positive: the transform is exact only for positive factors (a ReLU between the two ops: OPT's fc1 -> fc2).
-    """
-
-    name: str
-    role: str
-    source: str
-    targets: tuple[str, ...]
-    source_rows: Rows = None
-    expand_source: Callable[[torch.Tensor], torch.Tensor] = _identity
-    expand_target: Callable[[torch.Tensor], torch.Tensor] = _identity
-    reduce: Callable[[torch.Tensor], torch.Tensor] = _identity
-    absorbs_shift: bool = False
-    qk_shape: tuple[int, ...] | None = None
-    positive: bool = False
-
-    def __post_init__(self) -> None:
-        if self.role not in ROLES:
-            raise ValueError(f"unknown pair role {self.role!r}; roles are {ROLES}")
-
-
 @dataclass
 class LETPairSpec:
-    """One pair with its initial factors (see :func:`initial_pair`)."""
+    """One diagonal transform at a site, with its initial factors (see :func:`initial_pair`)."""
 
     name: str
-    kind: str  # "norm" | "linear" | "qk"
+    location: str  # the site's: "norm" | "vo" | "qk" | "up_down"
     source: str
     targets: list[str]
     scale_init: torch.Tensor
@@ -165,7 +126,6 @@ class LETPairSpec:
     expand_source: Callable[[torch.Tensor], torch.Tensor] = field(default=_identity)
     expand_target: Callable[[torch.Tensor], torch.Tensor] = field(default=_identity)
     source_rows: Rows = None
-    role: str = ""
     positive: bool = False
 
 
@@ -181,24 +141,24 @@ def weight_absmax(block: nn.Module, names: tuple[str, ...] | list[str]) -> torch
     return torch.cat([block.get_submodule(n).weight.detach().float() for n in names]).abs().amax(0)
 
 
-def initial_pair(decl: PairDecl, block: nn.Module, stats: InputStats, alpha: float, shift: bool) -> LETPairSpec | None:
-    """A declared pair with SmoothQuant scales (``alpha``) and, where the source can absorb one and ``shift``
-    allows, an Outlier Suppression+ shift. None when its targets saw no calibration tokens (an MoE expert no
-    token was routed to): that pair is left out."""
-    kind = {"norm": "norm", "qk": "qk"}.get(decl.role, "linear")
-    common = dict(expand_source=decl.expand_source, expand_target=decl.expand_target, source_rows=decl.source_rows,
-                  role=decl.role, positive=decl.positive)
-    if decl.role == "qk":
-        device = block.get_submodule(decl.source).weight.device
-        return LETPairSpec(decl.name, kind, decl.source, list(decl.targets), torch.ones(decl.qk_shape, device=device),
-                           **common)
-    if decl.targets[0] not in stats:
+def initial_pair(site: TransformSite, block: nn.Module, stats: InputStats, alpha: float,
+                 shift: bool) -> LETPairSpec | None:
+    """A diagonal transform at ``site`` with SmoothQuant scales (``alpha``) and, where the source can absorb one
+    and ``shift`` allows, an Outlier Suppression+ shift. None when its targets saw no calibration tokens (an MoE
+    expert no token was routed to): that site is left out."""
+    common = dict(expand_source=site.expand_source, expand_target=site.expand_target, source_rows=site.source_rows,
+                  positive=site.positive)
+    if site.location == "qk":
+        device = block.get_submodule(site.source).weight.device
+        return LETPairSpec(site.name, site.location, site.source, list(site.targets),
+                           torch.ones(site.qk_shape, device=device), **common)
+    if site.targets[0] not in stats:
         return None
-    lo, hi = stats[decl.targets[0]]
-    d = midpoint_shift(lo, hi) if shift and decl.absorbs_shift else None
-    act = decl.reduce(input_absmax(stats, decl.targets[0], d))
-    scale = smoothquant_scale(act, decl.reduce(weight_absmax(block, decl.targets)), alpha)
-    return LETPairSpec(decl.name, kind, decl.source, list(decl.targets), scale, d, **common)
+    lo, hi = stats[site.targets[0]]
+    d = midpoint_shift(lo, hi) if shift and site.absorbs_shift else None
+    act = site.reduce(input_absmax(stats, site.targets[0], d))
+    scale = smoothquant_scale(act, site.reduce(weight_absmax(block, site.targets)), alpha)
+    return LETPairSpec(site.name, site.location, site.source, list(site.targets), scale, d, **common)
 
 
 class LETPair(nn.Module):
@@ -206,10 +166,7 @@ class LETPair(nn.Module):
 
     def __init__(self, spec: LETPairSpec) -> None:
         super().__init__()
-        if spec.kind not in ("norm", "linear", "qk"):
-            raise ValueError(f"unknown LET pair kind {spec.kind!r}")
-        self.kind, self.source, self.targets = spec.kind, spec.source, list(spec.targets)
-        self.role = spec.role or spec.kind
+        self.location, self.source, self.targets = spec.location, spec.source, list(spec.targets)
         self.expand_source, self.expand_target = spec.expand_source, spec.expand_target
         self.source_rows, self.positive = spec.source_rows, spec.positive
         self.scale = nn.Parameter(spec.scale_init.detach().float().clone())
@@ -230,23 +187,21 @@ class LETPair(nn.Module):
         d_src = None if self.shift is None else self.expand_source(self.shift)
         d_tgt = None if self.shift is None else self.expand_target(self.shift)
         src = block.get_submodule(self.source)
-        if self.kind == "norm":
-            src.set_let(s_src, d_src)
-            for name in self.targets:
-                lin = block.get_submodule(name)
-                lin.set_let(*scale_input_columns(*lin.effective(), s_tgt, d_tgt))
-        elif self.kind == "linear":
-            src.set_let(*scale_output_rows(*src.effective(), s_src, d_src, self.source_rows))
-            for name in self.targets:
-                lin = block.get_submodule(name)
-                lin.set_let(*scale_input_columns(*lin.effective(), s_tgt, d_tgt))
-        else:  # qk: q / s, k * s keeps every q.k product
+        if self.location == "qk":  # q / s, k * s keeps every q.k product
             src.set_let(*scale_output_rows(*src.effective(), s_src))
             for name in self.targets:
                 lin = block.get_submodule(name)
                 lin.set_let(*scale_output_rows(*lin.effective(), 1.0 / s_tgt))
+            return
+        if self.location == "norm":
+            src.set_let(s_src, d_src)
+        else:  # vo, up_down: the source linear's output rows
+            src.set_let(*scale_output_rows(*src.effective(), s_src, d_src, self.source_rows))
+        for name in self.targets:
+            lin = block.get_submodule(name)
+            lin.set_let(*scale_input_columns(*lin.effective(), s_tgt, d_tgt))
 
     def extra_repr(self) -> str:
         trunc = f", |scale| >= {self.min_scale:g}" if self.min_scale else ""
         rows = f" rows {self.source_rows[0]}:{self.source_rows[1]}" if self.source_rows else ""
-        return f"{self.role}: {self.source}{rows} -> {', '.join(self.targets)}, shift={self.shift is not None}{trunc}"
+        return f"{self.location}: {self.source}{rows} -> {', '.join(self.targets)}, shift={self.shift is not None}{trunc}"

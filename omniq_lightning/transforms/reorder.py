@@ -5,15 +5,15 @@ the channels of an activation by their (max, min) over the calibration tokens (k
 orders them so that each cluster is contiguous (the permutation is the argsort of the labels) and
 quantizes each cluster with its own range.
 
-Sites (adapters declare them, :class:`ReorderDecl`):
+Sites (adapters declare them as :class:`~omniq_lightning.transforms.sites.TransformSite`):
 
-| site | activation | reorder |
-|---|---|---|
-| R1 | the input norm's output (q/k/v inputs) | clustered in place (see below) |
-| R2 | post-rotary q and k, per key head | clustered in place, one clustering shared by q and k |
-| R3 | v (the value cache) and the o_proj input, per key/value head | v rows and o_proj columns permuted (folded) |
-| R4 | the post-attention norm's output (gate/up, fc1 inputs) | clustered in place |
-| R5 | the down_proj (fc2) input | gate and up (fc1) rows and down (fc2) columns permuted (folded) |
+| RPTQ | site (location) | activation | reorder |
+|---|---|---|---|
+| R1 | ``attn_in`` (norm) | the input norm's output (q/k/v inputs) | clustered in place (see below) |
+| R2 | ``qk`` | post-rotary q and k, per key head | clustered in place, one clustering shared by q and k |
+| R3 | ``vo`` | v (the value cache) and the o_proj input, per key/value head | v rows and o_proj columns permuted (folded) |
+| R4 | ``mlp_in`` (norm) | the post-attention norm's output (gate/up, fc1 inputs) | clustered in place |
+| R5 | ``up_down`` | the down_proj (fc2) input | gate and up (fc1) rows and down (fc2) columns permuted (folded) |
 
 R3 and R5 are folded into the weights exactly: no op sits between v and o (attention mixes tokens, not
 channels) or between gate/up and down (the gated activation is elementwise), so the permutation passes
@@ -27,41 +27,10 @@ numbers a reordered, contiguous layout gives) and the weights stay where they ar
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from omniq_lightning.quant.kmeans import kmeans
-
-KINDS = ("inputs", "qk", "rows")
-
-
-@dataclass(frozen=True)
-class ReorderDecl:
-    """One RPTQ site of a block, as an adapter declares it.
-
-    kind: ``inputs`` (the shared input of ``targets``: clustered in place), ``qk`` (post-rotary q and k per key
-      head), ``rows`` (``sources``' output rows and ``targets``' input columns permuted together).
-    stats: the linear whose input statistics are clustered (``rows`` and ``inputs``); for ``qk``/``rows``
-      with ``v`` the attention's value states are clustered (``stats="v"``).
-    n_kv, rep, head_dim: per-head clustering (``qk`` and value heads): ``n_kv`` heads of ``head_dim`` channels,
-      each shared by ``rep`` query heads.
-    """
-
-    name: str
-    kind: str
-    stats: str
-    targets: tuple[str, ...] = ()
-    sources: tuple[str, ...] = ()
-    clusters: int = 32
-    n_kv: int = 0
-    rep: int = 1
-    head_dim: int = 0
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown reorder kind {self.kind!r}; kinds are {KINDS}")
 
 
 def range_points(lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,116 @@
+"""Exporters: one per ``export.format``, each in a file of its own, registered here.
+
+An exporter says what it cannot hold (``why_not``: a reason, or None) and writes its checkpoint (``write``). The
+pipeline asks the exporter the run names before any calibration (with every linear's format and shape), and
+after calibration has it rewrite the fake-quant export from the stored codes. ``kinds`` names the weight format
+kinds it holds (``nn.formats``); a run with any other kind is refused without asking the exporter.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from omniq_lightning.quant import QuantSpec
+
+
+class UnsupportedFormat(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """What a run would export: the spec, every quantized linear's weight format (a mixed plan may differ per
+    linear), the linears' shapes, and whether the model's checkpoint holds its experts as fused 3-D tensors
+    (what per-linear packed formats cannot express)."""
+
+    spec: QuantSpec
+    formats: frozenset
+    fused_experts: bool = False
+    shapes: frozenset[tuple[int, int]] = field(default_factory=frozenset)
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """An export to write: the fake-quant checkpoint (``fake_dir``: the model's own layout, config, tokenizer),
+    every quantized linear's stored codes by its name in the model, the spec, where to write and the dtype of the
+    tensors that are not quantized."""
+
+    fake_dir: Path
+    codes: Mapping[str, Any]
+    spec: QuantSpec
+    path: Path
+    dtype: torch.dtype = torch.float16
+
+
+class Exporter:
+    name: str = ""
+    kinds: tuple[str, ...] = ()  # weight format kinds it holds; () with needs_codes False: anything
+    needs_codes: bool = True  # refuses a run whose weights are not quantized
+
+    def why_not(self, req: ExportRequest) -> str | None:
+        """Why this format cannot hold the request (None if it can), beyond the kinds it holds."""
+        return None
+
+    def write(self, job: ExportJob) -> Path:
+        raise NotImplementedError
+
+
+EXPORTERS: dict[str, Exporter] = {}
+
+
+def register_exporter(exporter: Exporter) -> Exporter:
+    """Make ``export.format=<exporter.name>`` available."""
+    if not exporter.name:
+        raise ValueError("an exporter needs a name")
+    if exporter.name in EXPORTERS and type(EXPORTERS[exporter.name]) is not type(exporter):
+        raise ValueError(f"export.format {exporter.name!r} is already registered by {type(EXPORTERS[exporter.name]).__name__}")
+    EXPORTERS[exporter.name] = exporter
+    return exporter
+
+
+def exporter(name: str) -> Exporter:
+    if name not in EXPORTERS:
+        raise ValueError(f"export.format must be one of {tuple(EXPORTERS)}, got {name!r}")
+    return EXPORTERS[name]
+
+
+def why_not(name: str, req: ExportRequest) -> str | None:
+    """Why ``export.format=name`` cannot hold this quantization (None if it can)."""
+    e = exporter(name)
+    formats = {f for f in req.formats if f.quantized}
+    if not e.needs_codes:
+        return e.why_not(req)
+    if not formats:
+        return "the weights are not quantized"
+    other = sorted({f.kind for f in formats} - set(e.kinds))
+    if other:
+        fitting = [n for n, x in EXPORTERS.items() if x.needs_codes and {f.kind for f in formats} <= set(x.kinds)]
+        return (f"it holds {' and '.join(e.kinds)} weight formats, not {' and '.join(other)}"
+                + (f" (those export as export.format={' or '.join(fitting)})" if fitting else ""))
+    return e.why_not(req)
+
+
+def fitting_formats(req: ExportRequest) -> list[str]:
+    return [n for n in EXPORTERS if not why_not(n, req)]
+
+
+def check_export(name: str, req: ExportRequest) -> None:
+    """Refuse a format that cannot hold this quantization, naming the formats that can."""
+    reason = why_not(name, req)
+    if reason:
+        raise UnsupportedFormat(f"export.format={name} cannot hold this quantization: {reason}. Formats that fit: "
+                                f"{', '.join(fitting_formats(req))}")
+
+
+def write_export(name: str, fake_dir: str | os.PathLike, codes: Mapping[str, Any], spec: QuantSpec,
+                 path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
+    """Write the ``name`` checkpoint of a finished run (refused, as before calibration, if it cannot hold it)."""
+    req = ExportRequest(spec, frozenset(q.fmt for q in codes.values()), shapes=frozenset(q.shape for q in codes.values()))
+    check_export(name, req)
+    return exporter(name).write(ExportJob(Path(fake_dir), codes, spec, Path(path), dtype))
