@@ -28,7 +28,7 @@ from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from omniq_lightning.calib import ActivationCache, BlockDataModule, BlockRun, observe_linear_inputs
-from omniq_lightning.methods import OmniQuant
+from omniq_lightning.methods import ModelTraits, OmniQuant
 from omniq_lightning.models import BlockContext, LlamaAdapter
 from omniq_lightning.quant import QuantSpec
 from omniq_lightning.quant import cuda as cuda_ext
@@ -72,8 +72,8 @@ def build(shape: str, seqlen: int, nsamples: int, device: torch.device, spec: Qu
         for i in range(nsamples):
             inputs[i] = x[i]
             targets[i] = adapter.call_block(block, x[i : i + 1], ctx)[0]
-    plan = BlockSetup(spec, let_locations=() if spec.weight_only else ("norm", "vo", "qk"))
-    qblock = adapter.build_quant_block(block, plan, stats)
+    setup = BlockSetup(spec, scale_locations=() if spec.weight_only else ("norm", "vo", "qk"))
+    qblock = adapter.build_quant_block(block, setup, stats)
     return qblock, ctx, BlockDataModule(inputs, targets, batch_size=batch_size)
 
 
@@ -90,7 +90,7 @@ def measure(args, device: torch.device, fused: bool) -> dict:
         run = BlockRun(index=0, n_blocks=1, ctx=ctx, device=device, precision=precision, checkpoint_dir=Path(tmp),
                        resume_checkpoint=None, progress_bar=False, callbacks=[timer])
         method = OmniQuant(recipe=args.recipe, epochs=args.epochs, let=not spec.weight_only)
-        method.plan(spec, "llama", False)
+        method.setup(spec, ModelTraits("llama"))
         if args.profile:
             from torch.profiler import ProfilerActivity, profile
 

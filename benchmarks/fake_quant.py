@@ -77,8 +77,8 @@ def make_fn(kind, shape, group, dtype, device, fused, backward, bits=4):
         if kind == "weight":
             if fused:
                 return fake_quant_weight(x, fmt, gamma, beta)
-            return W.fake_quant_weight(x, fmt, gamma, beta)
-        return fake_quant_per_token(x, 8) if fused else F.fake_quant_per_token(x, 8)
+            return W.reference_fake_quant_weight(x, fmt, gamma, beta)
+        return fake_quant_per_token(x, 8) if fused else F.reference_fake_quant_per_token(x, 8)
 
     def step():
         with torch.set_grad_enabled(backward):

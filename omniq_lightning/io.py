@@ -49,3 +49,44 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
             f.write("\n")
 
     return atomic_write(path, _write)
+
+
+def plain_modes(folder: str | os.PathLike) -> None:
+    """Give every file below ``folder`` the mode a plain ``open()`` gives (some writers create files 0600)."""
+    for p in Path(folder).rglob("*"):
+        if p.is_file():
+            os.chmod(p, 0o666 & ~_UMASK)
+
+
+class OutputLock:
+    """An exclusive lock on a run's output folder, held while the run works: an OS file lock (``flock``) on
+    ``<folder>/.lock``, which the kernel releases when the process ends, however it ends, so a killed run never
+    leaves a stale lock. The file holds the holder's process id, which a refused run names."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str | os.PathLike) -> None:
+        self.path = Path(folder) / self.NAME
+        self.fd: int | None = None
+
+    def __enter__(self) -> OutputLock:
+        import fcntl
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RuntimeError(f"{self.path.parent} is in use by another run (process {holder} holds {self.path}): "
+                               "wait for it to finish, or use another output_dir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor releases the lock
+            self.fd = None

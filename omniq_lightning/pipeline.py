@@ -13,6 +13,8 @@ import contextlib
 import copy
 import json
 import logging
+import os
+import shutil
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -27,9 +29,10 @@ from omniq_lightning.calib import ActivationCache, BlockDataModule, BlockRun, Ru
 from omniq_lightning.calib.loop import run_samples
 from omniq_lightning.data import calibration_windows, load_corpus, tokenize
 from omniq_lightning.eval import perplexity, placed_for_evaluation, zero_shot
+from omniq_lightning.eval.tasks import check_tasks, task_list
 from omniq_lightning.export import ExportRequest, check_export, export_dtype, save_fake_quant, write_export
 from omniq_lightning.export.registry import exporter
-from omniq_lightning.io import write_json
+from omniq_lightning.io import OutputLock, write_json
 from omniq_lightning.methods import DataNeeds, Method, ModelTraits, build_method
 from omniq_lightning.mixed import MixedPrecisionPass, linear_shapes, quant_settings
 from omniq_lightning.mixed.plan import MixedSettings
@@ -83,6 +86,35 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     return "32-true" if setting == "32" else setting
 
 
+def integer(cfg: DictConfig, key: str, minimum: int | None = None, optional: bool = False) -> int | None:
+    """The integer setting ``key`` (a dotted path), refused with its name and the fix when it is not one."""
+    value = OmegaConf.select(cfg, key)
+    if value is None and optional:
+        return None
+    try:
+        if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+            raise ValueError
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{key} must be an integer{' or null' if optional else ''}, got {value!r}") from None
+    if minimum is not None and number < minimum:
+        raise ValueError(f"{key} must be at least {minimum}, got {number}")
+    return number
+
+
+def check_settings(cfg: DictConfig) -> None:
+    """The numeric and evaluation settings every run reads, before anything loads."""
+    integer(cfg, "seed")
+    for key in ("eval.seqlen", "eval.batch_size", "eval.task_batch_size"):
+        integer(cfg, key, minimum=1)
+    integer(cfg, "eval.max_windows", minimum=1, optional=True)
+    if not cfg.method.get("evaluation_only"):
+        integer(cfg, "calib.seed")
+        integer(cfg, "calib.nsamples", minimum=1)
+        integer(cfg, "calib.seqlen", minimum=2)
+    check_tasks(task_list(cfg.eval.get("tasks")), cfg.eval.get("limit"), cfg.paths.data_dir)
+
+
 def check_format_capabilities(method: Method, formats) -> None:
     """Every weight format of the run has what the method needs (``nn.formats`` capabilities)."""
     needs = method.format_needs()
@@ -119,6 +151,7 @@ class Job:
 
 def prepare(cfg: DictConfig) -> Job:
     """Build and check everything the settings alone decide (method, quantization, export, device)."""
+    check_settings(cfg)
     method = build_method(OmegaConf.to_container(cfg.method, resolve=True))
     spec, mixed = quant_settings(OmegaConf.to_container(cfg.quant, resolve=True))
     method.validate(spec)
@@ -203,7 +236,7 @@ def evaluate(cfg: DictConfig, loaded: LoadedModel, device: torch.device) -> dict
                              "seconds": round(time.perf_counter() - t0, 3)}
             log.info("%s perplexity %.4f (%d windows of %d tokens)", name, res.perplexity, res.windows, seqlen)
         out: dict[str, dict[str, Any]] = {"perplexity": results}
-        tasks = list(cfg.eval.get("tasks") or [])
+        tasks = task_list(cfg.eval.get("tasks"))
         if tasks:
             t0 = time.perf_counter()
             out["zero_shot"] = zero_shot(loaded.model, loaded.tokenizer, tasks, cfg.paths.data_dir, cfg.eval.get("limit"),
@@ -215,6 +248,62 @@ def evaluate(cfg: DictConfig, loaded: LoadedModel, device: torch.device) -> dict
 
 
 # --- the block loop ---------------------------------------------------------------------------------------------
+
+
+CACHES = 3  # full-precision inputs and outputs, quantized inputs (a fourth for augmented targets)
+
+
+def available_bytes(where: str, device: torch.device, cache_dir: Path) -> tuple[int, str]:
+    """Free bytes where the activation caches will live, and a name for that place."""
+    if where == "disk":
+        probe = cache_dir
+        while not probe.exists():
+            probe = probe.parent
+        return shutil.disk_usage(probe).free, f"the disk of {cache_dir}"
+    if where in ("device", "auto") and device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0], str(device)
+    try:
+        with open("/proc/meminfo") as f:
+            info = dict(line.split(":", 1) for line in f)
+        return int(info["MemAvailable"].split()[0]) * 1024, "CPU memory"
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "CPU memory"
+
+
+def check_cache_memory(job: Job, loaded: LoadedModel) -> None:
+    """Refuse, before any work, a calibration whose activation caches cannot fit where they are to live."""
+    cfg = job.cfg
+    n, seqlen = int(cfg.calib.nsamples), int(cfg.calib.seqlen)
+    dtype = resolve_cache_dtype(str(cfg.calib.cache_dtype), next(loaded.model.parameters()).dtype)
+    caches = CACHES + bool(job.method.data_needs().augmented_targets)
+    one = n * seqlen * loaded.adapter.hidden_size(loaded.model) * torch.empty(0, dtype=dtype).element_size()
+    free, where = available_bytes(str(cfg.calib.cache), job.device, Path(cfg.calib.cache_dir))
+    if caches * one > free:
+        gib = 2**30
+        raise MemoryError(
+            f"calib.nsamples={n} x calib.seqlen={seqlen} needs {caches} activation caches of {one / gib:.2f} GiB "
+            f"({caches * one / gib:.2f} GiB) in {where}, where {free / gib:.2f} GiB is free: use fewer calib.nsamples "
+            f"(at most {int(free // (caches * seqlen * (one // (n * seqlen))))}), a shorter calib.seqlen, or "
+            "calib.cache=disk with calib.cache_dir on a disk with room")
+
+
+@contextlib.contextmanager
+def run_log(out_dir: Path):
+    """While active, this library's log lines also go to ``out_dir/run.log``."""
+    handler = logging.FileHandler(out_dir / "run.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger("omniq_lightning")
+    level = root.level
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
 
 
 def check_finite(cache: ActivationCache, what: str) -> None:
@@ -267,8 +356,8 @@ def block_fingerprint(job: Job, setup: BlockSetup, formats: Mapping[str, Any], p
     gets, the method's resolved settings and the model-level stage's decisions."""
     return {
         "formats": {n: format_record(f) for n, f in sorted(formats.items())},
-        "transforms": {"let_locations": list(setup.let_locations), "let_alpha": setup.let_alpha,
-                       "let_shift": setup.let_shift},
+        "transforms": {"scale_locations": list(setup.scale_locations), "scale_alpha": setup.scale_alpha,
+                       "scale_shift": setup.scale_shift},
         "spec": job.spec.to_dict(),
         "method": {"name": job.method.name, "class": type(job.method).__qualname__,
                    "settings": json.loads(json.dumps(job.method.describe(), sort_keys=True, default=str))},
@@ -276,13 +365,14 @@ def block_fingerprint(job: Job, setup: BlockSetup, formats: Mapping[str, Any], p
     }
 
 
-def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
-    """What differs between two block fingerprints, in words (linears by name, or the part that changed)."""
+def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """What differs between two block fingerprints, in words (linears by name, ``prefix`` their block's path, or
+    the part that changed)."""
     changes = []
     for name in sorted(set(old.get("formats", {})) | set(new.get("formats", {}))):
         a, b = old.get("formats", {}).get(name), new.get("formats", {}).get(name)
         if a != b:
-            changes.append(f"{name}: {format_from_dict(a).name if a else '16-bit'} -> "
+            changes.append(f"{prefix}{name}: {format_from_dict(a).name if a else '16-bit'} -> "
                            f"{format_from_dict(b).name if b else '16-bit'}")
     for part in ("transforms", "spec", "method", "passes"):
         if old.get(part) != new.get(part):
@@ -290,7 +380,8 @@ def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[
     return changes
 
 
-def check_finished_blocks(state: RunState, fingerprints: Mapping[int, dict[str, Any]], recalibrate: bool) -> None:
+def check_finished_blocks(state: RunState, fingerprints: Mapping[int, dict[str, Any]], recalibrate: bool,
+                          prefix: str = "") -> None:
     """Finished blocks are reused only if what decided them is what decides them now. Otherwise the run is refused,
     naming what changed, or with ``calib.recalibrate_changed=true`` the blocks from the first changed one on
     are calibrated again (later blocks take its outputs as their inputs)."""
@@ -301,7 +392,7 @@ def check_finished_blocks(state: RunState, fingerprints: Mapping[int, dict[str, 
             if old is None:
                 changed[i] = ["the block was recorded without a fingerprint (an older version of omniq-lightning)"]
             elif old != fp:
-                changed[i] = fingerprint_changes(old, fp)
+                changed[i] = fingerprint_changes(old, fp, f"{prefix}.{i}." if prefix else "")
     if not changed:
         return
     first = min(changed)
@@ -365,7 +456,7 @@ def calibrate_block(loop: BlockLoop, i: int) -> dict[str, Any]:
     def fp_block(x: torch.Tensor) -> torch.Tensor:
         return adapter.call_block(block, x, ctx)
 
-    with observe_linear_inputs(block) if setup.let and not finished else contextlib.nullcontext({}) as stats:
+    with observe_linear_inputs(block) if setup.scaled and not finished else contextlib.nullcontext({}) as stats:
         run_samples(fp_block, caches.fp_in, out=caches.fp_out)
     check_finite(caches.fp_out, f"block {i} full-precision outputs")
     if finished:
@@ -388,9 +479,11 @@ def calibrate_block(loop: BlockLoop, i: int) -> dict[str, Any]:
 
 
 def resume_block(loop: BlockLoop, i: int, block, setup: BlockSetup):
-    """A finished block, rebuilt and loaded from the run state."""
+    """A finished block, rebuilt and loaded from the run state (its layers built with 16-bit weights: the
+    quantized weights are in the state, whatever their format's kind)."""
     adapter = loop.loaded.adapter
-    folded = adapter.finish_block(adapter.build_quant_block(block, replace(setup, let_locations=())).fold())
+    shell = BlockSetup(replace(setup.spec, w_bits=16, w_vq=None, w_format=None, lwc=False))
+    folded = adapter.finish_block(adapter.build_quant_block(block, shell).fold())
     saved = {k[len("block."):]: v for k, v in loop.state.load_block(i).items() if k.startswith("block.")}
     restore_cluster_quantizers(folded, saved)  # RPTQ's per-cluster quantizers, saved with the block
     folded.load_state_dict(saved)
@@ -451,6 +544,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 def run_evaluation(cfg: DictConfig) -> dict[str, Any]:
     """``method=fp``: the model evaluated as loaded."""
     t_start = time.perf_counter()
+    check_settings(cfg)
     torch.manual_seed(int(cfg.seed))
     device = resolve_device(cfg.device)
     out_dir = Path(cfg.output_dir)
@@ -508,10 +602,19 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
                             frozenset(shapes.values()))
     if job.mixed is None:
         check_export(job.export_format, request)
+    check_seqlen(int(cfg.eval.seqlen), loaded, "eval")
+    check_cache_memory(job, loaded)
     windows = calibration_data(cfg, loaded)
-    if cfg.eval.get("tasks"):
-        check_seqlen(int(cfg.eval.seqlen), loaded, "eval")
+    with OutputLock(job.out_dir), run_log(job.out_dir):
+        return calibrate_and_evaluate(job, loaded, setup, shapes, request, windows, t_start)
 
+
+def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
+                           shapes: Mapping[str, tuple[int, int]], request: ExportRequest, windows: torch.Tensor,
+                           t_start: float) -> dict[str, Any]:
+    """The work of a checked run, in its locked output folder: the model-level stage, the block loop, evaluation,
+    export, results."""
+    cfg, model, adapter = job.cfg, loaded.model, loaded.adapter
     state = RunState.open(job.out_dir, job.config)
     ctx = PassContext(model, adapter, windows, job.device, job.out_dir, shapes)
     pass_results = run_passes(job.passes, ctx, state)
@@ -527,7 +630,7 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
                  for i in range(len(adapter.blocks(model)))}
     digests = {name: r.digest() for name, r in pass_results.items()}
     fingerprints = {i: block_fingerprint(job, setup, f, digests) for i, f in per_block.items()}
-    check_finished_blocks(state, fingerprints, bool(cfg.calib.get("recalibrate_changed", False)))
+    check_finished_blocks(state, fingerprints, bool(cfg.calib.get("recalibrate_changed", False)), prefix)
     for name, r in pass_results.items():
         state.save_pass(name, r)
     t_loaded = time.perf_counter()

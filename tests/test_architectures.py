@@ -135,7 +135,7 @@ def test_transforms_fold_exactly(family):
     scale = ref.abs().max().item()
     assert (ref - original).abs().max().item() <= 1e-5 * scale  # preparing (unfusing experts) keeps the function
     declared = folding_sites(adapter, block)
-    qb = adapter.build_quant_block(copy.deepcopy(block), BlockSetup(QuantSpec(w_bits=16, lwc=False), let_locations=LOCATIONS), stats)
+    qb = adapter.build_quant_block(copy.deepcopy(block), BlockSetup(QuantSpec(w_bits=16, lwc=False), scale_locations=LOCATIONS), stats)
     assert set(qb.let) == declared
     randomized_pairs(qb, 0)
     with torch.no_grad():
@@ -144,7 +144,7 @@ def test_transforms_fold_exactly(family):
     assert (unfolded - ref).abs().max().item() <= 2e-5 * scale
     assert (folded - ref).abs().max().item() <= 2e-5 * scale
     for spec in (QuantSpec(w_bits=4, w_group_size=16), QuantSpec(w_bits=4, a_bits=8, kv_bits=8)):
-        qb = adapter.build_quant_block(copy.deepcopy(block), BlockSetup(spec, let_locations=LOCATIONS), stats)
+        qb = adapter.build_quant_block(copy.deepcopy(block), BlockSetup(spec, scale_locations=LOCATIONS), stats)
         randomized_pairs(qb, 1)
         with torch.no_grad():
             unfolded = qb(x, ctx)
@@ -217,7 +217,7 @@ def test_an_expert_without_calibration_tokens_is_handled(monkeypatch):
     with torch.no_grad(), observe_linear_inputs(block) as stats:
         adapter.call_block(block, cache.all(), contexts[0])
     assert "mlp.experts.3.down_proj" not in stats
-    qb = adapter.build_quant_block(block, BlockSetup(QuantSpec(w_bits=4), let_locations=("norm", "up_down")), stats)
+    qb = adapter.build_quant_block(block, BlockSetup(QuantSpec(w_bits=4), scale_locations=("norm", "up_down")), stats)
     assert "up_down_e3" not in qb.let and "up_down_e2" in qb.let
     rtn = qb.block.mlp.experts[3].down_proj
     expected = rtn.wq(rtn.weight).detach().clone()

@@ -41,7 +41,7 @@ def tiny_block_setup(stories, n=4, seqlen=32, spec=W4A4, let=True):
     with torch.no_grad(), observe_linear_inputs(block) as stats:
         for i in range(n):
             targets[i] = adapter.call_block(block, inputs[i].unsqueeze(0), ctx)[0]
-    qblock = adapter.build_quant_block(block, BlockSetup(spec, let_locations=("norm", "vo", "qk") if let else ()), stats)
+    qblock = adapter.build_quant_block(block, BlockSetup(spec, scale_locations=("norm", "vo", "qk") if let else ()), stats)
     return qblock, ctx, BlockDataModule(inputs, targets, batch_size=2)
 
 
@@ -73,6 +73,28 @@ def test_calibration_checkpoint_holds_only_trainable_state_and_loads_safely(stor
     (tmp_path / "bad.ckpt").write_bytes(b"not a checkpoint")
     with pytest.raises(CorruptCheckpointError, match="Delete it"):
         AtomicCheckpointIO().load_checkpoint(tmp_path / "bad.ckpt")
+
+
+def test_a_fit_resumed_from_its_last_epoch_ends_with_the_best_iterate(stories, tmp_path):
+    """Killed after the last epoch's checkpoint but before the block was saved (during GPTQ rounding, say): the
+    rerun's fit has no epoch left, so Lightning calls no training hook; the kept best must still be loaded."""
+    from omniq_lightning.calib import TrainSettings
+    from omniq_lightning.calib.fit import fit_block
+
+    qblock, ctx, data = tiny_block_setup(stories)
+    again = copy.deepcopy(qblock)
+    settings = TrainSettings(lrs={"lwc": 0.5, "let": 0.5, "rounding": 1e-3}, total_steps=10, keep_best=True)
+
+    def run_info(resume):
+        return BlockRun(index=0, n_blocks=1, ctx=ctx, device=torch.device("cpu"), precision="32-true",
+                        checkpoint_dir=tmp_path, resume_checkpoint=resume, progress_bar=False)
+
+    first = fit_block(qblock, data, run_info(None), settings, 5)
+    assert first["best_epoch"] < 5  # large steps: the last iterate is not the best one
+    second = fit_block(again, data, run_info(tmp_path / "last.ckpt"), settings, 5)
+    assert second == first
+    a, b = dict(qblock.named_parameters()), dict(again.named_parameters())
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_non_finite_loss_stops_with_the_block_and_a_remedy(stories):

@@ -16,7 +16,7 @@ from omniq_lightning.transforms import LOCATIONS, BlockSetup
 
 def every_pair(spec: QuantSpec) -> BlockSetup:
     """A plan that builds every transform the adapter declares."""
-    return BlockSetup(spec, let_locations=LOCATIONS)
+    return BlockSetup(spec, scale_locations=LOCATIONS)
 
 NO_QUANT = QuantSpec(w_bits=16, a_bits=16, kv_bits=16, lwc=False)
 W4A4 = QuantSpec(w_bits=4, a_bits=4, kv_bits=4)

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 
 import pytest
 import torch
 
-from omniq_lightning.mixed import BitPlan, MixedSettings, Option, allocate, parse_candidate
+from omniq_lightning.mixed import BitPlan, MixedSettings, Option, allocate, linear_shapes, parse_candidate
 from omniq_lightning.mixed.search import base_format, candidate_plans, search_plan
 from omniq_lightning.mixed.sensitivity import gptq_error, kfac_factors, kfac_score, local_expansion, nll
 from omniq_lightning.quant import WeightFormat, fake_quant_weight
@@ -87,7 +88,7 @@ def test_mixed_beats_uniform_at_the_same_budget(runs):
     assert mixed["rtn"][0] < 0.95 * uniform["rtn"][0]
 
 
-def test_the_plan_round_trips_through_its_json_file(runs, quick_run, tmp_path):
+def test_the_plan_round_trips_through_its_json_file(runs, quick_run, tmp_path, stories):
     _, mixed, budget = runs
     plan_file = mixed["rtn"][2] / "bit_plan.json"
     plan = BitPlan.load(plan_file)
@@ -98,7 +99,9 @@ def test_the_plan_round_trips_through_its_json_file(runs, quick_run, tmp_path):
     first = sorted(edited["linears"])[0]
     edited["linears"][first] = WeightFormat(8).to_dict()  # a user's edit
     (tmp_path / "edited.json").write_text(json.dumps(edited))
-    ppl, res, out = quick_run("rtn", "mixed", f"quant.mixed.plan={tmp_path / 'edited.json'}", CANDIDATES)
+    budget = BitPlan.load(tmp_path / "edited.json").avg_bits(linear_shapes(stories.model, stories.adapter))
+    ppl, res, out = quick_run("rtn", "mixed", f"quant.mixed.plan={tmp_path / 'edited.json'}", CANDIDATES,
+                              f"quant.mixed.avg_bits={math.ceil(budget * 100) / 100}")
     assert res["bit_plan"]["source"] == "given"
     manifest = json.loads((out / "model" / "omniq_quant.json").read_text())
     assert manifest["formats"][first]["bits"] == 8  # the export records the bits of each layer

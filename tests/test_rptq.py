@@ -159,7 +159,7 @@ def test_rptq_refuses_weight_only_settings_and_undeclared_families():
         RPTQ().check_model(ModelTraits("llama", sites=(fused,)))
     with pytest.raises(ValueError, match="mixture-of-experts"):
         RPTQ().check_model(ModelTraits("llama", experts=True))
-    assert BlockSetup(QuantSpec(w_bits=4)).let is False
+    assert BlockSetup(QuantSpec(w_bits=4)).scaled is False
 
 
 def test_kv_memory_formula_matches_a_hand_count():

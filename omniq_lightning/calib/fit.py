@@ -67,6 +67,8 @@ def fit_block(qblock, data: BlockDataModule, run: BlockRun, settings: TrainSetti
             default_root_dir=str(run.checkpoint_dir),
         )
         trainer.fit(module, datamodule=data, ckpt_path=run.resume_checkpoint, weights_only=True)
+    if best is not None:
+        best.restore(module)
     # Lightning's teardown moved the module to the CPU; what runs next (GPTQ rounding, folding, the next block's
     # inputs) runs on the run's device, beside the cached activations.
     qblock.to(run.device)

@@ -179,6 +179,10 @@ class BlockLightningModule(L.LightningModule):
             "let": [p for p in self.qblock.let_parameters() if p.requires_grad],
             "rounding": [p for p in self.qblock.rounding_parameters() if p.requires_grad],
         }
+        missing = [name for name, ps in params.items() if ps and name not in self.settings.lrs]
+        if missing:
+            raise ValueError(f"block {self.block_index} has {', '.join(missing)} parameters to train but no learning "
+                             f"rate for them (TrainSettings.lrs has {sorted(self.settings.lrs)})")
         groups = [{"params": ps, "lr": self.settings.lrs[name], "name": name} for name, ps in params.items() if ps]
         if not groups:
             raise ValueError(f"block {self.block_index} has nothing to train: enable quant.lwc, method.let or "
@@ -201,8 +205,8 @@ class BlockLightningModule(L.LightningModule):
 
 
 class KeepBest(L.Callback):
-    """Keeps the trainable tensors of the lowest full-calibration-set loss, the state before training included,
-    and loads them back when training ends. Its state travels in the epoch checkpoints (resumes exactly);
+    """Keeps the trainable tensors of the lowest full-calibration-set loss, the state before training included;
+    ``restore`` loads them back after training. Its state travels in the epoch checkpoints (resumes exactly);
     list it before the checkpoint callback so that an epoch's evaluation is in that epoch's checkpoint."""
 
     def __init__(self) -> None:
@@ -235,7 +239,9 @@ class KeepBest(L.Callback):
         self.consider(trainer, module)
 
     @torch.no_grad()
-    def on_train_end(self, trainer: L.Trainer, module: BlockLightningModule) -> None:
+    def restore(self, module: BlockLightningModule) -> None:
+        """Load the best parameters into ``module`` (after ``fit``: also when a fit resumed from a checkpoint of its
+        last epoch, where Lightning runs no training and calls no end-of-training hook)."""
         params = dict(module.named_parameters())
         for name, value in self.best_state.items():
             params[name].copy_(value.to(params[name].device))

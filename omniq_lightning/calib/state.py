@@ -25,7 +25,8 @@ from omniq_lightning.passes import PassResult, SavedPass
 
 # The settings that decide a run's result; anything else (evaluation, logging, paths) may change on resume.
 RESULT_KEYS = ("model", "quant", "method", "calib", "seed", "trainer.precision", "resolved")
-IGNORED_KEYS = ("calib.cache", "calib.cache_dir")
+# (a bit plan file: what decides the blocks is its contents, which their fingerprints hold)
+IGNORED_KEYS = ("calib.cache", "calib.cache_dir", "calib.recalibrate_changed", "quant.mixed.plan")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -46,6 +47,21 @@ def result_settings(cfg: dict[str, Any]) -> dict[str, Any]:
         k: v for k, v in flat.items()
         if any(k == p or k.startswith(p + ".") for p in RESULT_KEYS) and k not in IGNORED_KEYS
     }
+
+
+def read_record(path: Path, parse) -> dict[str, Any]:
+    """A run-state file (config.yaml, state.json) as a mapping; a damaged one is reported with its path and the fix."""
+    try:
+        data = parse(path.read_text(encoding="utf-8"))
+    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise CorruptCheckpointError(
+            f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}): the run "
+            f"state in {path.parent} is damaged. Use another output_dir, or delete {path.parent} to start this run "
+            "again") from None
+    if not isinstance(data, dict):
+        raise CorruptCheckpointError(f"{path} does not hold a mapping: the run state in {path.parent} is damaged. Use "
+                                     f"another output_dir, or delete {path.parent} to start this run again")
+    return data
 
 
 def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -79,7 +95,7 @@ class RunState:
         settings = result_settings(cfg)
         state_path, config_path = out_dir / "state.json", out_dir / "config.yaml"
         if state_path.is_file() and config_path.is_file():
-            old = yaml.safe_load(config_path.read_text())
+            old = read_record(config_path, yaml.safe_load)
             diff = differing_keys(old, settings)
             if diff:
                 details = "; ".join(f"{k}: {old.get(k, '<unset>')!r} -> {settings.get(k, '<unset>')!r}" for k in diff)
@@ -87,7 +103,7 @@ class RunState:
                     f"{out_dir} holds a run with a different configuration, so it cannot be resumed. Differing "
                     f"keys: {details}. Use the original settings to resume, or another output_dir for a new run"
                 )
-            data = json.loads(state_path.read_text())
+            data = read_record(state_path, json.loads)
             return cls(out_dir, settings, data.get("finished", {}), data.get("passes", {}))
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(config_path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(settings, sort_keys=True)))
@@ -172,6 +188,8 @@ class RunState:
     def save_pass(self, name: str, result: PassResult) -> None:
         """Record a pass's decision (its record, tensors and digest)."""
         entry: dict[str, Any] = {"record": result.record, "digest": result.digest()}
+        if result.formats is not None:
+            entry["formats"] = {n: {**f.to_dict(), "kind": f.kind} for n, f in sorted(result.formats.items())}
         if result.tensors:
             path = self.pass_path(name)
             data = {k: v.detach().cpu().contiguous() for k, v in result.tensors.items()}

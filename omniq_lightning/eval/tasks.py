@@ -90,30 +90,78 @@ def hellaswag_rows(path: Path) -> list[dict]:
     return rows
 
 
+# each task's local files under the data directory
+LOCAL_FILES = {
+    "arc_easy": ("arc/ARC-Easy-Test.jsonl",),
+    "arc_challenge": ("arc/ARC-Challenge-Test.jsonl",),
+    "piqa": ("piqa/valid.jsonl", "piqa/valid-labels.lst"),
+    "hellaswag": ("hellaswag/hellaswag_val_full.txt.bz2",),
+    "lambada_openai": ("lambada/lambada_test.jsonl",),
+}
+
+
+def task_list(setting) -> list[str]:
+    """``eval.tasks`` as a list of names: a list, or one string of comma-separated names."""
+    if setting is None:
+        return []
+    if isinstance(setting, str):
+        return [t.strip() for t in setting.split(",") if t.strip()]
+    return [str(t) for t in setting]
+
+
+def check_tasks(tasks: list[str], limit, data_dir: str | Path | None) -> int | None:
+    """Refuse unknown tasks, a bad ``eval.limit`` and tasks whose local files are missing (before any work);
+    returns the limit as an integer (or None)."""
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown:
+        raise ValueError(f"eval.tasks: unknown zero-shot task(s) {unknown}; available: {', '.join(TASKS)} (a list, "
+                         "e.g. eval.tasks=[arc_easy,piqa], or one name)")
+    if limit is not None:
+        try:
+            limit = int(limit)
+        except (TypeError, ValueError):
+            raise ValueError(f"eval.limit must be a positive number of documents per task or null, got {limit!r}") from None
+        if limit < 1:
+            raise ValueError(f"eval.limit must be a positive number of documents per task or null, got {limit}")
+    from omniq_lightning.data import data_dir_from
+
+    root = data_dir_from(data_dir)
+    if root is not None:
+        for task in tasks:
+            missing = [f for f in LOCAL_FILES[task] if not (root / f).is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"eval.tasks: {task} needs {', '.join(str(root / f) for f in missing)}, which is not there: put the "
+                    f"file(s) under the data directory ({root}), or set paths.data_dir=null to let lm-evaluation-harness "
+                    "fetch the task from the Hugging Face hub (online)")
+    return limit
+
+
 def local_tasks(root: Path) -> dict[str, Callable[[], dict[str, Any]]]:
     """lm-eval task configs (as dicts) for the tasks whose files are under ``root``."""
     mc = dict(output_type="multiple_choice", metric_list=MC_METRICS, metadata={"version": 1.0})
     arc = dict(test_split="test", doc_to_text="Question: {{question}}\nAnswer:",
                doc_to_target="{{choices.label.index(answerKey)}}", doc_to_choice="{{choices.text}}", **mc)
+    present = {t for t, files in LOCAL_FILES.items() if all((root / f).is_file() for f in files)}
     found: dict[str, Callable[[], dict[str, Any]]] = {}
-    for task, name in (("arc_easy", "ARC-Easy"), ("arc_challenge", "ARC-Challenge")):
-        arc_file = root / "arc" / f"{name}-Test.jsonl"
-        if arc_file.is_file():
+    for task in ("arc_easy", "arc_challenge"):
+        if task in present:
+            arc_file = root / LOCAL_FILES[task][0]
             found[task] = lambda task=task, arc_file=arc_file: dict(
                 task=f"local_{task}", custom_dataset=lambda **_: _dataset("test", arc_rows(arc_file)), **arc)
-    if (root / "piqa" / "valid.jsonl").is_file() and (root / "piqa" / "valid-labels.lst").is_file():
+    if "piqa" in present:
         found["piqa"] = lambda: dict(
             task="local_piqa", custom_dataset=lambda **_: _dataset("validation", piqa_rows(root)),
             validation_split="validation", doc_to_text="Question: {{goal}}\nAnswer:", doc_to_target="label",
             doc_to_choice="{{[sol1, sol2]}}", **mc)
-    hs = root / "hellaswag" / "hellaswag_val_full.txt.bz2"
-    if hs.is_file():
+    if "hellaswag" in present:
+        hs = root / LOCAL_FILES["hellaswag"][0]
         found["hellaswag"] = lambda: dict(
             task="local_hellaswag", custom_dataset=lambda **_: _dataset("validation", hellaswag_rows(hs)),
             validation_split="validation", doc_to_text="{{query}}", doc_to_target="{{label}}", doc_to_choice="choices",
             **mc)
-    lambada = root / "lambada" / "lambada_test.jsonl"
-    if lambada.is_file():
+    if "lambada_openai" in present:
+        lambada = root / LOCAL_FILES["lambada_openai"][0]
         found["lambada_openai"] = lambda: dict(
             task="local_lambada_openai", custom_dataset=lambda **_: _dataset("test", _jsonl(lambada)),
             output_type="loglikelihood", test_split="test", doc_to_text="{{text.split(' ')[:-1]|join(' ')}}",
@@ -125,11 +173,7 @@ def zero_shot(model, tokenizer, tasks: list[str], data_dir: str | Path | None = 
               batch_size: int = 8, device: str = "cpu", max_length: int | None = None) -> dict[str, dict[str, Any]]:
     """Zero-shot accuracy of ``model`` on ``tasks``: acc and acc_norm (LAMBADA: acc and perplexity), the number
     of documents, and where each task's data came from."""
-    unknown = sorted(set(tasks) - set(TASKS))
-    if unknown:
-        raise ValueError(f"unknown zero-shot task(s) {unknown}; available: {', '.join(TASKS)}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"eval.limit must be a positive number of documents or null, got {limit}")
+    limit = check_tasks(tasks, limit, data_dir)
     try:
         import lm_eval
         from lm_eval.models.huggingface import HFLM
@@ -143,7 +187,7 @@ def zero_shot(model, tokenizer, tasks: list[str], data_dir: str | Path | None = 
     configs = [local[t]() if t in local else t for t in tasks]
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, device=device, max_length=max_length)
     out = lm_eval.simple_evaluate(model=lm, tasks=configs, limit=limit, bootstrap_iters=0, log_samples=False,
-                                  task_manager=TaskManager(include_defaults=len(local) < len(tasks)))
+                                  task_manager=TaskManager(include_defaults=any(t not in local for t in tasks)))
     results = {}
     for task in tasks:
         key = f"local_{task}" if task in local else task

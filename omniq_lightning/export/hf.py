@@ -19,7 +19,7 @@ from typing import Any
 
 from safetensors.torch import load_file, save_file
 
-from omniq_lightning.io import write_json
+from omniq_lightning.io import plain_modes, write_json
 from omniq_lightning.nn.act import restore_cluster_quantizers
 from omniq_lightning.quant import QuantSpec
 from omniq_lightning.transforms import BlockSetup
@@ -48,6 +48,7 @@ def save_fake_quant(model, tokenizer, spec: QuantSpec, path: str | os.PathLike, 
     with adapter.export_layout(model) if adapter is not None else contextlib.nullcontext():
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
+    plain_modes(tmp)  # safetensors writes 0600 files: every output gets the mode a plain open() gives
     write_json(tmp / MANIFEST, {"format": "omniq-fake-quant-v1", "quant": spec.to_dict(), "name": name or spec.name,
                                 **(extra or {})})
     if path.exists():

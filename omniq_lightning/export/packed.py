@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from omniq_lightning.export.registry import ExportJob
+from omniq_lightning.io import plain_modes
 
 EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -73,6 +74,7 @@ def rewrite_checkpoint(job: ExportJob, linear_tensors: Callable[[str, Any], dict
     config["dtype"] = str(job.dtype).removeprefix("torch.")
     config["quantization_config"] = quantization_config
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    plain_modes(tmp)
     if path.exists():
         shutil.rmtree(path)
     os.replace(tmp, path)

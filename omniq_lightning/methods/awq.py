@@ -27,7 +27,7 @@ class AWQ(Method):
         return frozenset({"quantizer", "grid"})
 
     def setup(self, spec, traits) -> BlockSetup:
-        return BlockSetup(spec, let_locations=AWQ_LOCATIONS, let_shift=False)
+        return BlockSetup(spec, scale_locations=AWQ_LOCATIONS, scale_shift=False)
 
     def calibrate(self, qblock, data, run) -> None:
         if not self.clip:

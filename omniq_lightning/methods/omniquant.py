@@ -166,8 +166,8 @@ class OmniQuant(Method):
         self.resolved = {"recipe": self.recipe_name, **self.r.__dict__, "let": bool(let) or self.r.init == "awq",
                          "let_lr": let_lr, "let_alpha": alpha}
         if self.r.init == "awq":  # AWQ's scales live on its sites, without shifts
-            return BlockSetup(spec, let_locations=AWQ_LOCATIONS, let_alpha=alpha, let_shift=False)
-        return BlockSetup(spec, let_locations=LET_LOCATIONS if let else (), let_alpha=alpha)
+            return BlockSetup(spec, scale_locations=AWQ_LOCATIONS, scale_alpha=alpha, scale_shift=False)
+        return BlockSetup(spec, scale_locations=LET_LOCATIONS if let else (), scale_alpha=alpha)
 
     def describe(self) -> dict:
         return {**self.resolved, "batch_size": self.batch_size, "gptq_damp": self.gptq_damp,

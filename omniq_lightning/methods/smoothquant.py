@@ -26,7 +26,7 @@ class SmoothQuant(Method):
             )
 
     def setup(self, spec, traits) -> BlockSetup:
-        return BlockSetup(replace(spec, lwc=False), let_locations=("norm",), let_alpha=self.alpha, let_shift=False)
+        return BlockSetup(replace(spec, lwc=False), scale_locations=("norm",), scale_alpha=self.alpha, scale_shift=False)
 
     def calibrate(self, qblock, data, run) -> None:
         return None  # the scales are SmoothQuant's statistics, set when the block was built

@@ -53,7 +53,12 @@ class MixedPrecisionPass(ModelPass):
             if path.is_file():
                 plan = BitPlan.load(path)
                 plan.check_covers(shapes)
-                info = {"path": str(path), "avg_bits": plan.avg_bits(shapes), "source": "given" if mixed.plan else "resumed"}
+                avg = plan.avg_bits(shapes)
+                if avg > mixed.avg_bits + 1e-9:
+                    raise ValueError(f"the bit plan {path} holds {avg:.4f} bits per weight, above the budget "
+                                     f"quant.mixed.avg_bits={mixed.avg_bits}: raise the budget to at least {avg:.4f} "
+                                     "or edit the plan")
+                info = {"path": str(path), "avg_bits": avg, "source": "given" if mixed.plan else "resumed"}
                 if not mixed.plan and store.scores:  # what the sensitivities behind the resumed plan cost
                     info["sensitivity_seconds"] = round(store.seconds, 3)
                 if mixed.plan:  # the plan that runs is kept beside the run's results
@@ -64,8 +69,9 @@ class MixedPrecisionPass(ModelPass):
 
     @staticmethod
     def result(plan: BitPlan, shapes, info: dict) -> PassResult:
-        return PassResult(record={"linears": {n: {**f.to_dict(), "kind": f.kind} for n, f in sorted(plan.formats.items())}},
-                          formats=dict(plan.formats), info=info)
+        """The plan decides formats only: each block's fingerprint holds its own linears' formats, so an edit
+        invalidates the blocks it touches and no others."""
+        return PassResult(formats=dict(plan.formats), info=info)
 
     def allocate(self, ctx: PassContext, base, store: SensitivityStore) -> tuple[BitPlan, dict]:
         mixed, shapes, device, model = self.settings, ctx.shapes, ctx.device, ctx.model

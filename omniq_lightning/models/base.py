@@ -236,14 +236,14 @@ class ModelAdapter:
 
     def build_quant_block(self, block: nn.Module, setup: BlockSetup, stats: InputStats | None = None) -> QuantBlock:
         """Swap in ``QuantLinear``s (and ``QuantMatMul``s) and register the diagonal transforms the setup asks for
-        (``setup.let_locations``, initialised from ``stats``: the fp block's per-channel input ranges); ``block``
+        (``setup.scale_locations``, initialised from ``stats``: the fp block's per-channel input ranges); ``block``
         must already be prepared (:meth:`prepare_block`)."""
         spec = setup.spec
         sites = self.sites(block)
-        chosen = [s for s in sites if s.location in setup.let_locations and s.diagonal_folds]
+        chosen = [s for s in sites if s.location in setup.scale_locations and s.diagonal_folds]
         if chosen and stats is None:
             raise ValueError("LET needs the block's input statistics to initialise its scales")
-        specs = [p for s in chosen if (p := initial_pair(s, block, stats, setup.let_alpha, setup.let_shift)) is not None]
+        specs = [p for s in chosen if (p := initial_pair(s, block, stats, setup.scale_alpha, setup.scale_shift)) is not None]
         keep = self.keep_full_precision(block)
 
         def make(name: str, lin: nn.Linear) -> QuantLinear:

@@ -32,7 +32,7 @@ class OPTAdapter(ModelAdapter):
         return ModelSites("model.decoder.embed_tokens", norm, "lm_head", tied_embeddings(model), extra)
 
     def check_setup(self, model: nn.Module, setup: BlockSetup) -> None:
-        if "norm" in setup.let_locations and not self.blocks(model)[0].do_layer_norm_before:
+        if "norm" in setup.scale_locations and not self.blocks(model)[0].do_layer_norm_before:
             raise ValueError("LET needs pre-LayerNorm OPT blocks (do_layer_norm_before=True); this model is post-LN: "
                              "use method.let=false, or a method without transforms (rtn, gptq)")
 

@@ -41,9 +41,11 @@ class PassContext:
 class PassResult:
     """What a pass decided.
 
-    record: JSON-serialisable, saved in ``state.json`` (with ``tensors`` it is everything a rerun needs).
+    record: JSON-serialisable, saved in ``state.json`` (with ``tensors`` it is what a rerun needs to reproduce a
+      change of the model).
     tensors: saved in ``passes/<name>.safetensors``.
-    formats: per-linear weight formats by name in the model (a bit plan), or None.
+    formats: per-linear weight formats by name in the model (a bit plan), or None; saved beside the record, and
+      part of each block's fingerprint through its own linears' formats.
     info: what results.json reports about the pass (timings, paths).
     """
 
@@ -53,7 +55,8 @@ class PassResult:
     info: dict[str, Any] = field(default_factory=dict)
 
     def digest(self) -> str:
-        """SHA-256 over the record and the tensors (name, dtype, shape, bytes): equal digests, equal decisions."""
+        """SHA-256 over the record and the tensors (name, dtype, shape, bytes): equal digests, equal changes of the
+        model (the formats are fingerprinted per block)."""
         h = hashlib.sha256(json.dumps(self.record, sort_keys=True, default=str).encode())
         for name in sorted(self.tensors):
             t = self.tensors[name].detach().cpu().contiguous()

@@ -157,7 +157,7 @@ def lwc_bounds(
     return lo, hi
 
 
-def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool = False, ranges: str = "detached") -> torch.Tensor:
+def reference_fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool = False, ranges: str = "detached") -> torch.Tensor:
     """Dynamic per-token fake quantization: one range per row of the last dimension (see ``RANGES``)."""
     check_floating("activation", x)
     xx = x.to(compute_dtype(x))

@@ -71,10 +71,10 @@ def fake_quant_weight(
     ranges: str = "detached",
     use_cuda_ext: bool = True,
 ) -> torch.Tensor:
-    """Fake-quantize a ``[out, in]`` weight (see :func:`weight.fake_quant_weight`), fused on CUDA where it can."""
+    """Fake-quantize a ``[out, in]`` weight (see :func:`weight.reference_fake_quant_weight`), fused on CUDA where it can."""
     ext = usable_for(w) if use_cuda_ext and fmt.grid == "uniform" and offset is None else None
     if ext is None:
-        return W.fake_quant_weight(w, fmt, gamma, beta, offset, ranges)
+        return W.reference_fake_quant_weight(w, fmt, gamma, beta, offset, ranges)
     F.check_ranges(ranges)
     w2d = F.group_view(w, fmt.group_size).contiguous()
     for name, t in (("gamma", gamma), ("beta", beta)):
@@ -87,10 +87,10 @@ def fake_quant_weight(
 
 def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool = False, ranges: str = "detached",
                          use_cuda_ext: bool = True) -> torch.Tensor:
-    """Dynamic per-token fake-quant (see :func:`functional.fake_quant_per_token`), fused on CUDA."""
+    """Dynamic per-token fake-quant (see :func:`functional.reference_fake_quant_per_token`), fused on CUDA."""
     ext = usable_for(x) if use_cuda_ext else None
     if ext is None or x.numel() == 0:
-        return F.fake_quant_per_token(x, bits, symmetric, ranges)
+        return F.reference_fake_quant_per_token(x, bits, symmetric, ranges)
     F.check_ranges(ranges)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     return FusedTokenFakeQuant.apply(x2d, bits, symmetric, ranges == "released", ext).reshape(x.shape)

@@ -197,6 +197,16 @@ class VectorFormat:
                              f"w_vq.vector (and outlier_vector) that divides {out_features}")
         if in_features > 2**COLUMN_INDEX_BITS:
             raise ValueError(f"layers wider than {2**COLUMN_INDEX_BITS} inputs are not supported, got {in_features}")
+        n_out = self.outlier_count(in_features)
+        main = out_features // self.vector * (in_features - n_out)
+        books = [("centroids", self.centroids, main), ("residual_centroids", self.residual_centroids, main)]
+        if n_out:
+            books.append(("outlier_centroids", self.outlier_centroids, out_features // self.outlier_vector * n_out))
+        for key, k, vectors in books:
+            if k > vectors:
+                raise ValueError(f"w_vq.{key}={k} is more than the {vectors} vectors of a {out_features}x{in_features} "
+                                 f"linear: a codebook cannot use more centroids than it has vectors to fit; choose "
+                                 f"w_vq.{key} <= {1 << (vectors.bit_length() - 1)}")
 
     def storage_bits(self, out_features: int, in_features: int) -> int:
         """Exact bits to store a ``[out, in]`` weight: indices, codebooks, outlier column indices, normalisation."""

@@ -16,7 +16,6 @@ fake-quant model and the export use: they agree bit for bit.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -24,7 +23,7 @@ import torch
 
 from omniq_lightning.quant.gptq import gptq_quantize
 from omniq_lightning.quant.kmeans import kmeans, nearest
-from omniq_lightning.quant.spec import CODEBOOK_BITS, COLUMN_INDEX_BITS, VectorFormat
+from omniq_lightning.quant.spec import VectorFormat
 
 
 @dataclass
@@ -78,17 +77,6 @@ class VectorQuantizedWeight:
         if self.col_mean is not None:
             w = w * self.col_std[None] + self.col_mean[None]
         return w
-
-    def stored_bits(self) -> int:
-        """Bits of what is stored, counted from the tensors themselves (indices at log2(k) bits each)."""
-        bits = 0
-        for cb in (self.main, self.residual, self.outlier):
-            if cb is not None:
-                bits += cb.indices.numel() * int(math.log2(cb.centroids.shape[0])) + cb.centroids.numel() * CODEBOOK_BITS
-        bits += self.outlier_columns.numel() * COLUMN_INDEX_BITS
-        if self.col_mean is not None:
-            bits += (self.col_mean.numel() + self.col_std.numel()) * CODEBOOK_BITS
-        return bits
 
     def to(self, device) -> VectorQuantizedWeight:
         def mv(cb):

@@ -14,7 +14,7 @@ channels). Each group gets a grid from its range ``[lo, hi]`` (LWC-clipped when 
 
 A learned rounding offset (one per weight, in grid steps, kept in [-0.5, 0.5] by the trainer) is added
 to the grid index before rounding. :func:`quantize_weight` returns the integer codes with the grid
-(:class:`QuantizedWeight`); its :meth:`~QuantizedWeight.dequantize` reproduces :func:`fake_quant_weight`
+(:class:`QuantizedWeight`); its :meth:`~QuantizedWeight.dequantize` reproduces :func:`reference_fake_quant_weight`
 bit for bit, so exports never re-derive a grid from dequantized weights.
 """
 
@@ -103,7 +103,7 @@ def _power_fake_quant(gx: torch.Tensor, g: GroupGrid, fmt: WeightFormat, offset:
     return decoded + (gx - gx.detach()) * inside  # straight-through to x in value space
 
 
-def fake_quant_weight(
+def reference_fake_quant_weight(
     w: torch.Tensor,
     fmt: WeightFormat,
     gamma: torch.Tensor | None = None,
@@ -211,7 +211,7 @@ def quantize_weight(
     beta: torch.Tensor | None = None,
     offset: torch.Tensor | None = None,
 ) -> QuantizedWeight:
-    """Codes and grid of ``w`` (what :func:`fake_quant_weight` computes, kept as integers)."""
+    """Codes and grid of ``w`` (what :func:`reference_fake_quant_weight` computes, kept as integers)."""
     validate_weight(w, fmt.group_size)
     gx = group_view(w, fmt.group_size).to(compute_dtype(w))
     g = group_grid(gx, fmt, gamma, beta)
@@ -242,7 +242,7 @@ def mse_clip_logits(w: torch.Tensor, fmt: WeightFormat, n_grid: int = 20, max_sh
     for i in range(n_grid + 1):
         r = 1.0 - max_shrink * i / n_grid
         lg = torch.full((gx.shape[0],), clip_logit(r), device=w.device, dtype=gx.dtype)
-        err = (fake_quant_weight(gx, WeightFormat(fmt.bits, None, fmt.symmetric, fmt.grid, fmt.grid_exponent), lg, lg)
+        err = (reference_fake_quant_weight(gx, WeightFormat(fmt.bits, None, fmt.symmetric, fmt.grid, fmt.grid_exponent), lg, lg)
                - gx).pow(2).sum(1, keepdim=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)

@@ -17,30 +17,30 @@ from omniq_lightning.transforms.sites import LOCATIONS, TransformSite
 
 @dataclass(frozen=True)
 class BlockSetup:
-    """How to build a block's ``QuantBlock``: the spec its layers use, the diagonal transforms it gets and
-    per-linear weight formats (a method's ``setup`` makes it).
+    """How to build a block's ``QuantBlock``: the spec its layers use, the diagonal equivalence transforms it gets
+    (OmniQuant's LET, AWQ's and SmoothQuant's scales) and per-linear weight formats (a method's ``setup`` makes it).
 
-    let_locations: the site locations that get a diagonal transform (LET, AWQ's or SmoothQuant's scales):
-      "norm", "vo", "qk", "up_down" (at the sites where a diagonal folds).
-    let_alpha: the SmoothQuant migration strength that initialises their scales.
-    let_shift: shifts where the source can absorb them (OPT), never where it cannot.
+    scale_locations: the site locations that get a diagonal transform: "norm", "vo", "qk", "up_down" (at the
+      sites where a diagonal folds).
+    scale_alpha: the SmoothQuant migration strength that initialises the scales.
+    scale_shift: shifts where the source can absorb them (OPT), never where it cannot.
     formats: per-linear weight formats by name within the block (a mixed-precision plan); others use the spec's.
     """
 
     spec: QuantSpec
-    let_locations: tuple[str, ...] = ()
-    let_alpha: float = 0.5
-    let_shift: bool = True
+    scale_locations: tuple[str, ...] = ()
+    scale_alpha: float = 0.5
+    scale_shift: bool = True
     formats: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        unknown = set(self.let_locations) - set(LOCATIONS)
+        unknown = set(self.scale_locations) - set(LOCATIONS)
         if unknown:
             raise ValueError(f"unknown site locations {sorted(unknown)}; locations are {LOCATIONS}")
 
     @property
-    def let(self) -> bool:
-        return bool(self.let_locations)
+    def scaled(self) -> bool:
+        return bool(self.scale_locations)
 
 
 class QuantBlock(nn.Module):
