@@ -17,7 +17,7 @@ import os
 import shutil
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,12 +40,13 @@ from omniq_lightning.models import BlockContext, LoadedModel, load_model
 from omniq_lightning.nn.act import restore_cluster_quantizers
 from omniq_lightning.nn.formats import format_record, kind_of, read_codes
 from omniq_lightning.passes import ModelPass, PassContext, run_passes
+from omniq_lightning.passes.rotation import RotationPass, RotationSettings
 from omniq_lightning.quant import QuantSpec
 from omniq_lightning.quant.spec import format_from_dict
 from omniq_lightning.report import bits_per_weight, calibration_seconds, environment, export_sizes, peak_memory, summary
 from omniq_lightning.solvers import observe_static_ranges
 from omniq_lightning.tracking import build_logger, log_summary
-from omniq_lightning.transforms import BlockSetup
+from omniq_lightning.transforms import BlockSetup, OnlineRotations
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +142,7 @@ class Job:
     precision: str
     out_dir: Path
     config: dict[str, Any]
+    rotation: RotationSettings | None = None
     passes: list[ModelPass] = field(default_factory=list)
 
     @property
@@ -164,10 +166,15 @@ def prepare(cfg: DictConfig) -> Job:
     config = OmegaConf.to_container(cfg, resolve=True)
     # what "auto" settings became on this machine: a resume elsewhere must not silently change them
     config["resolved"] = {"device_type": device.type, "precision": precision}
-    passes = method.model_passes(spec)
+    rotation = None
+    if str(cfg.rotation.name) != "none":
+        rotation = RotationSettings.from_config(OmegaConf.to_container(cfg.rotation, resolve=True),
+                                                spec.quantizes_activations, spec.quantizes_kv)
+    passes = ([RotationPass(rotation)] if rotation is not None else []) + method.model_passes(spec)
     if mixed is not None:
         passes.append(MixedPrecisionPass(mixed))
-    return Job(cfg, method, spec, mixed, export_format, dtype, device, precision, Path(cfg.output_dir), config, passes)
+    return Job(cfg, method, spec, mixed, export_format, dtype, device, precision, Path(cfg.output_dir), config,
+               rotation, passes)
 
 
 # --- the model --------------------------------------------------------------------------------------------------
@@ -188,7 +195,8 @@ def load(cfg: DictConfig) -> LoadedModel:
 def model_traits(loaded: LoadedModel) -> ModelTraits:
     adapter, blocks = loaded.adapter, loaded.adapter.blocks(loaded.model)
     sites = adapter.sites(adapter.prepare_block(copy.deepcopy(blocks[0])))
-    return ModelTraits(adapter.recipe_family, adapter.let_for_weight_only, adapter.experts, tuple(sites))
+    return ModelTraits(adapter.recipe_family, adapter.let_for_weight_only, adapter.experts, tuple(sites),
+                       adapter.residual_norm)
 
 
 def check_seqlen(seqlen: int, loaded: LoadedModel, what: str) -> None:
@@ -198,6 +206,15 @@ def check_seqlen(seqlen: int, loaded: LoadedModel, what: str) -> None:
             f"{what}.seqlen={seqlen} is longer than the model's context of {context} tokens: "
             f"use {what}.seqlen={context} or less"
         )
+
+
+def with_rotations(setup: BlockSetup, rotation: RotationSettings | None) -> BlockSetup:
+    """The method's block setup with the run's online rotations; a diagonal transform on the up -> down site cannot
+    sit under a rotation of the down projection's input, so it goes."""
+    if rotation is None:
+        return setup
+    scales = tuple(x for x in setup.scale_locations if not (rotation.down and x == "up_down"))
+    return replace(setup, scale_locations=scales, rotations=OnlineRotations(rotation.qk, rotation.down, rotation.seed))
 
 
 def check_formats_fit(shapes: Mapping[str, tuple[int, int]], fmt) -> None:
@@ -482,7 +499,8 @@ def resume_block(loop: BlockLoop, i: int, block, setup: BlockSetup):
     """A finished block, rebuilt and loaded from the run state (its layers built with 16-bit weights: the
     quantized weights are in the state, whatever their format's kind)."""
     adapter = loop.loaded.adapter
-    shell = BlockSetup(replace(setup.spec, w_bits=16, w_vq=None, w_format=None, lwc=False))
+    shell = BlockSetup(replace(setup.spec, w_bits=16, w_vq=None, w_format=None, lwc=False), rotations=setup.rotations,
+                       affine_locations=setup.affine_locations)
     folded = adapter.finish_block(adapter.build_quant_block(block, shell).fold())
     saved = {k[len("block."):]: v for k, v in loop.state.load_block(i).items() if k.startswith("block.")}
     restore_cluster_quantizers(folded, saved)  # RPTQ's per-cluster quantizers, saved with the block
@@ -596,7 +614,7 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
     shapes = linear_shapes(model, adapter)  # before quantization swaps the linears
     if job.mixed is None:
         check_formats_fit(shapes, job.spec.weight_format)
-    setup = job.method.setup(job.spec, traits)
+    setup = with_rotations(job.method.setup(job.spec, traits), job.rotation)
     adapter.check_setup(model, setup)
     request = ExportRequest(job.spec, frozenset({job.spec.weight_format}), adapter.fused_experts,
                             frozenset(shapes.values()))
@@ -652,7 +670,7 @@ def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
     for name, r in pass_results.items():
         results[name] = r.info
     results.update(evaluate(cfg, loaded, job.device))
-    export_results(job, loaded, state, written, results)
+    export_results(job, loaded, setup, state, written, results)
     table = [{"corpus": c, "fp": results.get("perplexity_fp", {}).get(c, {}).get("perplexity"),
               job.method.name: r["perplexity"]} for c, r in results["perplexity"].items()]
     metrics = {f"ppl/{c}": r["perplexity"] for c, r in results["perplexity"].items()}
@@ -665,12 +683,16 @@ def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
                    "evaluate": t_done - t_quant, "total": t_done - t_start})
 
 
-def export_results(job: Job, loaded: LoadedModel, state: RunState, written: Mapping[str, Any],
+def export_results(job: Job, loaded: LoadedModel, setup: BlockSetup, state: RunState, written: Mapping[str, Any],
                    results: dict[str, Any]) -> None:
     """The fake-quant model (always), and the packed checkpoint ``export.format`` names, from the stored codes."""
     extra: dict[str, Any] = {"method": job.method.name, "model": job.cfg.model.name}
     if job.mixed is not None:  # the bits of each layer
         extra["formats"] = {n: f.to_dict() for n, f in sorted(written.items())}
+    if job.rotation is not None:  # what load_fake_quant re-attaches
+        extra["rotation"] = {"settings": asdict(job.rotation), "hidden": loaded.adapter.hidden_size(loaded.model)}
+    if setup.affine_locations:
+        extra["affine_locations"] = list(setup.affine_locations)
     fake_dir = job.out_dir / "model"
     results["export"] = str(save_fake_quant(loaded.model, loaded.tokenizer, job.spec, fake_dir, extra,
                                             loaded.adapter, name=job.quant_name))

@@ -271,3 +271,85 @@ def test_every_method_runs_and_the_export_loads_back(family, saved_models, tmp_p
         if quant.endswith("a16"):  # weight-only: an ordinary checkpoint in the model's own layout
             plain = AutoModelForCausalLM.from_pretrained(out / "model", attn_implementation=attn_of(family))
             assert perplexity(plain, ids, SEQLEN, max_windows=3).perplexity == pytest.approx(ppl, rel=1e-4)
+
+
+# ---- rotations (QuaRot): the rotated model computes the original function -------------------------------------------
+
+
+def rotate_and_compare(model, adapter, ids, settings):
+    from omniq_lightning.mixed import linear_shapes
+    from omniq_lightning.passes import PassContext
+    from omniq_lightning.passes.rotation import RotationPass
+    from omniq_lightning.transforms import OnlineRotations
+
+    with torch.no_grad():
+        ref = model(input_ids=ids).logits.double()
+    ctx = PassContext(model, adapter, ids, torch.device("cpu"), None, linear_shapes(model, adapter))
+    RotationPass(settings).run(ctx)
+    with torch.no_grad():
+        rotated = model(input_ids=ids).logits.double()
+    scale = ref.abs().max().item()
+    assert (rotated - ref).abs().max().item() <= 2e-5 * scale
+    setup = BlockSetup(QuantSpec(w_bits=16, lwc=False), rotations=OnlineRotations(settings.qk, settings.down, settings.seed))
+    blocks = adapter.blocks(model)
+    for i in range(len(blocks)):  # the quantized blocks' online rotations (R3 in the attention), at 16 bits
+        blocks[i] = adapter.finish_block(adapter.build_quant_block(adapter.prepare_block(blocks[i]), setup).fold())
+    with torch.no_grad():
+        online = model(input_ids=ids).logits.double()
+    assert (online - ref).abs().max().item() <= 2e-5 * scale
+    return model
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_rotations_keep_the_function(family):
+    """R1 (residual, norms fused, a tied head untied), R2 (value heads), R3 (q/k after RoPE, online), R4 (down
+    input, online) at 16 bits equal the original model to float32 rounding: RoPE and GQA, q/k norms (Qwen3,
+    Gemma-3), Gemma's 1 + w norms and its sandwich norms (rotated online), Phi-3's fused projections, MoE experts,
+    routers and shared experts."""
+    from omniq_lightning.passes.rotation import RotationSettings
+
+    model = tiny(family)
+    adapter = adapter_for(model.config.model_type)
+    ids = torch.randint(0, 512, (2, SEQLEN), generator=torch.Generator().manual_seed(3))
+    rotate_and_compare(model, adapter, ids, RotationSettings(seed=1))
+
+
+def test_rotations_on_stories260k_untie_the_head_and_export(stories_dir, data_dir, tmp_path):
+    """The real tiny LLaMA (tied embeddings): rotated exactly, and a weight-activation export with its online
+    rotations re-attached by load_fake_quant gives the run's perplexity."""
+    from omniq_lightning.config import compose
+    from omniq_lightning.export import load_fake_quant
+    from omniq_lightning.models import load_model
+    from omniq_lightning.passes.rotation import RotationSettings
+    from omniq_lightning.pipeline import run
+
+    loaded = load_model(str(stories_dir), dtype="float32")
+    assert loaded.model.lm_head.weight is loaded.model.model.embed_tokens.weight
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(4))
+    model = rotate_and_compare(loaded.model, loaded.adapter, ids, RotationSettings(seed=2))
+    assert model.lm_head.weight is not model.model.embed_tokens.weight and not model.config.tie_word_embeddings
+    res = run(compose(["method=gptq", "quant=w4a4", "rotation=quarot", "calib.nsamples=8", "eval.max_windows=4",
+                       "eval.fp_baseline=false", "trainer.enable_progress_bar=false", f"output_dir={tmp_path}"]))
+    again = load_fake_quant(tmp_path / "model")
+    ids = tokenize(load_corpus("tinystories", "eval", str(data_dir)), again.tokenizer)
+    assert perplexity(again.model, ids, 256, max_windows=4).perplexity == pytest.approx(
+        res["perplexity"]["tinystories"]["perplexity"], rel=1e-5)
+    assert res["rotation"]["settings"]["down"] and res["rotation"]["settings"]["qk"]
+
+
+def test_opt_takes_the_rotations_that_need_no_rmsnorm():
+    """OPT's LayerNorms subtract the mean, which a rotation of the residual stream does not commute with: R1 is
+    refused before any work; R2 (value heads, biases included) and R4 keep the function."""
+    from transformers import OPTConfig
+
+    from omniq_lightning.methods import ModelTraits
+    from omniq_lightning.passes.rotation import RotationPass, RotationSettings
+
+    with pytest.raises(ValueError, match="LayerNorms subtract the mean.*rotation.residual=false"):
+        RotationPass(RotationSettings()).check_model(ModelTraits("opt", residual_norm="layer"))
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=512, hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                    max_position_embeddings=256, word_embed_proj_dim=64)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(0, 512, (2, SEQLEN), generator=torch.Generator().manual_seed(3))
+    rotate_and_compare(model, adapter_for("opt"), ids, RotationSettings(residual=False, seed=3))

@@ -22,7 +22,7 @@ from omniq_lightning.transforms import QuantBlock
 LOSSES = ("mse", "mse_channel", "mse_token", "cosine")
 OPTIMIZERS = ("adamw", "sgd", "signsgd")
 SCHEDULES = ("constant", "linear", "cosine")
-GROUPS = ("lwc", "let", "rounding")
+GROUPS = ("lwc", "let", "affine", "rounding")
 
 
 @dataclass(frozen=True)
@@ -177,6 +177,7 @@ class BlockLightningModule(L.LightningModule):
         params = {
             "lwc": [p for p in self.qblock.lwc_parameters() if p.requires_grad],
             "let": [p for p in self.qblock.let_parameters() if p.requires_grad],
+            "affine": [p for p in self.qblock.affine_parameters() if p.requires_grad],
             "rounding": [p for p in self.qblock.rounding_parameters() if p.requires_grad],
         }
         missing = [name for name, ps in params.items() if ps and name not in self.settings.lrs]

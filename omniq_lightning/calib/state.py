@@ -24,7 +24,7 @@ from omniq_lightning.io import atomic_write, write_json
 from omniq_lightning.passes import PassResult, SavedPass
 
 # The settings that decide a run's result; anything else (evaluation, logging, paths) may change on resume.
-RESULT_KEYS = ("model", "quant", "method", "calib", "seed", "trainer.precision", "resolved")
+RESULT_KEYS = ("model", "quant", "method", "rotation", "calib", "seed", "trainer.precision", "resolved")
 # (a bit plan file: what decides the blocks is its contents, which their fingerprints hold)
 IGNORED_KEYS = ("calib.cache", "calib.cache_dir", "calib.recalibrate_changed", "quant.mixed.plan")
 
@@ -132,7 +132,8 @@ class RunState:
         """Store a finished block (tensors, and string metadata), record it with the seconds its calibration took
         and the fingerprint of what decided it, and drop its in-progress checkpoints."""
         path = self.block_path(i)
-        data = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        data = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # one module may sit in several
+        # places (an affine transform shared by q, k and v): each key gets its own copy
         atomic_write(path, lambda tmp: save_file(data, tmp, metadata=metadata))
         self.finished[str(i)] = {"file": str(path.relative_to(self.dir)), "sha256": sha256(path)}
         if seconds is not None:

@@ -14,13 +14,14 @@ from omniq_lightning.nn import LETRouter
 @contextmanager
 def observe_linear_inputs(block: nn.Module) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """While active, every forward of a linear inside ``block`` updates ``stats[name] = (min, max)``
-    over all tokens seen, per input channel (float32)."""
+    over all tokens seen, per input channel as its weight sees them (after an online input transform; float32)."""
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
 
     def make_hook(name: str):
-        def hook(_module, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+        def hook(module, args):
+            x = args[0] if getattr(module, "input_transform", None) is None else module.input_transform(args[0])
+            x = x.detach().reshape(-1, x.shape[-1]).float()
             lo, hi = x.amin(0), x.amax(0)
             if name in stats:
                 lo, hi = torch.minimum(stats[name][0], lo), torch.maximum(stats[name][1], hi)

@@ -22,16 +22,30 @@ from safetensors.torch import load_file, save_file
 from omniq_lightning.io import plain_modes, write_json
 from omniq_lightning.nn.act import restore_cluster_quantizers
 from omniq_lightning.quant import QuantSpec
-from omniq_lightning.transforms import BlockSetup
+from omniq_lightning.transforms import BlockSetup, OnlineRotations
 
 MANIFEST = "omniq_quant.json"
-QUANTIZERS = ("act_quant", "q_quant", "k_quant", "v_quant")
+RUNTIME_MODULES = ("act_quant", "q_quant", "k_quant", "v_quant", "input_transform")
 
 
-def is_quantizer_state(key: str) -> bool:
-    """Whether a state-dict key belongs to an activation or key/value quantizer (static ranges, clusters)."""
-    return any(f".{q}." in key for q in QUANTIZERS)
+def is_runtime_state(key: str) -> bool:
+    """Whether a state-dict key belongs to what runs beside the weights: an activation or key/value quantizer
+    (static ranges, clusters) or an online input transform (a learned affine transform's factors)."""
+    return any(f".{q}." in key for q in RUNTIME_MODULES)
 RUNTIME = "omniq_runtime.safetensors"  # static activation ranges, by module name in the quantized layout
+
+
+@contextlib.contextmanager
+def without_input_transforms(model):
+    """While active, the online input transforms are off the model (their state goes to the runtime file only)."""
+    held = [(m, m.input_transform) for m in model.modules() if getattr(m, "input_transform", None) is not None]
+    for m, _ in held:
+        m.input_transform = None
+    try:
+        yield
+    finally:
+        for m, t in held:
+            m.input_transform = t
 
 
 def save_fake_quant(model, tokenizer, spec: QuantSpec, path: str | os.PathLike, extra: dict[str, Any] | None = None,
@@ -42,10 +56,10 @@ def save_fake_quant(model, tokenizer, spec: QuantSpec, path: str | os.PathLike, 
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    runtime = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if is_quantizer_state(k)}
+    runtime = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items() if is_runtime_state(k)}
     if runtime:
         save_file(runtime, str(tmp / RUNTIME))
-    with adapter.export_layout(model) if adapter is not None else contextlib.nullcontext():
+    with adapter.export_layout(model) if adapter is not None else contextlib.nullcontext(), without_input_transforms(model):
         model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     plain_modes(tmp)  # safetensors writes 0600 files: every output gets the mode a plain open() gives
@@ -65,14 +79,24 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def load_fake_quant(path: str | os.PathLike, dtype: str = "float32", attn_implementation: str = "sdpa"):
-    """Load an export with its runtime quantizers (activations, KV cache) attached."""
+    """Load an export with its runtime quantizers (activations, KV cache) and its online rotations attached."""
     from omniq_lightning.models import load_model
+    from omniq_lightning.passes.rotation import RotationSettings, reattach_rotations
 
     loaded = load_model(str(path), dtype=dtype, attn_implementation=attn_implementation)
-    spec = QuantSpec(**read_manifest(path)["quant"])
-    if spec.weight_only:
+    manifest = read_manifest(path)
+    spec = QuantSpec(**manifest["quant"])
+    rotations = OnlineRotations()
+    if manifest.get("rotation"):
+        reattach_rotations(loaded.model, loaded.adapter, manifest["rotation"])
+        r = RotationSettings(**manifest["rotation"]["settings"])
+        rotations = OnlineRotations(r.qk, r.down, r.seed)
+    affine = tuple(manifest.get("affine_locations", ()))
+    if spec.weight_only and not rotations.down and not affine:
         return loaded
-    runtime = BlockSetup(replace(spec, w_bits=16, lwc=False, w_vq=None, w_format=None))  # weights: quantized in the file
+    # weights: quantized in the file
+    runtime = BlockSetup(replace(spec, w_bits=16, lwc=False, w_vq=None, w_format=None), rotations=rotations,
+                         affine_locations=affine)
     adapter = loaded.adapter
     blocks = adapter.blocks(loaded.model)
     for i in range(len(blocks)):

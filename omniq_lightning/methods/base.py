@@ -20,12 +20,14 @@ class ModelTraits:
     let_for_weight_only: whether the family's released weight-only recipes use LET.
     experts: whether its blocks hold mixture-of-experts MLPs.
     sites: block 0's transform sites.
+    residual_norm: the norms that read the residual stream, "rms" or "layer".
     """
 
     recipe_family: str
     let_for_weight_only: bool = False
     experts: bool = False
     sites: tuple[TransformSite, ...] = ()
+    residual_norm: str = "rms"
 
 
 @dataclass(frozen=True)

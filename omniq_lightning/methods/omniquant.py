@@ -33,6 +33,7 @@ from omniq_lightning.quant.gptq import check_damp
 from omniq_lightning.quant.weight import mse_clip_logits
 from omniq_lightning.solvers import AWQ_LOCATIONS, awq_block, gptq_block
 from omniq_lightning.transforms import BlockSetup, QuantBlock
+from omniq_lightning.transforms.affine import AFFINE_LOCATIONS
 
 LET_CHOICES = ("auto", True, False)
 LET_LOCATIONS = ("norm", "vo", "qk")  # OmniQuant's released pairs: norm -> linears, v -> o, q / k
@@ -54,6 +55,8 @@ class Recipe:
     aug_loss: bool
     loss: str
     learn_rounding: bool
+    affine: bool
+    affine_lr: float
     optimizer: str
     schedule: str
     lr_budget: int | None
@@ -68,7 +71,8 @@ class Recipe:
 # W4A4), 20 epochs, no schedule, differentiable ranges, |s| >= 1e-2, LWC logits from 4.0, LET from
 # SmoothQuant / OS+ statistics, the last iterate.
 RELEASED = Recipe(epochs=20, lwc_lr=1e-2, let_lr="auto", round_lr=5e-3, weight_decay=0.0, let="auto", let_alpha="auto",
-                  aug_loss=False, loss="mse", learn_rounding=False, optimizer="adamw", schedule="constant",
+                  aug_loss=False, loss="mse", learn_rounding=False, affine=False, affine_lr=5e-3, optimizer="adamw",
+                  schedule="constant",
                   lr_budget=None, keep_best=False, init="statistics", ranges="released", let_min_scale=1e-2,
                   rounding="nearest")
 RECIPES: dict[str, Recipe] = {
@@ -119,10 +123,10 @@ class OmniQuant(Method):
             raise ValueError(f"method.let must be one of auto, true, false; got {r.let!r}")
         if r.epochs < 0:
             raise ValueError(f"method.epochs must be 0 or more, got {r.epochs}")
-        lrs = [r.lwc_lr, r.round_lr] + ([] if r.let_lr == "auto" else [r.let_lr])
+        lrs = [r.lwc_lr, r.round_lr, r.affine_lr] + ([] if r.let_lr == "auto" else [r.let_lr])
         if any(isinstance(lr, str) or lr <= 0 for lr in lrs):
-            raise ValueError(f"method.lwc_lr, let_lr and round_lr must be positive (let_lr may be auto), got "
-                             f"{r.lwc_lr}, {r.let_lr}, {r.round_lr}")
+            raise ValueError(f"method.lwc_lr, let_lr, affine_lr and round_lr must be positive (let_lr may be auto), got "
+                             f"{r.lwc_lr}, {r.let_lr}, {r.affine_lr}, {r.round_lr}")
         if r.let_alpha != "auto" and (isinstance(r.let_alpha, str) or not 0.0 <= r.let_alpha <= 1.0):
             raise ValueError(f"method.let_alpha must be auto or in [0, 1], got {r.let_alpha}")
         if r.init not in INITS:
@@ -165,9 +169,11 @@ class OmniQuant(Method):
             let = (not spec.weight_only) or traits.let_for_weight_only
         self.resolved = {"recipe": self.recipe_name, **self.r.__dict__, "let": bool(let) or self.r.init == "awq",
                          "let_lr": let_lr, "let_alpha": alpha}
+        affine = AFFINE_LOCATIONS if self.r.affine else ()
         if self.r.init == "awq":  # AWQ's scales live on its sites, without shifts
-            return BlockSetup(spec, scale_locations=AWQ_LOCATIONS, scale_alpha=alpha, scale_shift=False)
-        return BlockSetup(spec, scale_locations=LET_LOCATIONS if let else (), scale_alpha=alpha)
+            return BlockSetup(spec, scale_locations=AWQ_LOCATIONS, scale_alpha=alpha, scale_shift=False,
+                              affine_locations=affine)
+        return BlockSetup(spec, scale_locations=LET_LOCATIONS if let else (), scale_alpha=alpha, affine_locations=affine)
 
     def describe(self) -> dict:
         return {**self.resolved, "batch_size": self.batch_size, "gptq_damp": self.gptq_damp,
@@ -209,7 +215,8 @@ class OmniQuant(Method):
         steps = self.r.epochs * math.ceil(len(data.inputs) / data.batch_size)
         scale = budget_scale(self.r.lr_budget, steps)
         let_lr = self.resolved.get("let_lr", 5e-3)
-        return TrainSettings(lrs={"lwc": self.r.lwc_lr * scale, "let": let_lr * scale, "rounding": self.r.round_lr * scale},
+        return TrainSettings(lrs={"lwc": self.r.lwc_lr * scale, "let": let_lr * scale, "affine": self.r.affine_lr * scale,
+                                  "rounding": self.r.round_lr * scale},
                              weight_decay=self.r.weight_decay, loss=self.r.loss, optimizer=self.r.optimizer,
                              schedule=self.r.schedule, total_steps=steps, keep_best=self.r.keep_best)
 

@@ -109,10 +109,13 @@ class RPTQ(Method):
         key = site_activation(site)
         if site.location != "qk" and key not in stats:
             return  # an MoE expert that saw no calibration token
-        if site.location == "norm":  # R1, R4: clustered in place
+        rotated_down = site.location == "up_down" and any(
+            getattr(block.get_submodule(t), "input_transform", None) is not None for t in site.targets)
+        if site.location == "norm" or rotated_down:  # R1, R4 (and R5 under an online rotation): clustered in place
             lo, hi = stats[key]
             labels = cluster_labels(range_points(lo, hi), self.clusters, self.seed)
-            bits = a_bits if self.norm_bits is None or a_bits == NO_QUANT_BITS else max(self.norm_bits, a_bits)
+            bits = (a_bits if rotated_down or self.norm_bits is None or a_bits == NO_QUANT_BITS
+                    else max(self.norm_bits, a_bits))
             self.set_input_quantizers(block, site.targets, bits, labels, int(labels.max()) + 1)
         elif site.location == "qk":  # R2: in place, per key head
             h = site.heads

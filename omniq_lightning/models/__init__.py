@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from omniq_lightning.models.base import BlockContext, ModelAdapter, ModelSites
+from omniq_lightning.models.base import BlockContext, ModelAdapter, ModelSites, ResidualWriters
 from omniq_lightning.models.gemma import Gemma2Adapter, GemmaAdapter
 from omniq_lightning.models.llama import LlamaAdapter
 from omniq_lightning.models.loading import LoadedModel, ModelSource, resolve_source
@@ -45,6 +45,7 @@ __all__ = [
     "MoEAdapter",
     "ModelAdapter",
     "ModelSites",
+    "ResidualWriters",
     "ModelSource",
     "OPTAdapter",
     "Phi3Adapter",

@@ -27,7 +27,18 @@ from torch import nn
 
 from omniq_lightning.nn import QuantLinear, QuantMatMul, register_attention, swap_linears
 from omniq_lightning.quant import WeightFormat
-from omniq_lightning.transforms import BlockSetup, InputStats, LETNorm, LETPair, QuantBlock, TransformSite, initial_pair
+from omniq_lightning.transforms import (
+    BlockSetup,
+    InputStats,
+    LETNorm,
+    LETPair,
+    OnlineRotations,
+    QuantBlock,
+    TransformSite,
+    initial_pair,
+)
+from omniq_lightning.transforms.affine import AffinePair
+from omniq_lightning.transforms.rotation import HeadRotation, OnlineRotation
 
 # Keyword arguments of a decoder layer that belong to generation, not to a standalone block call.
 _GENERATION_KWARGS = {"past_key_values", "past_key_value", "cache", "use_cache", "cache_position", "output_attentions"}
@@ -49,6 +60,19 @@ class ModelSites:
     head: str
     tied: bool
     extra: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ResidualWriters:
+    """Where a block writes to the residual stream (names within a prepared block).
+
+    linears: their outputs are added to the residual stream (a rotation of the stream folds into their rows).
+    norms: norms between an output projection and the residual stream (Gemma's sandwich norms): a rotation of the
+      stream is applied online after them.
+    """
+
+    linears: tuple[str, ...] = ()
+    norms: tuple[str, ...] = ()
 
 
 @dataclass
@@ -73,6 +97,25 @@ def _move(value: Any, device: torch.device | str) -> Any:
     if isinstance(value, list):
         return [_move(v, device) for v in value]
     return value
+
+
+def attach_online_rotations(block: nn.Module, rotations: OnlineRotations, sites: list[TransformSite]) -> None:
+    """Give the quantized block the rotations it applies online: R3 in each quantized attention's slot, R4 in the
+    down projections' slots (where the model-level stage has not already put one: its weight must then hold the
+    inverse, as a loaded export's does)."""
+    if rotations.qk:
+        for s in sites:
+            if s.location == "qk":
+                for m in block.modules():
+                    if isinstance(m, QuantMatMul) and m.input_transform is None:
+                        m.input_transform = HeadRotation(s.heads.head_dim, rotations.seed)
+    if rotations.down:
+        for s in sites:
+            if s.location == "up_down":
+                for name in s.targets:
+                    lin = block.get_submodule(name)
+                    if lin.input_transform is None:
+                        lin.input_transform = OnlineRotation(lin.in_features, rotations.seed)
 
 
 def tied_embeddings(model: nn.Module) -> bool:
@@ -116,6 +159,7 @@ class ModelAdapter:
     norm_offset: float = 0.0  # norms compute x * (offset + w): 0 for LLaMA / LayerNorm, 1 for Gemma
     required_attn_implementation: str | None = None  # e.g. "eager" where sdpa would compute something else
     experts: bool = False  # its blocks hold mixture-of-experts MLPs
+    residual_norm: str = "rms"  # the norms reading the residual stream: "rms" (x * w) or "layer" (mean, bias)
     fused_experts: bool = False  # its checkpoint holds the experts as fused 3-D tensors (no per-linear packing)
 
     # --- structure -------------------------------------------------------------------------------------------
@@ -134,6 +178,10 @@ class ModelAdapter:
         return int(model.config.get_text_config().hidden_size)
 
     def attention_modules(self, block: nn.Module) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def residual_writers(self, block: nn.Module) -> ResidualWriters:
+        """Where a prepared block writes to the residual stream (for rotations of the stream)."""
         raise NotImplementedError
 
     def model_sites(self, model: nn.Module) -> ModelSites:
@@ -252,7 +300,7 @@ class ModelAdapter:
             return QuantLinear(lin, spec, quantize_input=spec.quantizes_activations, fmt=setup.formats.get(name))
 
         swap_linears(block, make)
-        if spec.quantizes_activations or spec.quantizes_kv:
+        if spec.quantizes_activations or spec.quantizes_kv or setup.rotations.qk:
             name = register_attention()
             for attn in self.attention_modules(block):
                 attn.omniq_matmul = QuantMatMul(spec.a_bits, spec.kv_bits, spec.a_symmetric, self.base_attention(attn))
@@ -261,7 +309,10 @@ class ModelAdapter:
         for p in specs:
             if p.location == "norm" and not isinstance(block.get_submodule(p.source), LETNorm):
                 block.set_submodule(p.source, LETNorm(block.get_submodule(p.source), self.norm_offset))
-        return QuantBlock(block, {p.name: LETPair(p) for p in specs}, self.call_block, sites)
+        attach_online_rotations(block, setup.rotations, sites)
+        affine = {s.name: AffinePair(s, block) for s in sites if s.location in setup.affine_locations and
+                  (s.location != "norm" or s.source is not None)}
+        return QuantBlock(block, {p.name: LETPair(p) for p in specs}, self.call_block, sites, affine)
 
     # --- helpers for subclasses --------------------------------------------------------------------------------
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from omniq_lightning.models.base import ModelAdapter, ModelSites, tied_embeddings
+from omniq_lightning.models.base import ModelAdapter, ModelSites, ResidualWriters, tied_embeddings
 from omniq_lightning.models.llama import attention_sites, gated_mlp_sites
 from omniq_lightning.transforms import TransformSite
 
@@ -25,6 +25,10 @@ class GemmaAdapter(ModelAdapter):
 
     def text_model(self, model: nn.Module) -> nn.Module:
         return model.get_submodule(self.text_model_name(model))
+
+    def residual_writers(self, block: nn.Module) -> ResidualWriters:
+        """The sandwich norms sit between o_proj / down_proj and the residual stream: rotated online."""
+        return ResidualWriters(norms=("post_attention_layernorm", "post_feedforward_layernorm"))
 
     def model_sites(self, model: nn.Module) -> ModelSites:
         text = self.text_model_name(model)

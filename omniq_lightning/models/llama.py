@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from omniq_lightning.models.base import ModelAdapter, ModelSites, tied_embeddings
+from omniq_lightning.models.base import ModelAdapter, ModelSites, ResidualWriters, tied_embeddings
 from omniq_lightning.models.heads import heads_of
 from omniq_lightning.transforms import TransformSite
 
@@ -46,6 +46,9 @@ class DecoderLayersAdapter(ModelAdapter):
 
     def pre_block_modules(self, model: nn.Module) -> list[nn.Module]:
         return [model.model.embed_tokens, model.model.rotary_emb]
+
+    def residual_writers(self, block: nn.Module) -> ResidualWriters:
+        return ResidualWriters(linears=("self_attn.o_proj", "mlp.down_proj"))
 
     def model_sites(self, model: nn.Module) -> ModelSites:
         return ModelSites("model.embed_tokens", "model.norm", "lm_head", tied_embeddings(model))

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from omniq_lightning.models.base import ResidualWriters
 from omniq_lightning.models.llama import LlamaAdapter, attention_sites, gated_mlp_sites
 from omniq_lightning.nn import LETRouter
 from omniq_lightning.transforms import TransformSite
@@ -131,6 +132,15 @@ class MoEAdapter(LlamaAdapter):
         finally:
             for mlp, experts in swapped:
                 mlp.experts = experts
+
+    def residual_writers(self, block: nn.Module) -> ResidualWriters:
+        mlp = block.mlp
+        if not _is_sparse(mlp):
+            return ResidualWriters(linears=("self_attn.o_proj", "mlp.down_proj"))
+        assert isinstance(mlp.experts, UnfusedExperts), "prepare_block() the block first"
+        downs = tuple(f"mlp.experts.{e}.down_proj" for e in range(len(mlp.experts)))
+        shared = ("mlp.shared_expert.down_proj",) if hasattr(mlp, "shared_expert") else ()
+        return ResidualWriters(linears=("self_attn.o_proj", *downs, *shared))
 
     def keep_full_precision(self, block: nn.Module) -> set[str]:
         return {"mlp.shared_expert_gate"} if hasattr(block.mlp, "shared_expert_gate") else set()

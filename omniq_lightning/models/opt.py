@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from omniq_lightning.models.base import ModelAdapter, ModelSites, tied_embeddings
+from omniq_lightning.models.base import ModelAdapter, ModelSites, ResidualWriters, tied_embeddings
 from omniq_lightning.transforms import BlockSetup, HeadLayout, TransformSite
 
 Q, K, V, O_PROJ = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"
@@ -13,6 +13,7 @@ Q, K, V, O_PROJ = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "s
 class OPTAdapter(ModelAdapter):
     model_types = ("opt",)
     recipe_family = "opt"
+    residual_norm = "layer"
     let_for_weight_only = True  # OmniQuant's released OPT weight-only recipes use LET
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -24,6 +25,9 @@ class OPTAdapter(ModelAdapter):
 
     def attention_modules(self, block: nn.Module) -> list[nn.Module]:
         return [block.self_attn]
+
+    def residual_writers(self, block: nn.Module) -> ResidualWriters:
+        return ResidualWriters(linears=("self_attn.out_proj", "fc2"))
 
     def model_sites(self, model: nn.Module) -> ModelSites:
         dec = model.model.decoder

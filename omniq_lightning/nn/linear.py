@@ -43,7 +43,8 @@ class QuantLinear(nn.Module):
             if quantize_input and spec.quantizes_activations
             else None
         )
-        self.input_transform: nn.Module | None = None
+        self.input_transform: nn.Module | None = getattr(linear, "input_transform", None)  # kept from an
+        # OnlineInputLinear (a rotation whose inverse the weight already holds)
         self._let: tuple[torch.Tensor, torch.Tensor | None] | None = None  # a tuple: never registered as parameters
 
     @property
@@ -127,6 +128,21 @@ class QuantLinear(nn.Module):
         else:
             w = ", w16"
         return f"in_features={self.in_features}, out_features={self.out_features}{w}"
+
+
+class OnlineInputLinear(nn.Linear):
+    """An ``nn.Linear`` whose input is transformed online first (``input_transform``): how a full-precision model
+    carries a rotation that cannot fold (QuaRot's R4 before the down projection, whose weight holds the inverse).
+    Quantizing it keeps the transform in the ``QuantLinear``'s input-transform slot."""
+
+    def __init__(self, linear: nn.Linear, transform: nn.Module) -> None:
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                         device=linear.weight.device, dtype=linear.weight.dtype)
+        self.weight, self.bias = linear.weight, linear.bias
+        self.input_transform = transform
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.input_transform(x), self.weight, self.bias)
 
 
 def swap_linears(module: nn.Module, make) -> None:

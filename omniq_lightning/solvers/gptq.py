@@ -22,13 +22,8 @@ def collect_hessians(qblock: QuantBlock, inputs: ActivationCache, ctx) -> dict[s
     linears = weight_linears(qblock)
     accs = {n: HessianAccumulator(m.in_features, m.weight.device) for n, m in linears.items()}
 
-    def record(name: str, lin: QuantLinear):  # the input the weight multiplies: transformed and quantized as it runs
-        def add(x: torch.Tensor) -> None:
-            if lin.input_transform is not None:
-                x = lin.input_transform(x)
-            accs[name].add(lin.act_quant(x) if lin.act_quant is not None else x)
-
-        return add
+    def record(name: str, lin: QuantLinear):  # the input the weight multiplies, quantized as it runs
+        return lambda x: accs[name].add(lin.act_quant(x) if lin.act_quant is not None else x)
 
     with full_precision_weights(linears.values()):
         run_with_input_hooks(qblock, inputs, ctx, {n: record(n, m) for n, m in linears.items()})

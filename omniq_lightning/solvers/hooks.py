@@ -52,11 +52,18 @@ def run_block(qblock: QuantBlock, inputs: ActivationCache, ctx) -> None:
     run_samples(lambda x: qblock(x, ctx), inputs)
 
 
+def weight_input(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What a linear's weight multiplies: its input after its online input transform, if it has one."""
+    transform = getattr(module, "input_transform", None)
+    return x if transform is None else transform(x)
+
+
 @torch.no_grad()
 def run_with_input_hooks(qblock: QuantBlock, inputs: ActivationCache, ctx,
                          hooks: dict[str, Callable[[torch.Tensor], None]]) -> None:
-    """Run the block over every calibration sample, handing each named module's input to ``hooks[name]``."""
-    handles = [qblock.block.get_submodule(n).register_forward_pre_hook(lambda _m, args, f=f: f(args[0]))
+    """Run the block over every calibration sample, handing each named module's input, as its weight multiplies
+    it (after an online input transform), to ``hooks[name]``."""
+    handles = [qblock.block.get_submodule(n).register_forward_pre_hook(lambda m, args, f=f: f(weight_input(m, args[0])))
                for n, f in hooks.items()]
     try:
         run_block(qblock, inputs, ctx)

@@ -1,7 +1,7 @@
 """Transform sites and the transforms on them (LET's diagonal scales and shifts, RPTQ's reorders, their exact
 folding) and the quantized block."""
 
-from omniq_lightning.transforms.block import BlockSetup, QuantBlock
+from omniq_lightning.transforms.block import BlockSetup, OnlineRotations, QuantBlock
 from omniq_lightning.transforms.let import (
     InputStats,
     LETNorm,
@@ -23,6 +23,7 @@ __all__ = [
     "LETNorm",
     "LETPair",
     "LETPairSpec",
+    "OnlineRotations",
     "QuantBlock",
     "TransformSite",
     "initial_pair",

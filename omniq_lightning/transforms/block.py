@@ -11,8 +11,20 @@ from torch import nn
 
 from omniq_lightning.nn import LETRouter, QuantLinear, WeightQuantizer
 from omniq_lightning.quant import QuantSpec
+from omniq_lightning.transforms.affine import AFFINE_LOCATIONS, AffinePair
 from omniq_lightning.transforms.let import LETNorm, LETPair
 from omniq_lightning.transforms.sites import LOCATIONS, TransformSite
+
+
+@dataclass(frozen=True)
+class OnlineRotations:
+    """The rotations a quantized block applies online (QuaRot's R3 and R4; R1 and R2 fold into the weights in the
+    model-level stage): ``qk``, one Hadamard on every query and key head after the rotary embedding (the key cache
+    is stored rotated); ``down``, one on the down projection's input (its weight holds the inverse)."""
+
+    qk: bool = False
+    down: bool = False
+    seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -25,6 +37,8 @@ class BlockSetup:
     scale_alpha: the SmoothQuant migration strength that initialises the scales.
     scale_shift: shifts where the source can absorb them (OPT), never where it cannot.
     formats: per-linear weight formats by name within the block (a mixed-precision plan); others use the spec's.
+    rotations: the rotations the block applies online.
+    affine_locations: the site locations that get a learned affine transform (``transforms/affine.py``).
     """
 
     spec: QuantSpec
@@ -32,11 +46,16 @@ class BlockSetup:
     scale_alpha: float = 0.5
     scale_shift: bool = True
     formats: Mapping[str, Any] = field(default_factory=dict)
+    rotations: OnlineRotations = field(default_factory=OnlineRotations)
+    affine_locations: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = set(self.scale_locations) - set(LOCATIONS)
         if unknown:
             raise ValueError(f"unknown site locations {sorted(unknown)}; locations are {LOCATIONS}")
+        unknown = set(self.affine_locations) - set(AFFINE_LOCATIONS)
+        if unknown:
+            raise ValueError(f"no affine transforms at {sorted(unknown)}; affine locations are {AFFINE_LOCATIONS}")
 
     @property
     def scaled(self) -> bool:
@@ -51,10 +70,11 @@ class QuantBlock(nn.Module):
     """
 
     def __init__(self, block: nn.Module, let_pairs: dict[str, LETPair], call: Callable,
-                 sites: list[TransformSite] | None = None) -> None:
+                 sites: list[TransformSite] | None = None, affine_pairs: dict[str, AffinePair] | None = None) -> None:
         super().__init__()
         self.block = block
-        self.let = nn.ModuleDict(let_pairs)
+        self.let = nn.ModuleDict(let_pairs)  # diagonal transforms (LET, AWQ's and SmoothQuant's scales)
+        self.affine = nn.ModuleDict(affine_pairs or {})  # learned dense transforms, applied after the diagonal ones
         self._call = call
         self.sites = list(sites or [])  # every transform site the adapter declares (RPTQ reorders on them)
         self.codes: dict[str, Any] = {}  # the stored codes of every quantized linear, once folded, by name
@@ -78,6 +98,10 @@ class QuantBlock(nn.Module):
         for name, pair in self.let.items():
             stats[f"let_{name}_scale_mean"] = pair.scale.detach().mean().item()
             stats[f"let_{name}_scale_max"] = pair.scale.detach().max().item()
+        for name, pair in self.affine.items():  # how far the learned transform moved from the identity
+            p = pair.transform.matrix()
+            stats[f"affine_{name}_drift"] = (torch.linalg.norm(p - torch.eye(p.shape[0], dtype=p.dtype)) /
+                                             p.shape[0] ** 0.5).item()
         return stats
 
     def record_learned(self) -> None:
@@ -106,29 +130,40 @@ class QuantBlock(nn.Module):
     def let_parameters(self) -> Iterator[nn.Parameter]:
         return iter(list(self.let.parameters()))
 
+    def affine_parameters(self) -> Iterator[nn.Parameter]:
+        return iter(list(self.affine.parameters()))
+
     def quant_parameters(self) -> Iterator[nn.Parameter]:
-        """The trainable tensors: clipping logits, LET factors, and rounding offsets where enabled."""
+        """The trainable tensors: clipping logits, LET factors, affine transform factors, and rounding offsets where
+        enabled."""
         yield from self.lwc_parameters()
         yield from self.let_parameters()
+        yield from self.affine_parameters()
         yield from self.rounding_parameters()
 
+    @property
+    def transformed(self) -> bool:
+        return bool(len(self.let) or len(self.affine))
+
     def apply_let(self) -> None:
-        """Recompute every transformed weight from the current LET factors (clears stale ones first)."""
+        """Recompute every transformed weight from the current transform factors (clears stale ones first): the
+        diagonal pairs, then the affine ones on top."""
         for m in self.block.modules():
             if isinstance(m, (QuantLinear, LETNorm, LETRouter)):
                 m.clear_let()
-        for pair in self.let.values():
+        for pair in [*self.let.values(), *self.affine.values()]:
             pair.apply(self.block)
 
     def forward(self, hidden: torch.Tensor, ctx) -> torch.Tensor:
-        if len(self.let):
+        if self.transformed:
             self.apply_let()
         return self._call(self.block, hidden, ctx)
 
     @torch.no_grad()
     def fold_transforms(self) -> None:
-        """Write the LET transforms into the (still unquantized) weights and norms; no LET pairs remain."""
-        if len(self.let):
+        """Write the transforms into the (still unquantized) weights and norms; no pairs remain (an affine
+        transform's online part stays in its readers' input-transform slots, frozen)."""
+        if self.transformed:
             self.apply_let()
         for name, m in list(self.block.named_modules()):
             if isinstance(m, (QuantLinear, LETRouter)):
@@ -136,6 +171,9 @@ class QuantBlock(nn.Module):
             elif isinstance(m, LETNorm):
                 self.block.set_submodule(name, m.fold())
         self.let = nn.ModuleDict()
+        for pair in self.affine.values():
+            pair.transform.requires_grad_(False)
+        self.affine = nn.ModuleDict()
 
     @torch.no_grad()
     def fold(self) -> nn.Module:
@@ -153,4 +191,4 @@ class QuantBlock(nn.Module):
         return self.block
 
     def extra_repr(self) -> str:
-        return f"LET pairs: {list(self.let.keys()) or 'none'}"
+        return f"LET pairs: {list(self.let.keys()) or 'none'}, affine: {list(self.affine.keys()) or 'none'}"

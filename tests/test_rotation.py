@@ -1,0 +1,135 @@
+"""Rotations and learned transforms for weight-activation quantization (issue 23): the Hadamard constructions are
+orthogonal in float64, the online transforms equal their dense matrices with the gradients of a float64 reference,
+and learned affine transforms fold exactly; end to end on stories260K."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+
+from omniq_lightning.transforms.affine import KroneckerAffine, kron_factors
+from omniq_lightning.transforms.rotation import (
+    OnlineRotation,
+    factor,
+    hadamard_matrix,
+    paley,
+    random_orthogonal,
+    sylvester,
+)
+from tests.conftest import QUICK
+
+
+@pytest.mark.parametrize("m", [12, 20, 24, 28, 36, 44, 60])
+def test_paley_constructions_are_hadamard_matrices(m):
+    h = paley(m)
+    assert h is not None and set(h.unique().tolist()) == {-1.0, 1.0}
+    assert torch.equal(h @ h.T, m * torch.eye(m, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n,expected", [(64, (1, 64, True)), (576, (36, 16, True)), (1536, (12, 128, True)),
+                                        (172, (43, 4, False)), (4096, (1, 4096, True)), (11008, (43, 256, False))])
+def test_sizes_factor_into_a_hadamard_or_orthogonal_part_and_a_power_of_two(n, expected):
+    assert factor(n) == expected
+    r = hadamard_matrix(n, seed=3)
+    assert torch.allclose(r @ r.T, torch.eye(n, dtype=torch.float64), atol=1e-12)
+    q = random_orthogonal(7, 1)
+    assert torch.allclose(q.T @ q, torch.eye(7, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(sylvester(8) @ sylvester(8).T, 8 * torch.eye(8, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("n", [64, 576, 172, 12 * 8])
+@pytest.mark.parametrize("signed", [False, True])
+def test_the_online_rotation_is_its_matrix_with_float64_gradients(n, signed):
+    rot = OnlineRotation(n, seed=5, signed=signed).double()
+    x = torch.randn(3, 5, n, dtype=torch.float64, requires_grad=True)
+    y = rot(x)
+    m = rot.matrix()
+    torch.testing.assert_close(y, x @ m, rtol=1e-12, atol=1e-12)
+    assert torch.allclose(m @ m.T, torch.eye(n, dtype=torch.float64), atol=1e-6)  # float32 factors, rounded
+    g = torch.randn_like(y)
+    y.backward(g)
+    torch.testing.assert_close(x.grad, g @ m.T, rtol=1e-12, atol=1e-12)
+    half = rot.float()(x.detach().half())  # half precision in, float32 arithmetic, half out
+    assert half.dtype == torch.float16 and torch.allclose(half.double(), x.detach() @ m, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("n", [576, 64, 172, 1536])
+def test_the_kronecker_affine_transform_and_its_fold_match_float64(n):
+    assert kron_factors(576) == (24, 24) and kron_factors(1536) == (32, 48) and kron_factors(172) == (4, 43)
+    t = KroneckerAffine(n).double()
+    gen = torch.Generator().manual_seed(n)
+    with torch.no_grad():
+        t.a.add_(0.1 * torch.randn(t.a.shape, generator=gen, dtype=torch.float64))
+        t.b.add_(0.1 * torch.randn(t.b.shape, generator=gen, dtype=torch.float64))
+    p = t.matrix()
+    x = torch.randn(2, 3, n, dtype=torch.float64, generator=gen, requires_grad=True)
+    y = t(x)
+    torch.testing.assert_close(y, x @ p, rtol=1e-10, atol=1e-10)
+    w = torch.randn(7, n, dtype=torch.float64, generator=gen)
+    torch.testing.assert_close(t.fold(w).double(), w @ torch.linalg.inv(p).T, rtol=1e-5, atol=1e-6)  # float32 inverse
+    g = torch.randn_like(y)
+    y.backward(g)  # the factors' gradients against the dense float64 product's
+    ref_a, ref_b = t.a.detach().clone().requires_grad_(True), t.b.detach().clone().requires_grad_(True)
+    (x.detach() @ torch.kron(ref_a, ref_b) * g).sum().backward()
+    torch.testing.assert_close(t.a.grad, ref_a.grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(t.b.grad, ref_b.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_learned_affine_transforms_fold_exactly(stories):
+    """Random (non-identity) affine transforms at every site of a stories260K block, at 16 bits: the transformed
+    block, and the block folded with its online parts in the readers' slots, compute the original block."""
+    from omniq_lightning.calib import ActivationCache, observe_linear_inputs
+    from omniq_lightning.quant import QuantSpec
+    from omniq_lightning.transforms import BlockSetup
+    from omniq_lightning.transforms.affine import AFFINE_LOCATIONS
+
+    model, adapter = stories.model, stories.adapter
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+    cache = ActivationCache(2, (64, 64), torch.float32, "cpu")
+    ctx = adapter.capture(model, (ids[i: i + 1] for i in range(2)), cache, "cpu")[1]
+    block = adapter.prepare_block(copy.deepcopy(adapter.blocks(model)[1]))
+    with torch.no_grad(), observe_linear_inputs(block) as stats:
+        ref = adapter.call_block(block, cache.all(), ctx)
+    setup = BlockSetup(QuantSpec(w_bits=16, lwc=False), scale_locations=("norm", "vo"),
+                       affine_locations=AFFINE_LOCATIONS)
+    qb = adapter.build_quant_block(copy.deepcopy(block), setup, stats)
+    assert set(qb.affine) == {"attn_in", "vo", "mlp_in", "up_down"}
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in qb.affine_parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=gen))
+        for p in qb.let_parameters():
+            p.mul_(torch.empty(p.shape).uniform_(0.5, 2.0, generator=gen))
+        unfolded = qb(cache.all(), ctx)
+        folded = adapter.call_block(qb.fold(), cache.all(), ctx)
+    scale = ref.abs().max().item()
+    assert (unfolded - ref).abs().max().item() <= 1e-4 * scale
+    assert (folded - ref).abs().max().item() <= 1e-4 * scale
+    assert qb.block.self_attn.q_proj.input_transform is qb.block.self_attn.k_proj.input_transform  # shared, online
+
+
+def test_omniquant_with_quarot_and_learned_transforms_exports_and_resumes(tmp_path, data_dir):
+    """The learned recipe end to end: QuaRot's rotations, then LWC, LET and affine transforms trained per block;
+    the export with its online parts re-attached by load_fake_quant gives the run's perplexity, and a rerun over the
+    finished blocks gives the same."""
+    from omniq_lightning.config import compose
+    from omniq_lightning.data import load_corpus, tokenize
+    from omniq_lightning.eval import perplexity
+    from omniq_lightning.export import load_fake_quant
+    from omniq_lightning.pipeline import run
+
+    args = ["method=omniquant", "quant=w4a4", "rotation=quarot", "method.affine=true", "method.epochs=2",
+            *QUICK, f"output_dir={tmp_path}", "calib.nsamples=8", "eval.max_windows=6"]
+    res = run(compose(args))
+    assert res["rotation"]["settings"]["residual"] and any("affine_attn_in_drift" in b for b in res["blocks"])
+    loaded = load_fake_quant(tmp_path / "model")
+    ids = tokenize(load_corpus("tinystories", "eval", str(data_dir)), loaded.tokenizer)
+    ppl = res["perplexity"]["tinystories"]["perplexity"]
+    assert perplexity(loaded.model, ids, 256, max_windows=6).perplexity == pytest.approx(ppl, rel=1e-5)
+    again = run(compose(args))
+    assert all(b["resumed"] == 1.0 for b in again["blocks"])
+    assert again["perplexity"]["tinystories"]["perplexity"] == ppl
+    assert math.isfinite(ppl)
