@@ -5,7 +5,7 @@
     python benchmarks/behaviour.py compare before.json after.json   # exit 1 on any difference
 
 The cells cover every method, weight-only and weight-activation settings, a mixed-precision plan, an RPTQ
-KV-cache preset and every export format. For each cell the record holds what a run's results say about the
+KV-cache preset, every export format, and rotations with learned transforms. For each cell the record holds what a run's results say about the
 weights it produced: the perplexity (to the last bit), the bits per weight, each block's output error, and a
 SHA-256 per exported checkpoint over its tensors (name, dtype, shape, bytes, in name order) and its
 ``quantization_config``. Timings, paths and versions are left out. The cells run in this process, one
@@ -48,6 +48,10 @@ CELLS: dict[str, list[str]] = {
     "gptq-mixed3-fake": ["method=gptq", "quant=mixed", "quant.mixed.avg_bits=3"],
     "rtn-mixed5-ct": ["method=rtn", "quant=mixed", "quant.mixed.avg_bits=5", "quant.mixed.candidates=[w4,w8]",
                       "export.format=compressed-tensors"],
+    "gptq-w4a4-quarot": ["method=gptq", "quant=w4a4", "rotation=quarot"],
+    "gptq-w4a16-quarot-ct": ["method=gptq", "quant=w4a16", "rotation=quarot", "export.format=compressed-tensors"],
+    "omniquant-w4a4-quarot-affine-lac": ["method=omniquant", "quant=w4a4", "rotation=quarot", "method.affine=true",
+                                         "quant.lac=true", "method.epochs=2"],
 }
 
 

@@ -31,50 +31,92 @@ SETTINGS = {
     "w3a16": ["quant=w3a16"],
 }
 WEIGHT_ONLY = ("w4a16", "w3a16")
-METHODS = ("rtn", "gptq", "omniquant")
+# recipes: a method and its settings (the learned ones add FlatQuant's activation clipping and affine transforms)
+RECIPES = {
+    "rtn": ["method=rtn"],
+    "gptq": ["method=gptq"],
+    "gptq, act-order, clip 0.9": ["method=gptq", "method.act_order=true", "quant.lac=true", "quant.lac_init=2.2"],
+    "omniquant": ["method=omniquant"],
+    "omniquant + LAC": ["method=omniquant", "quant.lac=true"],
+    "omniquant + LAC + affine": ["method=omniquant", "quant.lac=true", "method.affine=true"],
+}
+METHODS = tuple(RECIPES)
+SLUGS = {"rtn": "rtn", "gptq": "gptq", "gptq, act-order, clip 0.9": "gptq-ao-clip", "omniquant": "omniquant",
+         "omniquant + LAC": "omniquant-lac", "omniquant + LAC + affine": "omniquant-lac-affine"}
 ROTATIONS = ("none", "quarot")
 # the order cells run in: the cheap closed forms first, then the trained ones
 ORDER = [(m, r, s) for m in METHODS for r in ROTATIONS[::-1] for s in SETTINGS]
 
 
 def cell_name(method: str, rotation: str, setting: str) -> str:
-    return f"{method}{'' if rotation == 'none' else '-' + rotation}-{setting}"
+    return f"{SLUGS[method]}{'' if rotation == 'none' else '-' + rotation}-{setting}"
 
 
 def overrides(model: str, model_args: list[str], method: str, rotation: str, setting: str, protocol: str,
               seed: int) -> list[str]:
-    settings = {**PROTOCOLS[protocol], **METHOD_SETTINGS[protocol].get(method, {})}
-    return [f"model={model}", *model_args, f"method={method}", *SETTINGS[setting], f"rotation={rotation}", f"seed={seed}",
-            *[f"{k}={v}" for k, v in settings.items()]]
+    name = RECIPES[method][0].removeprefix("method=")
+    settings = {**PROTOCOLS[protocol], **METHOD_SETTINGS[protocol].get(name, {})}
+    extra = [a for a in RECIPES[method][1:] if not (setting in WEIGHT_ONLY and a.startswith("quant.lac"))]
+    return [f"model={model}", *model_args, RECIPES[method][0], *SETTINGS[setting], *extra, f"rotation={rotation}",
+            f"seed={seed}", *[f"{k}={v}" for k, v in settings.items()]]
+
+
+PUBLISHED = [  # WikiText-2 perplexity at 2048 context, LLaMA-2-7B (FP16 5.47), as the papers report them
+    ("OmniQuant", "14.26", "14.74"), ("QuaRot", "6.05", "6.10"), ("SpinQuant", "5.9", "5.96"),
+    ("OSTQuant", "5.60", "5.91"), ("FlatQuant", "-", "5.78 (GPTQ weights)"),
+]
+
+
+def w4a4_table(results: dict, fp: dict | None) -> str:
+    """Ours on SmolLM2-135M beside the published LLaMA-2-7B figures (for reference: another model, another scale)."""
+    base = fp["perplexity"]["wikitext2"]["perplexity"] if isinstance(fp, dict) else None
+
+    def cell(key):
+        r = results.get(key)
+        if not isinstance(r, dict):
+            return "-"
+        ppl = r["perplexity"]["wikitext2"]["perplexity"]
+        return f"{ppl:.2f}" + (f" ({ppl / base:.2f}x)" if base else "")
+
+    lines = ["| LLaMA-2-7B (FP16 5.47), published | W4A4 | W4A4KV4 |", "|---|---|---|"]
+    lines += [f"| {name} | {a} | {b} |" for name, a, b in PUBLISHED]
+    lines += ["", f"| SmolLM2-135M (FP {base:.2f}), ours |" if base else "| SmolLM2-135M, ours |", ""]
+    lines[-2] += " W4A4 | W4A4KV4 |"
+    lines[-1] = "|---|---|---|"
+    for method in METHODS:
+        for rotation in ROTATIONS:
+            if not any(isinstance(results.get((method, rotation, s)), dict) for s in ("w4a4", "w4a4kv4")):
+                continue
+            lines.append(f"| {method}{'' if rotation == 'none' else ' + ' + rotation} | "
+                         f"{cell((method, rotation, 'w4a4'))} | {cell((method, rotation, 'w4a4kv4'))} |")
+    return "\n".join(lines)
 
 
 def table(results: dict, protocol: str) -> str:
     p = PROTOCOLS[protocol]
+    ran = [(m, r) for m in METHODS for r in ROTATIONS if any(results.get((m, r, s)) for s in SETTINGS)]
+    header = ["| recipe | rotation | " + " | ".join(SETTINGS) + " |", "|---|---|" + "---|" * len(SETTINGS)]
+
+    def ppl(r) -> str:
+        if isinstance(r, dict):
+            return f"{r['perplexity']['wikitext2']['perplexity']:.2f} / {r['perplexity']['ptb']['perplexity']:.2f}"
+        return "-" if r is None else "failed"
+
+    def seconds(r) -> str:
+        return f"{calibration_seconds(r):.0f}" if isinstance(r, dict) and calibration_seconds(r) is not None else "-"
+
+    fp = results.get("fp")
+    fp_text = (f"; full precision {fp['perplexity']['wikitext2']['perplexity']:.2f} / "
+               f"{fp['perplexity']['ptb']['perplexity']:.2f}" if isinstance(fp, dict) else "")
     lines = [f"SmolLM2-135M, {protocol} protocol ({p['calib.nsamples']} x {p['calib.seqlen']} calibration tokens of "
              f"WikiText-2, OmniQuant {METHOD_SETTINGS[protocol].get('omniquant', {}).get('method.epochs', 20)} epochs "
              f"of the default recipe; WikiText-2 / PTB perplexity on the first {p['eval.max_windows']} windows of "
-             f"{p['eval.seqlen']} tokens). Regenerate: `python benchmarks/rotation.py`.", "",
-             "| method | rotation | " + " | ".join(SETTINGS) + " |", "|---|---|" + "---|" * len(SETTINGS)]
-    for method in METHODS:
-        for rotation in ROTATIONS:
-            cells = []
-            for s in SETTINGS:
-                r = results.get((method, rotation, s))
-                if isinstance(r, dict):
-                    cells.append(f"{r['perplexity']['wikitext2']['perplexity']:.2f} / {r['perplexity']['ptb']['perplexity']:.2f}")
-                else:
-                    cells.append("-" if r is None else "failed")
-            lines.append(f"| {method} | {rotation} | " + " | ".join(cells) + " |")
-    lines += ["", "Calibration wall time (s), same cells:", "",
-              "| method | rotation | " + " | ".join(SETTINGS) + " |", "|---|---|" + "---|" * len(SETTINGS)]
-    for method in METHODS:
-        for rotation in ROTATIONS:
-            cells = []
-            for s in SETTINGS:
-                r = results.get((method, rotation, s))
-                seconds = calibration_seconds(r) if isinstance(r, dict) else None
-                cells.append("-" if seconds is None else f"{seconds:.0f}")
-            lines.append(f"| {method} | {rotation} | " + " | ".join(cells) + " |")
+             f"{p['eval.seqlen']} tokens{fp_text}). Regenerate: `python benchmarks/rotation.py --cells ...`.", "",
+             *header]
+    lines += [f"| {m} | {r} | " + " | ".join(ppl(results.get((m, r, s))) for s in SETTINGS) + " |" for m, r in ran]
+    lines += ["", "W4A4 beside the published figures (WikiText-2):", "", w4a4_table(results, fp),
+              "", "Calibration wall time (s), same cells:", "", *header]
+    lines += [f"| {m} | {r} | " + " | ".join(seconds(results.get((m, r, s))) for s in SETTINGS) + " |" for m, r in ran]
     return "\n".join(lines)
 
 
@@ -90,6 +132,10 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     model_args = local_model(args.model, args.out)
     results = {}
+    fp_out = args.out / args.protocol / "fp"
+    fp_cell = [f"model={args.model}", *model_args, "method=fp",
+               *[f"{k}={v}" for k, v in PROTOCOLS[args.protocol].items() if not k.startswith("calib.")]]
+    results["fp"] = run_cell(fp_cell, fp_out, fp_out.with_suffix(".log"), lambda res: True)
     for method, rotation, setting in ORDER:
         for seed in args.seeds:
             name = cell_name(method, rotation, setting) + (f"--seed{seed}" if seed else "")

@@ -217,6 +217,19 @@ def with_rotations(setup: BlockSetup, rotation: RotationSettings | None) -> Bloc
     return replace(setup, scale_locations=scales, rotations=OnlineRotations(rotation.qk, rotation.down, rotation.seed))
 
 
+def online_transforms(spec: QuantSpec, setup: BlockSetup) -> tuple[str, ...]:
+    """The transforms a quantized model of this setup runs online, beside its weights."""
+    named = []
+    if setup.rotations.qk and (spec.quantizes_activations or spec.quantizes_kv):
+        named.append("a rotation of queries and keys (R3)")
+    if setup.rotations.down:
+        named.append("a rotation before the down projections (R4)")
+    online = [x for x in setup.affine_locations if x != "vo"]  # at v -> o they fold
+    if online:
+        named.append(f"learned affine transforms ({', '.join(online)})")
+    return tuple(named)
+
+
 def check_formats_fit(shapes: Mapping[str, tuple[int, int]], fmt) -> None:
     """Every quantized linear can take the format (e.g. its group size divides the input width)."""
     for name, (out_f, in_f) in shapes.items():
@@ -617,7 +630,7 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
     setup = with_rotations(job.method.setup(job.spec, traits), job.rotation)
     adapter.check_setup(model, setup)
     request = ExportRequest(job.spec, frozenset({job.spec.weight_format}), adapter.fused_experts,
-                            frozenset(shapes.values()))
+                            frozenset(shapes.values()), online_transforms(job.spec, setup))
     if job.mixed is None:
         check_export(job.export_format, request)
     check_seqlen(int(cfg.eval.seqlen), loaded, "eval")

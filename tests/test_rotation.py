@@ -133,3 +133,25 @@ def test_omniquant_with_quarot_and_learned_transforms_exports_and_resumes(tmp_pa
     assert all(b["resumed"] == 1.0 for b in again["blocks"])
     assert again["perplexity"]["tinystories"]["perplexity"] == ppl
     assert math.isfinite(ppl)
+
+
+def test_rotations_compose_with_every_method_and_exports_say_what_they_hold(tmp_path):
+    """RPTQ's clusters (static ranges, KV cache), a mixed plan and GPTQ weights all run on the rotated model; a
+    packed format takes a rotated model whose rotations all fold (weight-only, or R3/R4 off), and refuses the
+    online ones before any work."""
+    from omniq_lightning.config import compose
+    from omniq_lightning.export import UnsupportedFormat
+    from omniq_lightning.pipeline import run
+
+    quick = [*QUICK, "calib.nsamples=8", "eval.max_windows=4"]
+    for name, args in {"rptq": ["method=rptq", "quant=w4a4kv"], "mixed": ["method=gptq", "quant=mixed"],
+                       "ct": ["method=gptq", "quant=w4a16", "export.format=compressed-tensors"]}.items():
+        res = run(compose([*args, "rotation=quarot", *quick, f"output_dir={tmp_path / name}"]))
+        assert math.isfinite(res["perplexity"]["tinystories"]["perplexity"]), name
+    assert res["export_packed"]["format"] == "compressed-tensors" and not res["rotation"]["settings"]["down"]
+    w8a8 = ["method=rtn", "quant=w8a8", "quant.w_symmetric=true", "quant.kv_bits=16", "rotation=quarot",
+            "export.format=compressed-tensors", *quick]
+    with pytest.raises(UnsupportedFormat, match="transforms that run online.*R4.*rotation.qk=false rotation.down=false"):
+        run(compose([*w8a8, f"output_dir={tmp_path / 'online'}"]))
+    assert not (tmp_path / "online").exists()
+    run(compose([*w8a8, "rotation.qk=false", "rotation.down=false", f"output_dir={tmp_path / 'folded'}"]))

@@ -11,6 +11,7 @@ from omniq_lightning.export.registry import Exporter, ExportJob, register_export
 class FakeQuantExporter(Exporter):
     name = "fake"
     needs_codes = False
+    online_transforms = True  # in omniq_runtime.safetensors and the manifest
 
     def write(self, job: ExportJob) -> Path:
         return job.fake_dir

@@ -26,13 +26,15 @@ class UnsupportedFormat(ValueError):
 @dataclass(frozen=True)
 class ExportRequest:
     """What a run would export: the spec, every quantized linear's weight format (a mixed plan may differ per
-    linear), the linears' shapes, and whether the model's checkpoint holds its experts as fused 3-D tensors
-    (what per-linear packed formats cannot express)."""
+    linear), the linears' shapes, whether the model's checkpoint holds its experts as fused 3-D tensors (what
+    per-linear packed formats cannot express), and the transforms that run online beside the weights (a
+    rotation before the down projection, say: folded transforms are in the weights already)."""
 
     spec: QuantSpec
     formats: frozenset
     fused_experts: bool = False
     shapes: frozenset[tuple[int, int]] = field(default_factory=frozenset)
+    online_transforms: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Exporter:
     name: str = ""
     kinds: tuple[str, ...] = ()  # weight format kinds it holds; () with needs_codes False: anything
     needs_codes: bool = True  # refuses a run whose weights are not quantized
+    online_transforms: bool = False  # holds transforms that run online beside the weights
 
     def why_not(self, req: ExportRequest) -> str | None:
         """Why this format cannot hold the request (None if it can), beyond the kinds it holds."""
@@ -88,6 +91,10 @@ def why_not(name: str, req: ExportRequest) -> str | None:
         return e.why_not(req)
     if not formats:
         return "the weights are not quantized"
+    if req.online_transforms and not e.online_transforms:
+        return (f"it has no place for transforms that run online ({', '.join(req.online_transforms)}): folded "
+                "rotations export as plain weights, so use rotation.qk=false rotation.down=false and no method.affine, "
+                "or export.format=fake (load_fake_quant re-attaches them)")
     other = sorted({f.kind for f in formats} - set(e.kinds))
     if other:
         fitting = [n for n, x in EXPORTERS.items() if x.needs_codes and {f.kind for f in formats} <= set(x.kinds)]

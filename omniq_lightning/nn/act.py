@@ -18,11 +18,15 @@ class ActQuantizer(nn.Module):
     and the running min/max are recorded), then set it back to False.
     """
 
-    def __init__(self, bits: int, granularity: str = "token", symmetric: bool = False) -> None:
+    def __init__(self, bits: int, granularity: str = "token", symmetric: bool = False, clip_init: float | None = None
+                 ) -> None:
         super().__init__()
         self.bits, self.granularity, self.symmetric = bits, granularity, symmetric
         self.ranges = "detached"  # per-token: or "released" (differentiable min/max), set by the method
         self.observing = False
+        # learnable activation clipping (per-token quantizers): logits [gamma (max side), beta (min side)]
+        self.clip = None if clip_init is None or granularity != "token" else nn.Parameter(
+            torch.full((2,), float(clip_init)), requires_grad=False)
         if granularity == "tensor":
             self.register_buffer("lo", torch.tensor(float("inf")))
             self.register_buffer("hi", torch.tensor(float("-inf")))
@@ -46,7 +50,7 @@ class ActQuantizer(nn.Module):
         if not self.active:
             return x
         if self.granularity == "token":
-            return fake_quant_per_token(x, self.bits, self.symmetric, self.ranges)
+            return fake_quant_per_token(x, self.bits, self.symmetric, self.ranges, clip=self.clip)
         if self.observing:
             with torch.no_grad():
                 self.lo.copy_(torch.minimum(self.lo, x.detach().min().float()))
@@ -58,7 +62,8 @@ class ActQuantizer(nn.Module):
         return fake_quant_per_tensor(x, scale.to(x.device), zero.to(x.device), self.bits, self.symmetric)
 
     def extra_repr(self) -> str:
-        return f"a{self.bits} per-{self.granularity} {'sym' if self.symmetric else 'asym'}"
+        lac = "" if self.clip is None else " +LAC"
+        return f"a{self.bits} per-{self.granularity} {'sym' if self.symmetric else 'asym'}{lac}"
 
 
 OBSERVERS = ("minmax", "ema_minmax")

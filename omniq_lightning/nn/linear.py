@@ -39,7 +39,7 @@ class QuantLinear(nn.Module):
                                                              self.weight.device)
         self.codes = None  # the weight's stored codes (QuantizedWeight, VectorQuantizedWeight, ...), once folded
         self.act_quant = (
-            ActQuantizer(spec.a_bits, spec.a_granularity, spec.a_symmetric)
+            ActQuantizer(spec.a_bits, spec.a_granularity, spec.a_symmetric, spec.lac_init if spec.lac else None)
             if quantize_input and spec.quantizes_activations
             else None
         )

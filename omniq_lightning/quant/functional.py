@@ -157,11 +157,18 @@ def lwc_bounds(
     return lo, hi
 
 
-def reference_fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool = False, ranges: str = "detached") -> torch.Tensor:
-    """Dynamic per-token fake quantization: one range per row of the last dimension (see ``RANGES``)."""
+def reference_fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool = False, ranges: str = "detached",
+                                   clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Dynamic per-token fake quantization: one range per row of the last dimension (see ``RANGES``); ``clip``:
+    learnable activation clipping logits ``[gamma, beta]`` (each token's range ``[sigmoid(beta) min,
+    sigmoid(gamma) max]``, the logits getting the gradient through the scale and zero point)."""
     check_floating("activation", x)
     xx = x.to(compute_dtype(x))
     lo, hi = row_ranges(xx, ranges)
+    if clip is not None:
+        lo, hi = lwc_bounds(lo, hi, clip[0].to(xx.dtype), clip[1].to(xx.dtype))
+        scale, zero = scale_zero(lo, hi, bits, symmetric, zero_grad=ranges == "detached")
+        return fake_quant(xx, scale, zero, bits, symmetric).to(x.dtype)
     if ranges == "released":
         scale, zero = scale_zero(lo, hi, bits, symmetric, zero_grad=False)
     else:

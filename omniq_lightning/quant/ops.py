@@ -86,11 +86,12 @@ def fake_quant_weight(
 
 
 def fake_quant_per_token(x: torch.Tensor, bits: int, symmetric: bool = False, ranges: str = "detached",
-                         use_cuda_ext: bool = True) -> torch.Tensor:
-    """Dynamic per-token fake-quant (see :func:`functional.reference_fake_quant_per_token`), fused on CUDA."""
-    ext = usable_for(x) if use_cuda_ext else None
+                         use_cuda_ext: bool = True, clip: torch.Tensor | None = None) -> torch.Tensor:
+    """Dynamic per-token fake-quant (see :func:`functional.reference_fake_quant_per_token`), fused on CUDA (the
+    kernels have no activation clipping: with ``clip`` the reference runs)."""
+    ext = usable_for(x) if use_cuda_ext and clip is None else None
     if ext is None or x.numel() == 0:
-        return F.reference_fake_quant_per_token(x, bits, symmetric, ranges)
+        return F.reference_fake_quant_per_token(x, bits, symmetric, ranges, clip)
     F.check_ranges(ranges)
     x2d = x.reshape(-1, x.shape[-1]).contiguous()
     return FusedTokenFakeQuant.apply(x2d, bits, symmetric, ranges == "released", ext).reshape(x.shape)

@@ -278,6 +278,10 @@ class QuantSpec:
         a_bits: activation bits (inputs of linear layers and attention matmuls), or 16 for none.
         a_granularity: "token" (dynamic range per token) or "tensor" (one static range).
         a_symmetric: symmetric activation grid.
+        lac: learnable activation clipping (FlatQuant's LAC): each per-token input quantizer of a linear clips its
+            token ranges to ``[sigmoid(beta) * min, sigmoid(gamma) * max]``, two logits per quantizer.
+        lac_init: their initial value (4.0: ratio 0.982; 2.2: QuaRot's fixed ratio 0.9 for methods that do not
+            train them).
         kv_bits: bits of the key/value cache, or 16 for none.
         w_vq: vector quantization of the weights (``VectorFormat``, VPTQ) instead of a scalar grid; the other
             ``w_*`` settings and ``lwc`` then do not apply.
@@ -295,6 +299,8 @@ class QuantSpec:
     a_bits: int = NO_QUANT_BITS
     a_granularity: str = "token"
     a_symmetric: bool = False
+    lac: bool = False
+    lac_init: float = 4.0
     kv_bits: int = NO_QUANT_BITS
     w_vq: VectorFormat | None = None
     w_format: Any = None
@@ -321,7 +327,7 @@ class QuantSpec:
         object.__setattr__(self, "w_grid_exponent", fmt.grid_exponent)
         if self.a_granularity not in A_GRANULARITIES:
             raise ValueError(f"a_granularity must be one of {A_GRANULARITIES}, got {self.a_granularity!r}")
-        for name in ("w_symmetric", "lwc", "a_symmetric"):
+        for name in ("w_symmetric", "lwc", "a_symmetric", "lac"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 

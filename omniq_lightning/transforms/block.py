@@ -92,6 +92,10 @@ class QuantBlock(nn.Module):
         if wqs:
             stats["clip_max_mean"] = torch.cat([torch.sigmoid(wq.lwc_gamma).flatten() for wq in wqs]).mean().item()
             stats["clip_min_mean"] = torch.cat([torch.sigmoid(wq.lwc_beta).flatten() for wq in wqs]).mean().item()
+        clips = [m.act_quant.clip for m in self.quant_linears()
+                 if m.act_quant is not None and getattr(m.act_quant, "clip", None) is not None]
+        if clips:
+            stats["act_clip_mean"] = torch.sigmoid(torch.cat([c.detach().flatten() for c in clips])).mean().item()
         offsets = [wq.rounding.flatten() for wq in self.weight_quantizers() if wq.rounding is not None]
         if offsets:  # how far learned rounding moved from round-to-nearest
             stats["rounding_offset_abs_mean"] = torch.cat(offsets).abs().mean().item()
@@ -120,8 +124,12 @@ class QuantBlock(nn.Module):
         return [m.wq for m in self.quant_linears() if m.wq is not None]
 
     def lwc_parameters(self) -> Iterator[nn.Parameter]:
+        """The clipping logits: the weights' (LWC) and the activations' (LAC)."""
         for wq in self.weight_quantizers():
             yield from wq.lwc_parameters()
+        for m in self.quant_linears():
+            if m.act_quant is not None and getattr(m.act_quant, "clip", None) is not None:
+                yield m.act_quant.clip
 
     def rounding_parameters(self) -> Iterator[nn.Parameter]:
         for wq in self.weight_quantizers():

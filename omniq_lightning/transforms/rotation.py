@@ -9,8 +9,8 @@ Sizes: ``n = m * 2^k`` with ``H_n = H_m (x) H_{2^k}`` (Kronecker), ``H_{2^k}`` S
 matrix of order ``m`` from Paley's constructions (``m = q + 1``, q prime = 3 mod 4; ``m = 2(q + 1)``, q prime =
 1 mod 4: 12, 20, 24, 28, 36, 44, ...). SmolLM2's 576 = 36 x 16 and 1536 = 12 x 128 are true Hadamard sizes; a
 size with no such factor (stories260K's 172 = 43 x 4) takes a seeded random orthogonal ``m x m`` matrix in place
-of ``H_m`` (QuaRot's fallback). The power-of-two part is applied in ``O(n log n)`` (butterflies), the small
-factor as an ``m x m`` matmul.
+of ``H_m`` (QuaRot's fallback). Online, the rotation runs as three small matmuls (``H_p = H_p1 (x) H_p2`` and the
+small factor, each along its own axis of the row viewed as ``[m, p1, p2]``), which BLAS runs well.
 """
 
 from __future__ import annotations
@@ -71,6 +71,7 @@ def random_orthogonal(m: int, seed: int) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))[None, :]).contiguous()
 
 
+DENSE_MAX = 2048  # sizes up to this rotate online by one dense matmul
 MAX_SMALL = 256  # the small factor runs as an m x m matmul online: m * n operations per token
 
 
@@ -114,28 +115,24 @@ def random_signs(n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(seed)).to(torch.float64) * 2 - 1
 
 
-def fwht(x: torch.Tensor) -> torch.Tensor:
-    """``x @ H_p / sqrt(p)`` along the last dimension (``p`` a power of two) by butterflies, in x's dtype."""
-    p = x.shape[-1]
-    shape = x.shape
-    h = 1
-    while h < p:
-        x = x.reshape(*shape[:-1], p // (2 * h), 2, h)
-        a, b = x[..., 0, :], x[..., 1, :]
-        x = torch.stack([a + b, a - b], dim=-2)
-        h *= 2
-    return x.reshape(shape) / math.sqrt(p)
+def split_power(p: int) -> tuple[int, int]:
+    """``p = p1 * p2`` (powers of two, ``p1 <= p2``, as even as possible): ``H_p = H_p1 (x) H_p2`` (Sylvester)."""
+    k = p.bit_length() - 1
+    return 1 << (k // 2), 1 << (k - k // 2)
 
 
-def rotate(x: torch.Tensor, small: torch.Tensor, p: int, signs: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ (diag(signs) (small (x) H_p/sqrt(p)))`` along the last dimension, computed fast: ``x`` viewed as
-    ``[..., m, p]``, butterflies along ``p``, then ``small^T`` along ``m``."""
+def rotate(x: torch.Tensor, small: torch.Tensor, h1: torch.Tensor, h2: torch.Tensor,
+           signs: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ (diag(signs) (small (x) h1 (x) h2))`` along the last dimension without forming the product: ``x``
+    viewed as ``[..., m, p1, p2]`` and multiplied by each factor along its own axis (three small matmuls:
+    ``m * p * (m + p1 + p2)`` operations per row instead of ``(m p)^2``)."""
     if signs is not None:
         x = x * signs.to(x.dtype)
-    m = small.shape[0]
-    y = fwht(x.reshape(*x.shape[:-1], m, p))
-    if m > 1:
-        y = torch.einsum("...ap,ab->...bp", y, small.to(y.dtype))
+    m, p1, p2 = small.shape[0], h1.shape[0], h2.shape[0]
+    y = x.reshape(*x.shape[:-1], m, p1, p2) @ h2.to(x.dtype)  # along p2
+    y = (y.transpose(-1, -2) @ h1.to(x.dtype)).transpose(-1, -2)  # along p1
+    if m > 1:  # along m
+        y = (y.reshape(*x.shape[:-1], m, p1 * p2).transpose(-1, -2) @ small.to(x.dtype)).transpose(-1, -2)
     return y.reshape(x.shape)
 
 
@@ -148,17 +145,30 @@ class OnlineRotation(nn.Module):
         super().__init__()
         self.n = n
         _, self.p, _ = factor(n)
+        p1, p2 = split_power(self.p)
         # not saved with a state dict: rebuilt from (n, seed, signed), which the run records
         self.register_buffer("small", small_factor(n, seed).float(), persistent=False)
+        self.register_buffer("h1", (sylvester(p1) / math.sqrt(p1)).float(), persistent=False)
+        self.register_buffer("h2", (sylvester(p2) / math.sqrt(p2)).float(), persistent=False)
         self.register_buffer("signs", random_signs(n, seed + 1).float() if signed else torch.ones(n), persistent=False)
+        # up to DENSE_MAX one dense matmul is faster than three small ones (measured on the CPU, benchmarks/online_transforms.py)
+        dense = self.product().float() if n <= DENSE_MAX else torch.empty(0)
+        self.register_buffer("dense", dense, persistent=False)
+
+    def product(self) -> torch.Tensor:
+        """``diag(signs) (small (x) h1 (x) h2)`` in float64, from the (float32) factors."""
+        kron = torch.kron(self.small.double(), torch.kron(self.h1.double(), self.h2.double()))
+        return torch.diag(self.signs.double()) @ kron
 
     def matrix(self) -> torch.Tensor:
-        """``M^T`` as a dense float64 matrix (what ``forward`` multiplies by on the right)."""
-        return torch.diag(self.signs.double()) @ torch.kron(self.small.double(), sylvester(self.p) / math.sqrt(self.p))
+        """``M^T`` as a dense float64 matrix: what ``forward`` multiplies by on the right, exactly (so a weight that
+        folds the inverse and the online half agree to rounding)."""
+        return self.dense.double() if self.dense.numel() else self.product()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        y = rotate(x.float() if dtype in (torch.float16, torch.bfloat16) else x, self.small, self.p, self.signs)
+        x = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+        y = x @ self.dense.to(x.dtype) if self.dense.numel() else rotate(x, self.small, self.h1, self.h2, self.signs)
         return y.to(dtype)
 
     def extra_repr(self) -> str:
