@@ -12,7 +12,6 @@ first ``--windows`` windows).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
 from pathlib import Path
@@ -25,7 +24,7 @@ from omniq_lightning.data import load_corpus, tokenize  # noqa: E402
 from omniq_lightning.eval import perplexity  # noqa: E402
 from omniq_lightning.export import load_fake_quant  # noqa: E402
 from omniq_lightning.nn import ActQuantizer, ClusterActQuantizer, QuantLinear, QuantMatMul  # noqa: E402
-from omniq_lightning.quant.spec import NO_QUANT_BITS  # noqa: E402
+from omniq_lightning.solvers.hooks import quantizers_off  # noqa: E402
 
 SITES = {
     "q/k/v input": lambda name: name.endswith(("q_proj", "k_proj", "v_proj", "qkv_proj")),
@@ -50,18 +49,6 @@ def quantizers(model, block_prefix: str | None = None, site: str | None = None) 
     return [q for q in found if isinstance(q, (ActQuantizer, ClusterActQuantizer)) and q.active]
 
 
-@contextlib.contextmanager
-def off(qs):
-    saved = [q.bits for q in qs]
-    for q in qs:
-        q.bits = NO_QUANT_BITS
-    try:
-        yield
-    finally:
-        for q, b in zip(qs, saved, strict=True):
-            q.bits = b
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run", type=Path)
@@ -78,7 +65,7 @@ def main() -> None:
         return perplexity(loaded.model, ids, seqlen, max_windows=args.windows).perplexity
 
     base = ppl()
-    with off(quantizers(loaded.model)):
+    with quantizers_off(quantizers(loaded.model)):
         weights_only = ppl()
     print(f"{args.run.name}: {base:.2f} as quantized, {weights_only:.2f} with every activation in 16 bits "
           f"({corpus}, {args.windows} windows of {seqlen})")
@@ -88,12 +75,12 @@ def main() -> None:
         qs = quantizers(loaded.model, site=site)
         if not qs:
             continue
-        with off(qs):
+        with quantizers_off(qs):
             p = ppl()
         print(f"| {site} | {p:.2f} | {100 * (base - p) / max(base - weights_only, 1e-9):.0f}% |")
     prefix = loaded.adapter.blocks_prefix(loaded.model)
     for i in range(len(loaded.adapter.blocks(loaded.model))):
-        with off(quantizers(loaded.model, block_prefix=f"{prefix}.{i}.")):
+        with quantizers_off(quantizers(loaded.model, block_prefix=f"{prefix}.{i}.")):
             p = ppl()
         print(f"| block {i} | {p:.2f} | {100 * (base - p) / max(base - weights_only, 1e-9):.0f}% |")
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from omniq_lightning.export.bits import pack_bits, unpack_bits
-from omniq_lightning.export.packed import rewrite_checkpoint
+from omniq_lightning.export.packed import rewrite_checkpoint, serving_limits
 from omniq_lightning.export.registry import Exporter, ExportJob, ExportRequest, register_exporter
 from omniq_lightning.quant import QuantizedWeight, QuantSpec, WeightFormat
 
@@ -84,12 +84,9 @@ class CompressedTensorsExporter(Exporter):
 
     def why_not(self, req: ExportRequest) -> str | None:
         spec, formats = req.spec, {f for f in req.formats if f.quantized}
-        if any(f.grid != "uniform" for f in formats):
-            return "it holds uniform integer grids only (this run uses a non-uniform grid)"
-        if req.fused_experts:
-            return "mixture-of-experts checkpoints are exported in the fake-quant format only for now"
-        if spec.quantizes_kv:
-            return "it has no per-token KV-cache quantization (serving stacks quantize the KV cache themselves)"
+        reason = serving_limits(req)
+        if reason:
+            return reason
         if spec.quantizes_activations:
             w8a8 = (spec.a_bits == 8 and spec.a_granularity == "token" and
                     all(f.bits == 8 and f.symmetric and f.group_size is None for f in formats))

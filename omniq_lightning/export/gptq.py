@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from omniq_lightning.export.bits import pack_bits, unpack_bits
-from omniq_lightning.export.packed import one_format, rewrite_checkpoint
+from omniq_lightning.export.packed import one_format, rewrite_checkpoint, serving_limits
 from omniq_lightning.export.registry import Exporter, ExportJob, ExportRequest, UnsupportedFormat, register_exporter
 from omniq_lightning.quant import QuantizedWeight, WeightFormat
 
@@ -45,12 +45,9 @@ class GPTQExporter(Exporter):
 
     def why_not(self, req: ExportRequest) -> str | None:
         spec, formats = req.spec, {f for f in req.formats if f.quantized}
-        if any(f.grid != "uniform" for f in formats):
-            return "it holds uniform integer grids only (this run uses a non-uniform grid)"
-        if req.fused_experts:
-            return "mixture-of-experts checkpoints are exported in the fake-quant format only for now"
-        if spec.quantizes_kv:
-            return "it has no per-token KV-cache quantization (serving stacks quantize the KV cache themselves)"
+        reason = serving_limits(req)
+        if reason:
+            return reason
         if spec.quantizes_activations:
             return "it holds weight-only quantization"
         if len(formats) > 1:

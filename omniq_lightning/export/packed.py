@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from omniq_lightning.export.registry import ExportJob
+from omniq_lightning.export.registry import ExportJob, ExportRequest
 from omniq_lightning.io import plain_modes
 
 EXPORT_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -79,6 +79,18 @@ def rewrite_checkpoint(job: ExportJob, linear_tensors: Callable[[str, Any], dict
         shutil.rmtree(path)
     os.replace(tmp, path)
     return path
+
+
+def serving_limits(req: ExportRequest) -> str | None:
+    """What the integer-grid serving formats (compressed-tensors, GPTQ) share: uniform grids, per-linear weights
+    (no fused experts), the KV cache left to the serving stack."""
+    if any(f.grid != "uniform" for f in req.formats if f.quantized):
+        return "it holds uniform integer grids only (this run uses a non-uniform grid)"
+    if req.fused_experts:
+        return "mixture-of-experts checkpoints are exported in the fake-quant format only for now"
+    if req.spec.quantizes_kv:
+        return "it has no per-token KV-cache quantization (serving stacks quantize the KV cache themselves)"
+    return None
 
 
 def one_format(codes: Mapping[str, Any]):

@@ -33,10 +33,14 @@ def full_precision_weights(linears: Iterable[QuantLinear]) -> Iterator[None]:
             m.wq = wq
 
 
-@contextlib.contextmanager
-def activations_in_full_precision(qblock: QuantBlock) -> Iterator[None]:
+def activations_in_full_precision(qblock: QuantBlock):
     """While active, no activation or key/value quantizer of the block quantizes."""
-    quantizers = [m for m in qblock.modules() if isinstance(m, (ActQuantizer, ClusterActQuantizer))]
+    return quantizers_off([m for m in qblock.modules() if isinstance(m, (ActQuantizer, ClusterActQuantizer))])
+
+
+@contextlib.contextmanager
+def quantizers_off(quantizers: list) -> Iterator[None]:
+    """While active, the given activation quantizers pass their inputs through (16 bits)."""
     saved = [m.bits for m in quantizers]
     for m in quantizers:
         m.bits = NO_QUANT_BITS
