@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -34,12 +35,17 @@ def local_model(model: str, out_root: Path) -> list[str]:
     folder = out_root / "model-safetensors"
     if not (folder / "config.json").is_file():
         print(f"dequantizing {cfg.model.gguf_file} once into {folder} ...", flush=True)
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
+        # a private temporary folder per process: two benchmarks started together must not share one
+        tmp = Path(tempfile.mkdtemp(prefix=folder.name + ".", dir=out_root))
         loaded = load(cfg)
         loaded.tokenizer.save_pretrained(tmp)
         loaded.model.save_pretrained(tmp, safe_serialization=True)
-        tmp.rename(folder)  # the folder exists only once complete
+        try:
+            tmp.rename(folder)  # the folder exists only once complete
+        except OSError:  # another process finished first: its folder holds the same weights
+            if not (folder / "config.json").is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     return [f"model.path={folder.resolve()}", "model.gguf_file=null"]
 
 
@@ -77,6 +83,7 @@ def run_cell(overrides: list[str], out: Path, log: Path, matches: Callable[[dict
     if res is not None:
         return res
     t0 = time.time()
+    log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f:
         done = subprocess.run([sys.executable, "train.py", *overrides, f"output_dir={out}"], cwd=REPO, stdout=f,
                               stderr=subprocess.STDOUT)

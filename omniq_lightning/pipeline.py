@@ -31,6 +31,7 @@ from omniq_lightning.data import calibration_windows, load_corpus, tokenize
 from omniq_lightning.eval import perplexity, placed_for_evaluation, zero_shot
 from omniq_lightning.eval.tasks import check_tasks, task_list
 from omniq_lightning.export import ExportRequest, check_export, export_dtype, save_fake_quant, write_export
+from omniq_lightning.export.online import online_inputs, online_kinds
 from omniq_lightning.export.registry import exporter
 from omniq_lightning.io import OutputLock, write_json
 from omniq_lightning.methods import DataNeeds, Method, ModelTraits, build_method
@@ -194,9 +195,9 @@ def load(cfg: DictConfig) -> LoadedModel:
 
 def model_traits(loaded: LoadedModel) -> ModelTraits:
     adapter, blocks = loaded.adapter, loaded.adapter.blocks(loaded.model)
-    sites = adapter.sites(adapter.prepare_block(copy.deepcopy(blocks[0])))
-    return ModelTraits(adapter.recipe_family, adapter.let_for_weight_only, adapter.experts, tuple(sites),
-                       adapter.residual_norm)
+    block = adapter.prepare_block(copy.deepcopy(blocks[0]))
+    return ModelTraits(adapter.recipe_family, adapter.let_for_weight_only, adapter.experts, tuple(adapter.sites(block)),
+                       adapter.residual_norm, bool(adapter.residual_writers(block).norms))
 
 
 def check_seqlen(seqlen: int, loaded: LoadedModel, what: str) -> None:
@@ -217,17 +218,19 @@ def with_rotations(setup: BlockSetup, rotation: RotationSettings | None) -> Bloc
     return replace(setup, scale_locations=scales, rotations=OnlineRotations(rotation.qk, rotation.down, rotation.seed))
 
 
-def online_transforms(spec: QuantSpec, setup: BlockSetup) -> tuple[str, ...]:
-    """The transforms a quantized model of this setup runs online, beside its weights."""
-    named = []
-    if setup.rotations.qk and (spec.quantizes_activations or spec.quantizes_kv):
-        named.append("a rotation of queries and keys (R3)")
+def online_transforms(spec: QuantSpec, setup: BlockSetup, rotation: RotationSettings | None,
+                      traits: ModelTraits) -> tuple[str, ...]:
+    """The kinds of transform (``export.online.ONLINE_KINDS``) a quantized model of this setup runs online."""
+    kinds = []
     if setup.rotations.down:
-        named.append("a rotation before the down projections (R4)")
-    online = [x for x in setup.affine_locations if x != "vo"]  # at v -> o they fold
-    if online:
-        named.append(f"learned affine transforms ({', '.join(online)})")
-    return tuple(named)
+        kinds.append("input_rotation")
+    if any(x != "vo" for x in setup.affine_locations):  # at v -> o they fold
+        kinds.append("input_affine")
+    if setup.rotations.qk and (spec.quantizes_activations or spec.quantizes_kv):
+        kinds.append("qk_rotation")
+    if rotation is not None and rotation.residual and traits.sandwich_norms:
+        kinds.append("norm_output_rotation")
+    return tuple(kinds)
 
 
 def check_formats_fit(shapes: Mapping[str, tuple[int, int]], fmt) -> None:
@@ -630,7 +633,7 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
     setup = with_rotations(job.method.setup(job.spec, traits), job.rotation)
     adapter.check_setup(model, setup)
     request = ExportRequest(job.spec, frozenset({job.spec.weight_format}), adapter.fused_experts,
-                            frozenset(shapes.values()), online_transforms(job.spec, setup))
+                            frozenset(shapes.values()), online_transforms(job.spec, setup, job.rotation, traits))
     if job.mixed is None:
         check_export(job.export_format, request)
     check_seqlen(int(cfg.eval.seqlen), loaded, "eval")
@@ -712,7 +715,9 @@ def export_results(job: Job, loaded: LoadedModel, setup: BlockSetup, state: RunS
     if job.export_format != "fake":
         codes = stored_codes(state, loaded.adapter, loaded.model)
         packed = write_export(job.export_format, fake_dir, codes, job.spec,
-                              job.out_dir / f"model-{job.export_format}", job.export_dtype)
+                              job.out_dir / f"model-{job.export_format}", job.export_dtype,
+                              online_kinds(loaded.model, job.spec.quantizes_activations or job.spec.quantizes_kv),
+                              tuple(online_inputs(loaded.model)))
         results["export_packed"] = {"format": job.export_format, "path": str(packed),
                                     **export_sizes(packed, loaded.model)}
 

@@ -137,21 +137,106 @@ def test_omniquant_with_quarot_and_learned_transforms_exports_and_resumes(tmp_pa
 
 def test_rotations_compose_with_every_method_and_exports_say_what_they_hold(tmp_path):
     """RPTQ's clusters (static ranges, KV cache), a mixed plan and GPTQ weights all run on the rotated model; a
-    packed format takes a rotated model whose rotations all fold (weight-only, or R3/R4 off), and refuses the
-    online ones before any work."""
+    packed format takes a rotated model whose rotations all fold or change nothing (weight-only); compressed-tensors holds R4 in its
+    transform_config, which compressed-tensors' own loader applies to give our model back; a format with no place
+    for online transforms refuses them before any work."""
+    import json
+
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
     from omniq_lightning.config import compose
-    from omniq_lightning.export import UnsupportedFormat
+    from omniq_lightning.export import UnsupportedFormat, load_fake_quant
+    from omniq_lightning.nn import ActQuantizer
     from omniq_lightning.pipeline import run
+    from omniq_lightning.solvers.hooks import quantizers_off
 
     quick = [*QUICK, "calib.nsamples=8", "eval.max_windows=4"]
     for name, args in {"rptq": ["method=rptq", "quant=w4a4kv"], "mixed": ["method=gptq", "quant=mixed"],
-                       "ct": ["method=gptq", "quant=w4a16", "export.format=compressed-tensors"]}.items():
+                       "gptq": ["method=gptq", "quant=w4a16", "export.format=gptq", "rotation.qk=true"]}.items():
         res = run(compose([*args, "rotation=quarot", *quick, f"output_dir={tmp_path / name}"]))
         assert math.isfinite(res["perplexity"]["tinystories"]["perplexity"]), name
-    assert res["export_packed"]["format"] == "compressed-tensors" and not res["rotation"]["settings"]["down"]
-    w8a8 = ["method=rtn", "quant=w8a8", "quant.w_symmetric=true", "quant.kv_bits=16", "rotation=quarot",
-            "export.format=compressed-tensors", *quick]
+    # weight-only, R3 changes nothing (q.k is unchanged and nothing in attention is quantized): gptq holds it
+    assert res["export_packed"]["format"] == "gptq" and res["rotation"]["settings"]["qk"]
+    assert not res["rotation"]["settings"]["down"]
     with pytest.raises(UnsupportedFormat, match="transforms that run online.*R4.*rotation.qk=false rotation.down=false"):
-        run(compose([*w8a8, f"output_dir={tmp_path / 'online'}"]))
+        run(compose(["method=gptq", "quant=w4a16", "rotation=quarot", "rotation.down=true", "export.format=gptq",
+                     *quick, f"output_dir={tmp_path / 'online'}"]))
     assert not (tmp_path / "online").exists()
-    run(compose([*w8a8, "rotation.qk=false", "rotation.down=false", f"output_dir={tmp_path / 'folded'}"]))
+
+    w8a8 = ["method=rtn", "quant=w8a8", "quant.w_symmetric=true", "quant.kv_bits=16", "rotation=quarot",
+            "export.format=compressed-tensors", "export.dtype=float32", *quick, f"output_dir={tmp_path / 'w8a8'}"]
+    run(compose(w8a8))
+    packed = tmp_path / "w8a8" / "model-compressed-tensors"
+    config = TransformConfig.model_validate(json.loads((packed / "config.json").read_text())
+                                            ["quantization_config"]["transform_config"])
+    ours = load_fake_quant(tmp_path / "w8a8" / "model").model
+    (scheme,) = config.config_groups.values()  # one R4 shared by every down projection
+    assert [a.location for a in scheme.apply] == ["input"] and len(scheme.apply[0].targets) == len(ours.model.layers)
+    # compressed-tensors' loader, weights dequantized (float32 scales: exact), against ours with the activation
+    # quantizers off (compressed-tensors' int8 step differs from ours): the same function
+    model = AutoModelForCausalLM.from_pretrained(packed, dtype=torch.float32,
+                                                 quantization_config=CompressedTensorsConfig(dequantize=True))
+    ids = torch.randint(0, ours.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), quantizers_off([m for m in ours.modules() if isinstance(m, ActQuantizer)]):
+        want = ours(input_ids=ids).logits
+        unrotated = model(input_ids=ids).logits
+        apply_transform_config(model, config)
+        stored = {k: v for k, v in load_file(str(packed / "model.safetensors")).items() if "omniq_input_" in k}
+        assert len(stored) == 1 and not model.load_state_dict(stored, strict=False).unexpected_keys
+        got = model(input_ids=ids).logits
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 1e-4 * scale
+    assert (unrotated - want).abs().max().item() > 1e-2 * scale  # the transform is what makes it right
+
+
+@pytest.mark.parametrize("n", [128, 172, 1536])
+def test_compressed_tensors_applies_our_online_input_transforms_exactly(n):
+    """Sylvester sizes become a hadamard scheme, others a stored matrix; compressed-tensors' own transform
+    modules, given the config and the stored tensors, compute what our online linears compute."""
+    from compressed_tensors.transform import TransformConfig, apply_transform_config
+    from torch import nn
+
+    from omniq_lightning.export.compressed_tensors import ct_transforms
+    from omniq_lightning.export.online import online_inputs
+    from omniq_lightning.nn import OnlineInputLinear
+
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Linear(n, 8), nn.Linear(n, 8), nn.Linear(n, 8))
+    ours = copy.deepcopy(plain)
+    for i in range(2):  # two linears share one rotation, the third has a learned transform
+        ours[i] = OnlineInputLinear(ours[i], OnlineRotation(n, seed=1))
+    affine = KroneckerAffine(n)
+    with torch.no_grad():
+        affine.a.add_(0.1 * torch.randn_like(affine.a))
+    ours[2] = OnlineInputLinear(ours[2], affine)
+    config, tensors = ct_transforms(online_inputs(ours))
+    types = [g["type"] for g in config["config_groups"].values()]
+    assert types == ["hadamard" if n == 128 else "random-matrix", "random-matrix"]
+    apply_transform_config(plain, TransformConfig.model_validate(config))
+    assert not plain.load_state_dict(tensors, strict=False).unexpected_keys
+    x = torch.randn(4, n)
+    for i in range(3):
+        torch.testing.assert_close(plain[i](x), ours[i](x), rtol=1e-5, atol=1e-5)
+
+
+def test_online_transforms_name_their_kind_and_packed_formats_say_which_they_hold():
+    """A sandwich-norm model's residual rotation runs online after its norms: only the fake-quant export holds it."""
+    from omniq_lightning.export import ExportRequest, check_export
+    from omniq_lightning.methods.base import ModelTraits
+    from omniq_lightning.passes.rotation import RotationSettings
+    from omniq_lightning.pipeline import online_transforms
+    from omniq_lightning.quant import QuantSpec
+    from omniq_lightning.transforms import BlockSetup, OnlineRotations
+
+    spec = QuantSpec(w_bits=4, a_bits=16, kv_bits=16, w_symmetric=True)
+    setup = BlockSetup(spec, rotations=OnlineRotations(False, False, 0))
+    gemma = ModelTraits("llama", sandwich_norms=True)
+    kinds = online_transforms(spec, setup, RotationSettings(qk=False, down=False), gemma)
+    assert kinds == ("norm_output_rotation",)
+    assert online_transforms(spec, setup, RotationSettings(qk=False, down=False), ModelTraits("llama")) == ()
+    request = ExportRequest(spec, frozenset({spec.weight_format}), online_transforms=kinds)
+    check_export("fake", request)
+    with pytest.raises(ValueError, match="after each sandwich norm"):
+        check_export("compressed-tensors", request)

@@ -9,17 +9,27 @@
 
 compressed-tensors codes are signed (``q - 2^(b-1)``, zero points likewise); stored, they are shifted back by
 ``2^(b-1)``: exactly our unsigned codes.
+
+Online transforms (``export.online``) go in ``transform_config``: each distinct input transform of a linear (QuaRot's
+R4, a learned affine transform) is one scheme at the ``input`` location of the linears that share it, with its
+matrix in the checkpoint once (``<first target>.<scheme>_input.weight``, tied across the targets, as
+compressed-tensors' own ``save_pretrained`` writes it): type ``hadamard`` when it is Sylvester's (which the loader
+can also rebuild), else ``random-matrix`` (the stored matrix is the transform). The weights hold the inverse
+already, so no ``weight_input`` entry is written. A rotation of queries and keys (R3) leaves every ``q.k``
+unchanged and these schemes quantize neither, so it is exactly nothing here and is left out.
 """
 
 from __future__ import annotations
 
+import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 
 from omniq_lightning.export.bits import pack_bits, unpack_bits
+from omniq_lightning.export.online import OnlineInput
 from omniq_lightning.export.packed import rewrite_checkpoint, serving_limits
 from omniq_lightning.export.registry import Exporter, ExportJob, ExportRequest, register_exporter
 from omniq_lightning.quant import QuantizedWeight, QuantSpec, WeightFormat
@@ -69,6 +79,41 @@ def ct_config(quantized: Mapping[str, QuantizedWeight], spec: QuantSpec) -> dict
             "sparsity_config": {}, "transform_config": {}, "version": _ct_version()}
 
 
+def is_sylvester(v: torch.Tensor) -> bool:
+    """Whether ``v`` is Sylvester's Hadamard matrix of its (power-of-two) size over ``sqrt(n)`` (to float32 rounding)."""
+    n = v.shape[0]
+    if n & (n - 1):
+        return False
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return torch.allclose(v * math.sqrt(n), h, atol=1e-5, rtol=0)
+
+
+def ct_transforms(online: Sequence[OnlineInput]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """compressed-tensors' ``transform_config`` for the linears' online input transforms, and the tensors that hold
+    their matrices (see the module docstring)."""
+    groups: list[tuple[torch.Tensor, list[str]]] = []
+    for t in online:
+        same = next((g for g in groups if g[0].shape == t.matrix.shape and torch.equal(g[0], t.matrix)), None)
+        if same is None:
+            groups.append((t.matrix, [t.module]))
+        else:
+            same[1].append(t.module)
+    config, tensors = {}, {}
+    for i, (v, modules) in enumerate(groups):
+        name = f"omniq_input_{i}"
+        hadamard = is_sylvester(v)
+        config[name] = {"type": "hadamard" if hadamard else "random-matrix",
+                        "apply": [{"targets": [f"re:^{re.escape(m)}$" for m in modules], "location": "input",
+                                   "inverse": False, "ignore": []}],
+                        "randomize": False, "requires_grad": False, "head_dim": None, "precision": "torch.float32"}
+        # the hadamard transform divides by sqrt(n) online; a matrix transform applies its matrix as it is
+        stored = (v * math.sqrt(v.shape[0])).round() if hadamard else v
+        tensors[f"{modules[0]}.{name}_input.weight"] = stored.float().contiguous()
+    return ({"config_groups": config} if config else {}), tensors
+
+
 def _ct_version() -> str:
     try:
         from importlib.metadata import version
@@ -81,6 +126,7 @@ def _ct_version() -> str:
 class CompressedTensorsExporter(Exporter):
     name = "compressed-tensors"
     kinds = ("scalar",)
+    online_kinds = frozenset({"input_rotation", "input_affine", "qk_rotation"})
 
     def why_not(self, req: ExportRequest) -> str | None:
         spec, formats = req.spec, {f for f in req.formats if f.quantized}
@@ -99,8 +145,10 @@ class CompressedTensorsExporter(Exporter):
 
     def write(self, job: ExportJob) -> Path:
         w8a8 = job.spec.quantizes_activations
-        return rewrite_checkpoint(job, lambda name, q: ct_tensors(q, name, job.dtype, w8a8),
-                                  ct_config(job.codes, job.spec))
+        config = ct_config(job.codes, job.spec)
+        config["transform_config"], transforms = ct_transforms(job.online_inputs)
+        return rewrite_checkpoint(job, lambda name, q: ct_tensors(q, name, job.dtype, w8a8), config,
+                                  extra_tensors=transforms)
 
 
 register_exporter(CompressedTensorsExporter())

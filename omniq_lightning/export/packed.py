@@ -36,11 +36,12 @@ def export_dtype(setting: str, model_dtype: str) -> torch.dtype:
 
 
 def rewrite_checkpoint(job: ExportJob, linear_tensors: Callable[[str, Any], dict[str, torch.Tensor]],
-                       quantization_config: dict, bias_dtype: torch.dtype | None = None) -> Path:
+                       quantization_config: dict, bias_dtype: torch.dtype | None = None,
+                       extra_tensors: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Rewrite ``job.fake_dir`` at ``job.path``: each quantized linear's ``weight`` is replaced by
     ``linear_tensors(module, codes)``, its bias kept in ``bias_dtype`` when given, every other floating tensor
-    in ``job.dtype`` (the config says so, with ``quantization_config``). Written beside ``job.path`` and renamed
-    when complete."""
+    in ``job.dtype`` (the config says so, with ``quantization_config``); ``extra_tensors`` (kept as they are) go
+    in the last shard. Written beside ``job.path`` and renamed when complete."""
     fake_dir, path, quantized = job.fake_dir, job.path, job.codes
     tmp = path.with_name(path.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -62,6 +63,8 @@ def rewrite_checkpoint(job: ExportJob, linear_tensors: Callable[[str, Any], dict
                 else:
                     t = f.get_tensor(key)
                     tensors[key] = t.to(job.dtype) if t.is_floating_point() else t
+        if shard == shards[-1]:
+            tensors.update(extra_tensors or {})
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / shard.name), metadata={"format": "pt"})
         weight_map.update({k: shard.name for k in tensors})
     missing = sorted(set(quantized) - done)

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from omniq_lightning.export.online import ONLINE_KINDS, OnlineInput
 from omniq_lightning.quant import QuantSpec
 
 
@@ -27,8 +28,8 @@ class UnsupportedFormat(ValueError):
 class ExportRequest:
     """What a run would export: the spec, every quantized linear's weight format (a mixed plan may differ per
     linear), the linears' shapes, whether the model's checkpoint holds its experts as fused 3-D tensors (what
-    per-linear packed formats cannot express), and the transforms that run online beside the weights (a
-    rotation before the down projection, say: folded transforms are in the weights already)."""
+    per-linear packed formats cannot express), and the kinds of transform that run online beside the weights
+    (``export.online.ONLINE_KINDS``: folded transforms are in the weights already)."""
 
     spec: QuantSpec
     formats: frozenset
@@ -40,21 +41,22 @@ class ExportRequest:
 @dataclass(frozen=True)
 class ExportJob:
     """An export to write: the fake-quant checkpoint (``fake_dir``: the model's own layout, config, tokenizer),
-    every quantized linear's stored codes by its name in the model, the spec, where to write and the dtype of the
-    tensors that are not quantized."""
+    every quantized linear's stored codes by its name in the model, the spec, where to write, the dtype of the
+    tensors that are not quantized, and the linears whose inputs are transformed online (with their matrices)."""
 
     fake_dir: Path
     codes: Mapping[str, Any]
     spec: QuantSpec
     path: Path
     dtype: torch.dtype = torch.float16
+    online_inputs: tuple[OnlineInput, ...] = ()
 
 
 class Exporter:
     name: str = ""
     kinds: tuple[str, ...] = ()  # weight format kinds it holds; () with needs_codes False: anything
     needs_codes: bool = True  # refuses a run whose weights are not quantized
-    online_transforms: bool = False  # holds transforms that run online beside the weights
+    online_kinds: frozenset[str] = frozenset()  # the kinds of online transform it holds (export.online)
 
     def why_not(self, req: ExportRequest) -> str | None:
         """Why this format cannot hold the request (None if it can), beyond the kinds it holds."""
@@ -91,10 +93,11 @@ def why_not(name: str, req: ExportRequest) -> str | None:
         return e.why_not(req)
     if not formats:
         return "the weights are not quantized"
-    if req.online_transforms and not e.online_transforms:
-        return (f"it has no place for transforms that run online ({', '.join(req.online_transforms)}): folded "
-                "rotations export as plain weights, so use rotation.qk=false rotation.down=false and no method.affine, "
-                "or export.format=fake (load_fake_quant re-attaches them)")
+    unheld = [k for k in req.online_transforms if k not in e.online_kinds]
+    if unheld:
+        return (f"it has no place for transforms that run online ({', '.join(ONLINE_KINDS[k] for k in unheld)}): "
+                "folded rotations export as plain weights, so use rotation.qk=false rotation.down=false and no "
+                "method.affine, or export.format=fake (load_fake_quant re-attaches them)")
     other = sorted({f.kind for f in formats} - set(e.kinds))
     if other:
         fitting = [n for n, x in EXPORTERS.items() if x.needs_codes and {f.kind for f in formats} <= set(x.kinds)]
@@ -116,8 +119,11 @@ def check_export(name: str, req: ExportRequest) -> None:
 
 
 def write_export(name: str, fake_dir: str | os.PathLike, codes: Mapping[str, Any], spec: QuantSpec,
-                 path: str | os.PathLike, dtype: torch.dtype = torch.float16) -> Path:
-    """Write the ``name`` checkpoint of a finished run (refused, as before calibration, if it cannot hold it)."""
-    req = ExportRequest(spec, frozenset(q.fmt for q in codes.values()), shapes=frozenset(q.shape for q in codes.values()))
+                 path: str | os.PathLike, dtype: torch.dtype = torch.float16,
+                 online: tuple[str, ...] = (), online_inputs: tuple[OnlineInput, ...] = ()) -> Path:
+    """Write the ``name`` checkpoint of a finished run (refused, as before calibration, if it cannot hold it):
+    ``online`` names the kinds of online transform the model runs, ``online_inputs`` the linears they transform."""
+    req = ExportRequest(spec, frozenset(q.fmt for q in codes.values()), shapes=frozenset(q.shape for q in codes.values()),
+                        online_transforms=tuple(online))
     check_export(name, req)
-    return exporter(name).write(ExportJob(Path(fake_dir), codes, spec, Path(path), dtype))
+    return exporter(name).write(ExportJob(Path(fake_dir), codes, spec, Path(path), dtype, tuple(online_inputs)))

@@ -21,6 +21,7 @@ class ModelTraits:
     experts: whether its blocks hold mixture-of-experts MLPs.
     sites: block 0's transform sites.
     residual_norm: the norms that read the residual stream, "rms" or "layer".
+    sandwich_norms: whether norms sit between the blocks' output projections and the residual stream (Gemma).
     """
 
     recipe_family: str
@@ -28,6 +29,7 @@ class ModelTraits:
     experts: bool = False
     sites: tuple[TransformSite, ...] = ()
     residual_norm: str = "rms"
+    sandwich_norms: bool = False
 
 
 @dataclass(frozen=True)
