@@ -4,9 +4,10 @@ MLP 1536, 9 heads of 64, 3 KV heads) at 16 bits, without and with the transforms
     python benchmarks/online_transforms.py                 # CPU, float32, 1 token (decode) and 512 (prefill)
     python benchmarks/online_transforms.py --device cuda --dtype bfloat16
 
-Variants: ``plain`` (R1 and R2 fold into the weights: no cost), ``quarot`` (R3 on every query and key head after
-RoPE, R4 before the down projection), ``affine`` (learned Kronecker transforms before q/k/v, gate/up and down: each
-reader applies it, as the fake-quant model does; a deployment applies it once per site), and ``quarot+affine``.
+Variants: ``plain`` (R1 and R2 fold into the weights: no cost), ``R3`` (every query and key head after RoPE),
+``R4`` (before the down projection), ``quarot`` (both), ``affine`` (learned Kronecker transforms before q/k/v,
+gate/up and down: each reader applies it, as the fake-quant model does; a deployment applies it once per site),
+and ``quarot+affine``.
 Median of ``--repeats`` timed forwards after warm-up; the overhead is relative to ``plain``.
 """
 
@@ -31,6 +32,8 @@ from omniq_lightning.transforms.affine import AFFINE_LOCATIONS  # noqa: E402
 
 VARIANTS = {
     "plain": {},
+    "R3 (queries and keys)": {"rotations": OnlineRotations(qk=True, down=False)},
+    "R4 (down input)": {"rotations": OnlineRotations(qk=False, down=True)},
     "quarot (R3 + R4)": {"rotations": OnlineRotations(qk=True, down=True)},
     "affine": {"affine_locations": AFFINE_LOCATIONS},
     "quarot + affine": {"rotations": OnlineRotations(qk=True, down=True), "affine_locations": AFFINE_LOCATIONS},

@@ -40,7 +40,7 @@ def test_sizes_factor_into_a_hadamard_or_orthogonal_part_and_a_power_of_two(n, e
     assert torch.equal(sylvester(8) @ sylvester(8).T, 8 * torch.eye(8, dtype=torch.float64))
 
 
-@pytest.mark.parametrize("n", [64, 576, 172, 12 * 8])
+@pytest.mark.parametrize("n", [64, 576, 172, 12 * 8, 1536])  # one dense matmul up to 640, three small ones beyond
 @pytest.mark.parametrize("signed", [False, True])
 def test_the_online_rotation_is_its_matrix_with_float64_gradients(n, signed):
     rot = OnlineRotation(n, seed=5, signed=signed).double()

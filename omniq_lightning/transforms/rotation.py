@@ -71,7 +71,10 @@ def random_orthogonal(m: int, seed: int) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r))[None, :]).contiguous()
 
 
-DENSE_MAX = 2048  # sizes up to this rotate online by one dense matmul
+# sizes up to this rotate online by one dense matmul, larger ones by three small matmuls (CPU, one thread, float32:
+# dense is faster up to 576 wide, the factors from 768 up: 1536 wide, 3.3 ms against 20.5 ms for 512 tokens and
+# 0.04 ms against 0.42 ms for one)
+DENSE_MAX = 640
 MAX_SMALL = 256  # the small factor runs as an m x m matmul online: m * n operations per token
 
 
@@ -151,7 +154,6 @@ class OnlineRotation(nn.Module):
         self.register_buffer("h1", (sylvester(p1) / math.sqrt(p1)).float(), persistent=False)
         self.register_buffer("h2", (sylvester(p2) / math.sqrt(p2)).float(), persistent=False)
         self.register_buffer("signs", random_signs(n, seed + 1).float() if signed else torch.ones(n), persistent=False)
-        # up to DENSE_MAX one dense matmul is faster than three small ones (measured on the CPU, benchmarks/online_transforms.py)
         dense = self.product().float() if n <= DENSE_MAX else torch.empty(0)
         self.register_buffer("dense", dense, persistent=False)
 
