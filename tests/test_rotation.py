@@ -115,16 +115,24 @@ def test_omniquant_with_quarot_and_learned_transforms_exports_and_resumes(tmp_pa
     """The learned recipe end to end: QuaRot's rotations, then LWC, LET and affine transforms trained per block;
     the export with its online parts re-attached by load_fake_quant gives the run's perplexity, and a rerun over the
     finished blocks gives the same."""
+    from safetensors.torch import load_file
+
     from omniq_lightning.config import compose
     from omniq_lightning.data import load_corpus, tokenize
     from omniq_lightning.eval import perplexity
     from omniq_lightning.export import load_fake_quant
+    from omniq_lightning.export.hf import RUNTIME, is_runtime_state
     from omniq_lightning.pipeline import run
 
-    args = ["method=omniquant", "quant=w4a4", "rotation=quarot", "method.affine=true", "method.epochs=2",
-            *QUICK, f"output_dir={tmp_path}", "calib.nsamples=8", "eval.max_windows=6"]
+    args = ["method=omniquant", "quant=w4a4", "rotation=quarot", "method.affine=true", "quant.lac=true",
+            "method.epochs=2", *QUICK, f"output_dir={tmp_path}", "calib.nsamples=8", "eval.max_windows=6"]
     res = run(compose(args))
     assert res["rotation"]["settings"]["residual"] and any("affine_attn_in_drift" in b for b in res["blocks"])
+    # the learned activation clipping and the affine factors travel in the runtime file, not in the checkpoint
+    # that transformers loads
+    saved = load_file(str(tmp_path / "model" / "model.safetensors"))
+    runtime = load_file(str(tmp_path / "model" / RUNTIME))
+    assert not [k for k in saved if is_runtime_state(k)] and any(k.endswith("act_quant.clip") for k in runtime)
     loaded = load_fake_quant(tmp_path / "model")
     ids = tokenize(load_corpus("tinystories", "eval", str(data_dir)), loaded.tokenizer)
     ppl = res["perplexity"]["tinystories"]["perplexity"]

@@ -32,6 +32,8 @@ def is_runtime_state(key: str) -> bool:
     """Whether a state-dict key belongs to what runs beside the weights: an activation or key/value quantizer
     (static ranges, clusters) or an online input transform (a learned affine transform's factors)."""
     return any(f".{q}." in key for q in RUNTIME_MODULES)
+
+
 RUNTIME = "omniq_runtime.safetensors"  # static activation ranges, by module name in the quantized layout
 
 
@@ -60,7 +62,10 @@ def save_fake_quant(model, tokenizer, spec: QuantSpec, path: str | os.PathLike, 
     if runtime:
         save_file(runtime, str(tmp / RUNTIME))
     with adapter.export_layout(model) if adapter is not None else contextlib.nullcontext(), without_input_transforms(model):
-        model.save_pretrained(tmp, safe_serialization=True)
+        # the runtime state (activation clipping, static ranges) is in its own file only: the checkpoint stays one
+        # that transformers loads without unexpected keys, and the packed exports rewritten from it hold none
+        weights = {k: v for k, v in model.state_dict().items() if not is_runtime_state(k)}
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
     tokenizer.save_pretrained(tmp)
     plain_modes(tmp)  # safetensors writes 0600 files: every output gets the mode a plain open() gives
     write_json(tmp / MANIFEST, {"format": "omniq-fake-quant-v1", "quant": spec.to_dict(), "name": name or spec.name,
