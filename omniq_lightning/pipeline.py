@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from omniq_lightning.calib import ActivationCache, BlockDataModule, BlockRun, RunState, observe_linear_inputs
 from omniq_lightning.calib.loop import run_samples
+from omniq_lightning.calib.phases import add_phases, phase, recording
 from omniq_lightning.data import calibration_windows, load_corpus, tokenize
 from omniq_lightning.eval import perplexity, placed_for_evaluation, zero_shot
 from omniq_lightning.eval.tasks import check_tasks, task_list
@@ -83,8 +84,8 @@ def resolve_precision(setting: str, device: torch.device) -> str:
         if device.type != "cuda":
             return "32-true"
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
-    if setting in ("bf16-mixed", "16-mixed") and device.type != "cuda":
-        raise ValueError(f"trainer.precision={setting} needs a CUDA device; on CPU use 32 (or auto)")
+    if setting == "16-mixed" and device.type != "cuda":
+        raise ValueError("trainer.precision=16-mixed needs a CUDA device; on CPU use 32, bf16-mixed or auto")
     return "32-true" if setting == "32" else setting
 
 
@@ -479,6 +480,19 @@ def calibrate_block(loop: BlockLoop, i: int) -> dict[str, Any]:
     state from a previous run or a new calibration (built, calibrated by the method, folded, saved), then the
     quantized block's outputs on the quantized inputs (the next block's quantized inputs)."""
     t0 = time.perf_counter()
+    with recording(sync_cuda=loop.job.device.type == "cuda") as phases:
+        record = calibrate_block_phases(loop, i, t0)
+    record["phases"] = phases.rounded()
+    if loop.logger is not None:
+        loop.logger.log_metrics({f"block_{i}/{k}": v for k, v in record.items()
+                                 if k not in ("block", "phases") and v is not None})
+    log.info("block %d/%d: output MSE %.3e (%.1f s)", i + 1, len(loop.contexts), record["output_mse"],
+             record["seconds"])
+    return record
+
+
+def calibrate_block_phases(loop: BlockLoop, i: int, t0: float) -> dict[str, Any]:
+    """:func:`calibrate_block`'s work, its phases marked."""
     job, adapter, caches, state = loop.job, loop.loaded.adapter, loop.caches, loop.state
     blocks, ctx, device = adapter.blocks(loop.loaded.model), loop.contexts[i], job.device
     setup = replace(loop.setup, formats=loop.formats[i])
@@ -489,7 +503,8 @@ def calibrate_block(loop: BlockLoop, i: int) -> dict[str, Any]:
     def fp_block(x: torch.Tensor) -> torch.Tensor:
         return adapter.call_block(block, x, ctx)
 
-    with observe_linear_inputs(block) if setup.scaled and not finished else contextlib.nullcontext({}) as stats:
+    with (phase("full-precision outputs"),
+          observe_linear_inputs(block) if setup.scaled and not finished else contextlib.nullcontext({}) as stats):
         run_samples(fp_block, caches.fp_in, out=caches.fp_out)
     check_finite(caches.fp_out, f"block {i} full-precision outputs")
     if finished:
@@ -497,18 +512,17 @@ def calibrate_block(loop: BlockLoop, i: int) -> dict[str, Any]:
         block_stats: dict[str, float | None] = {"resumed": 1.0, "calibration_seconds": state.block_seconds(i)}
     else:
         if caches.aug is not None:
-            run_samples(fp_block, caches.q_in, out=caches.aug)
+            with phase("full-precision outputs"):
+                run_samples(fp_block, caches.q_in, out=caches.aug)
         folded, block_stats = fit_block_and_save(loop, i, block, setup, stats, t0)
-    mse = run_samples(lambda x: adapter.call_block(folded, x, ctx), caches.q_in, out=caches.q_in, target=caches.fp_out)
+    with phase("quantized outputs"):
+        mse = run_samples(lambda x: adapter.call_block(folded, x, ctx), caches.q_in, out=caches.q_in,
+                          target=caches.fp_out)
     caches.next_block()
     for p in folded.parameters():  # parameters only: static activation ranges stay float32
         p.data = p.data.to(model_dtype)
     blocks[i] = folded.to("cpu") if device.type != "cpu" else folded  # offload: one block on the device
-    record = {"block": i, "output_mse": mse, "seconds": round(time.perf_counter() - t0, 3), **block_stats}
-    if loop.logger is not None:
-        loop.logger.log_metrics({f"block_{i}/{k}": v for k, v in record.items() if k != "block" and v is not None})
-    log.info("block %d/%d: output MSE %.3e (%.1f s)", i + 1, len(blocks), mse, record["seconds"])
-    return record
+    return {"block": i, "output_mse": mse, "seconds": round(time.perf_counter() - t0, 3), **block_stats}
 
 
 def resume_block(loop: BlockLoop, i: int, block, setup: BlockSetup):
@@ -528,22 +542,25 @@ def fit_block_and_save(loop: BlockLoop, i: int, block, setup: BlockSetup, stats,
     """Build the quantized block, let the method calibrate it, fold it and save it (with its codes and learned
     tensors) as finished."""
     job, adapter, caches, ctx = loop.job, loop.loaded.adapter, loop.caches, loop.contexts[i]
-    qblock = adapter.build_quant_block(block, setup, stats).to(job.device)
-    observe_static_ranges(qblock, caches.q_in, ctx)
+    with phase("setup"):
+        qblock = adapter.build_quant_block(block, setup, stats).to(job.device)
+        observe_static_ranges(qblock, caches.q_in, ctx)
     run = BlockRun(index=i, n_blocks=len(loop.contexts), ctx=ctx, device=job.device, precision=job.precision,
                    checkpoint_dir=loop.state.checkpoint_dir(i), resume_checkpoint=loop.state.resume_checkpoint(i),
                    logger=loop.logger, progress_bar=bool(job.cfg.trainer.enable_progress_bar))
     data = BlockDataModule(caches.q_in, caches.fp_out, loop.needs.batch_size, caches.aug)
-    calibrated = job.method.calibrate(qblock, data, run) or {}
-    observe_static_ranges(qblock, caches.q_in, ctx)  # again: the learned transforms moved the ranges
-    learned, learned_stats = qblock.learned_record()
-    folded = adapter.finish_block(job.method.finalize(qblock))
-    codes = {k: v for name, q in qblock.codes.items() for k, v in q.tensors(f"qweight.{name}").items()}
-    formats = {name: format_record(q.fmt) for name, q in qblock.codes.items()}
-    block_stats = {**learned_stats, **calibrated, "calibration_seconds": round(time.perf_counter() - t0, 3)}
-    loop.state.save_block(i, {**{f"block.{k}": v for k, v in folded.state_dict().items()}, **learned, **codes},
-                          metadata={"formats": json.dumps(formats, sort_keys=True)},
-                          seconds=block_stats["calibration_seconds"], fingerprint=loop.fingerprints[i])
+    with phase("method, other"):  # what the method's own phases do not cover
+        calibrated = job.method.calibrate(qblock, data, run) or {}
+    with phase("fold and save"):
+        observe_static_ranges(qblock, caches.q_in, ctx)  # again: the learned transforms moved the ranges
+        learned, learned_stats = qblock.learned_record()
+        folded = adapter.finish_block(job.method.finalize(qblock))
+        codes = {k: v for name, q in qblock.codes.items() for k, v in q.tensors(f"qweight.{name}").items()}
+        formats = {name: format_record(q.fmt) for name, q in qblock.codes.items()}
+        block_stats = {**learned_stats, **calibrated, "calibration_seconds": round(time.perf_counter() - t0, 3)}
+        loop.state.save_block(i, {**{f"block.{k}": v for k, v in folded.state_dict().items()}, **learned, **codes},
+                              metadata={"formats": json.dumps(formats, sort_keys=True)},
+                              seconds=block_stats["calibration_seconds"], fingerprint=loop.fingerprints[i])
     return folded, block_stats
 
 
@@ -679,6 +696,7 @@ def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
     loop_parts = dict(job=job, loaded=loaded, setup=setup, formats=per_block, fingerprints=fingerprints, state=state,
                       logger=logger)
     results["blocks"] = calibrate_blocks(loop_parts, windows)
+    results["calibration_phases"] = phase_totals(results["blocks"])
     results["method_settings"] = job.method.describe()
     t_quant = time.perf_counter()
     written = stored_formats(state, adapter, model)
@@ -697,6 +715,16 @@ def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
     return finish(results, cfg, job.device, job.out_dir, job.config,
                   {"load": t_loaded - t_start, "evaluate_fp": t_q0 - t_loaded, "quantize": t_quant - t_q0,
                    "evaluate": t_done - t_quant, "total": t_done - t_start})
+
+
+def phase_totals(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The block loop's time in this run, phase by phase, summed over its blocks (the largest first); a block
+    finished by an earlier run counts only what it cost this one (its outputs)."""
+    total: dict[str, float] = {}
+    for r in records:
+        total = add_phases(total, r.get("phases", {}))
+    return {"blocks_calibrated": sum(1 for r in records if not r.get("resumed")),
+            "seconds": {k: round(v, 3) for k, v in sorted(total.items(), key=lambda kv: -kv[1])}}
 
 
 def export_results(job: Job, loaded: LoadedModel, setup: BlockSetup, state: RunState, written: Mapping[str, Any],

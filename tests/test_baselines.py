@@ -10,6 +10,7 @@ from omniq_lightning.methods import GPTQ, OmniQuant
 from omniq_lightning.pipeline import run
 from omniq_lightning.quant import WeightFormat, fake_quant_weight, grid, grid_of
 from omniq_lightning.quant.gptq import HessianAccumulator, gptq_quantize
+from omniq_lightning.solvers.awq import group_gram, group_output_errors, quadratic_output_mse
 
 
 def data(n=256, d=12, m=7, seed=0):
@@ -34,7 +35,10 @@ def test_hessian_is_two_x_transpose_x_over_n():
     acc = HessianAccumulator(X.shape[1])
     for chunk in X.split(100):  # accumulated over uneven batches
         acc.add(chunk)
-    torch.testing.assert_close(acc.H, 2 * X.T @ X / X.shape[0])
+    ref = 2 * X.double().T @ X.double() / X.shape[0]
+    assert acc.H.dtype == torch.float64
+    # each batch's product in float32: float32 rounding of sums over 100 tokens, against the float64 reference
+    torch.testing.assert_close(acc.H, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
 def test_gptq_update_is_the_least_squares_solution():
@@ -78,6 +82,24 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output():
         Q = gptq_quantize(W, H, rtn_columns(W, 3), act_order=act_order)
         rtn = fake_quant_weight(W, WeightFormat(3))
         assert (X @ (Q - W).T).pow(2).sum() < 0.8 * (X @ (rtn - W).T).pow(2).sum()
+
+
+@pytest.mark.parametrize("group", [24, 8])
+def test_awq_clipping_errors_through_gram_matrices_equal_the_token_sums(group):
+    X, W = data(d=24, m=5)
+    diff = fake_quant_weight(W, WeightFormat(3, group)) - W
+    ref = torch.stack([((X.double().reshape(len(X), -1, group)[:, g] @ diff.double().reshape(5, -1, group)[:, g].T)
+                        ** 2).sum(0) for g in range(24 // group)], dim=1)
+    got = group_output_errors(diff.reshape(5, -1, group), group_gram(X, group))
+    assert ref.shape == got.shape
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-9)
+
+
+def test_awq_scale_objective_through_the_gram_matrix_equals_the_mean_over_tokens():
+    X, W = data(d=24, m=7)
+    d = fake_quant_weight(W, WeightFormat(3)) - W
+    ref = ((X.double() @ d.double().T) ** 2).mean().item()
+    assert quadratic_output_mse(d, X.T @ X, len(X)) == pytest.approx(ref, rel=1e-5)
 
 
 # ---- every method on the real tiny model -----------------------------------------------------------

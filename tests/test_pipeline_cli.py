@@ -86,3 +86,14 @@ def test_wandb_without_an_api_key_goes_offline_and_says_so(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert "no API key found" in done.stdout
     assert list((out / "wandb").glob("offline-run-*"))
+
+
+def test_bf16_mixed_calibrates_on_cpu_and_16_mixed_is_refused_there(tmp_path):
+    """bf16 autocast on the CPU (oneDNN's bf16 matmuls): a run trains, records its precision and quantizes."""
+    with pytest.raises(ValueError, match="16-mixed needs a CUDA device"):
+        run(compose([f"output_dir={tmp_path / 'fp16'}", "device=cpu", "trainer.precision=16-mixed"]))
+    res = run(compose([f"output_dir={tmp_path / 'bf16'}", "device=cpu", "trainer.precision=bf16-mixed",
+                       "method.epochs=1", "calib.nsamples=4", "eval.max_windows=4", "trainer.enable_progress_bar=false"]))
+    assert res["config"]["trainer"]["precision"] == "bf16-mixed"
+    ppl = res["perplexity"]["tinystories"]["perplexity"]
+    assert 1.0 < ppl < 2 * res["perplexity_fp"]["tinystories"]["perplexity"]

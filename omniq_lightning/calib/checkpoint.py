@@ -10,6 +10,7 @@ import lightning as L
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from omniq_lightning.calib.phases import phase
 from omniq_lightning.io import atomic_write
 
 
@@ -56,4 +57,5 @@ class EpochCheckpoint(L.Callback):
         self.path = Path(dirpath) / "last.ckpt"
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimizer and loops too
+        with phase("epoch checkpoints"):
+            trainer.save_checkpoint(self.path, weights_only=False)  # full state: optimizer and loops too

@@ -18,6 +18,7 @@ import lightning as L
 from omniq_lightning.calib.checkpoint import AtomicCheckpointIO, EpochCheckpoint
 from omniq_lightning.calib.datamodule import BlockDataModule
 from omniq_lightning.calib.lightning import BlockLightningModule, KeepBest, TrainSettings, channel_energy
+from omniq_lightning.calib.phases import phase
 from omniq_lightning.calib.run import BlockRun
 
 _LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
@@ -50,7 +51,7 @@ def fit_block(qblock, data: BlockDataModule, run: BlockRun, settings: TrainSetti
     energy = channel_energy(data.targets) if settings.loss == "mse_channel" else None
     module = BlockLightningModule(qblock, run.ctx, run.index, settings, energy)
     best = KeepBest() if settings.keep_best else None
-    with quiet_lightning():
+    with quiet_lightning(), phase("training"):
         trainer = L.Trainer(
             max_epochs=epochs,
             accelerator="gpu" if run.device.type == "cuda" else "cpu",

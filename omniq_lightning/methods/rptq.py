@@ -20,6 +20,7 @@ from torch import nn
 
 from omniq_lightning.calib import BlockDataModule, BlockRun, TrainSettings
 from omniq_lightning.calib.fit import fit_block
+from omniq_lightning.calib.phases import phase
 from omniq_lightning.methods.base import Method, ModelTraits
 from omniq_lightning.nn import ClusterActQuantizer, QuantLinear, QuantMatMul
 from omniq_lightning.nn.act import check_observer
@@ -165,9 +166,11 @@ class RPTQ(Method):
 
     def calibrate(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> dict[str, float]:
         sites = [s for s in qblock.sites if s.location in LOCATIONS]
-        stats = site_statistics(qblock, data.inputs, run.ctx, sites)
-        for site in sites:
-            self.cluster_site(qblock, site, stats)
+        with phase("rptq statistics"):
+            stats = site_statistics(qblock, data.inputs, run.ctx, sites)
+        with phase("rptq clustering"):
+            for site in sites:
+                self.cluster_site(qblock, site, stats)
         observe_static_ranges(qblock, data.inputs, run.ctx)  # static cluster ranges, before the weights see them
         if self.weights == "gptq":
             return gptq_block(qblock, data.inputs, run.ctx, self.damp, self.act_order, blocksize=128)

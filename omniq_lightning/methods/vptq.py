@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+from omniq_lightning.calib.phases import phase
 from omniq_lightning.methods.base import Method
 from omniq_lightning.quant.gptq import check_damp
 from omniq_lightning.quant.vq import vq_quantize
@@ -41,14 +42,16 @@ class VPTQ(Method):
 
     def calibrate(self, qblock, data, run) -> dict[str, float]:
         qblock.fold_transforms()
-        hessians = collect_hessians(qblock, data.inputs, run.ctx)
+        with phase("gptq hessians"):
+            hessians = collect_hessians(qblock, data.inputs, run.ctx)
         seconds, without_tokens = [], 0
         for name, lin in weight_linears(qblock).items():
             t0 = time.perf_counter()
             acc = hessians[name]
             without_tokens += acc.n == 0
-            q = vq_quantize(lin.weight, acc.H if acc.n else None, lin.fmt, self.damp, self.blocksize, self.permute,
-                            self.kmeans_iters, self.seed)
+            with phase("vq rounding"):
+                q = vq_quantize(lin.weight, acc.H if acc.n else None, lin.fmt, self.damp, self.blocksize,
+                                self.permute, self.kmeans_iters, self.seed)
             lin.set_codes(q)
             seconds.append(time.perf_counter() - t0)
         stats = {"vq_seconds": round(sum(seconds), 3), "vq_seconds_per_linear": round(sum(seconds) / len(seconds), 3)}

@@ -36,19 +36,19 @@ def format_column_quantizer(weight: torch.Tensor, fmt: WeightFormat, gamma: torc
 
 
 class HessianAccumulator:
-    """Running ``H = 2/n * sum x x^T`` over the rows ``x`` of a layer's inputs (float64 for accuracy)."""
+    """Running ``H = 2/n * sum x x^T`` over the rows ``x`` of a layer's inputs: each batch's product in float32
+    (a sum over one batch's tokens), accumulated across batches in float64."""
 
     def __init__(self, in_features: int, device: torch.device | str = "cpu") -> None:
         self.H = torch.zeros(in_features, in_features, dtype=torch.float64, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        x = x.detach().reshape(-1, x.shape[-1]).to(self.H.device, torch.float64)
+        x = x.detach().reshape(-1, x.shape[-1]).to(self.H.device, torch.float32)
         m = x.shape[0]
         self.H.mul_(self.n / (self.n + m))
         self.n += m
-        x = x * (2.0 / self.n) ** 0.5
-        self.H.add_(x.T @ x)
+        self.H.add_((x.T @ x).double(), alpha=2.0 / self.n)
 
 
 def check_damp(percdamp: float) -> float:

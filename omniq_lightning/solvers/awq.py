@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from omniq_lightning.calib import ActivationCache
+from omniq_lightning.calib.phases import phase
 from omniq_lightning.nn import NO_CLIP_LOGIT, LETRouter, QuantLinear, clip_logit
 from omniq_lightning.quant import fake_quant_weight
 from omniq_lightning.solvers.hooks import run_with_input_hooks, weight_linears
@@ -47,7 +48,8 @@ def linear_inputs(qblock: QuantBlock, inputs: ActivationCache, ctx, max_rows: in
         return fn
 
     names = [*weight_linears(qblock), *(n for n, m in qblock.block.named_modules() if isinstance(m, LETRouter))]
-    run_with_input_hooks(qblock, inputs, ctx, {n: keep(n) for n in names})
+    with phase("input sampling"):
+        run_with_input_hooks(qblock, inputs, ctx, {n: keep(n) for n in names})
     return {n: torch.cat(v) for n, v in rows.items()}
 
 
@@ -56,23 +58,35 @@ def quantized_targets(qblock: QuantBlock, pair) -> list[str]:
     return [t for t in pair.targets if getattr(qblock.block.get_submodule(t), "wq", None) is not None]
 
 
+def quadratic_output_mse(d: torch.Tensor, gram: torch.Tensor, n_tokens: int) -> float:
+    """``mean((X d^T)^2)`` over the ``n_tokens`` rows of ``X`` and the rows of ``d`` [out, in], from ``X``'s Gram
+    matrix ``X^T X`` [in, in] alone."""
+    return ((d @ gram) * d).sum().item() / (n_tokens * d.shape[0])
+
+
 @torch.no_grad()
 def pair_error(
-    qblock: QuantBlock, pair, x: dict[str, torch.Tensor], refs: dict[str, torch.Tensor], s: torch.Tensor
+    qblock: QuantBlock, pair, x: dict[str, torch.Tensor], refs: dict[str, torch.Tensor | None], s: torch.Tensor,
+    grams: dict[str, torch.Tensor],
 ) -> float:
     """AWQ's objective for one candidate scale: the mean squared output error of the pair's target linears
-    (against their full-precision outputs ``refs``) when their weight columns are multiplied by ``s`` before
-    quantization and their inputs divided by it (and quantized, when the linear quantizes its input)."""
+    (against their full-precision outputs) when their weight columns are multiplied by ``s`` before quantization
+    and their inputs divided by it (and quantized, when the linear quantizes its input). A linear with a
+    full-precision input has no ``refs`` entry but its inputs' Gram matrix in ``grams``: its error is the
+    quadratic form of the weight error, ``tr(D^T X^T X D)`` with ``D = diag(1/s) Q(W diag(s))^T - W^T``, without
+    a product over the tokens per candidate."""
     s_t = pair.expand_target(s)
     err = 0.0
-    for name in refs:
+    for name, ref in refs.items():
         lin = qblock.block.get_submodule(name)
         w = lin.effective()[0].float()
-        xs = x[name] / s_t
-        if lin.act_quant is not None:
-            xs = lin.act_quant(xs)
         wq = fake_quant_weight(w * s_t, lin.wq.fmt)
-        err += torch.mean((xs @ wq.T - refs[name]) ** 2).item()
+        if ref is None:
+            d = wq / s_t - w  # [out, in]
+            err += quadratic_output_mse(d, grams[name], x[name].shape[0])
+            continue
+        xs = lin.act_quant(x[name] / s_t)
+        err += torch.mean((xs @ wq.T - ref) ** 2).item()
     return err
 
 
@@ -98,18 +112,40 @@ def search_scales(qblock: QuantBlock, inputs: ActivationCache, ctx, n_grid: int)
         if mean_abs.numel() != pair.scale.numel():  # e.g. v -> o under grouped-query attention: not searched
             del qblock.let[name]
             continue
-        refs = {t: x[t] @ qblock.block.get_submodule(t).effective()[0].float().T for t in targets}
+        refs, grams = {}, {}
+        for t in targets:
+            lin = qblock.block.get_submodule(t)
+            if lin.act_quant is None:  # full-precision inputs: the error is a quadratic form in the weights
+                refs[t] = None
+                # linears that read the same input (q/k/v, gate/up) share its Gram matrix
+                same = next((u for u in grams if torch.equal(x[u], x[t])), None)
+                grams[t] = grams[same] if same is not None else x[t].T @ x[t]
+            else:
+                refs[t] = x[t] @ lin.effective()[0].float().T
         best = (float("inf"), 0.0, torch.ones_like(pair.scale))
         for r in range(n_grid):
             ratio = r / n_grid
             s = mean_abs.pow(ratio).clamp(min=1e-4)
             s = s / (s.max() * s.min()).sqrt()
-            err = pair_error(qblock, pair, x, refs, s)
+            err = pair_error(qblock, pair, x, refs, s, grams)
             if err < best[0]:
                 best = (err, ratio, s.clone())
         pair.scale.copy_(best[2])
         chosen[name] = best[1]
     return chosen
+
+
+def group_gram(x: torch.Tensor, group: int) -> torch.Tensor:
+    """Per input group, the Gram matrix of the sampled inputs ``x`` [tokens, in]: [groups, group, group]."""
+    xg = x.T.reshape(x.shape[1] // group, group, -1)  # [groups, group, tokens]
+    return xg @ xg.transpose(1, 2)
+
+
+def group_output_errors(diff: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+    """``sum_t (diff[o, g] . x_g[t])^2`` for every output channel ``o`` and input group ``g`` (``diff``:
+    [out, groups, group], the weight error), through the groups' Gram matrices: one ``group x group`` product per
+    channel and group instead of one per token, and no [out, groups, tokens] intermediate."""
+    return torch.einsum("ogk,gkl,ogl->og", diff, gram, diff)
 
 
 @torch.no_grad()
@@ -127,14 +163,13 @@ def search_clipping(qblock: QuantBlock, inputs: ActivationCache, ctx, n_grid: in
         wq = lin.wq
         w = lin.effective()[0].detach().float()
         group = wq.fmt.group_size or lin.in_features
-        xs = x[name].T.reshape(lin.in_features // group, group, -1)  # [groups, group, tokens]
+        gram = group_gram(x[name], group)
         best_err = torch.full(wq.lwc_gamma.shape, float("inf"), device=w.device)
         best_logit = torch.empty_like(best_err)
         for r in ratios:
             lg = torch.full_like(best_err, clip_logit(r))
             q = fake_quant_weight(w, wq.fmt, lg, lg)
-            diff = (q - w).reshape(lin.out_features, -1, group)  # [out, groups, group]
-            err = torch.einsum("ogk,gkt->ogt", diff, xs).pow(2).sum(-1)  # [out, groups]
+            err = group_output_errors((q - w).reshape(lin.out_features, -1, group), gram)  # [out, groups]
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_logit = torch.where(better, lg, best_logit)
@@ -142,7 +177,9 @@ def search_clipping(qblock: QuantBlock, inputs: ActivationCache, ctx, n_grid: in
 
 
 def awq_block(qblock: QuantBlock, inputs, ctx, n_grid: int, clip: bool, max_shrink: float) -> dict:
-    chosen = search_scales(qblock, inputs, ctx, n_grid)
+    with phase("awq scale search"):
+        chosen = search_scales(qblock, inputs, ctx, n_grid)
     if clip:
-        search_clipping(qblock, inputs, ctx, n_grid, max_shrink)
+        with phase("awq clipping search"):
+            search_clipping(qblock, inputs, ctx, n_grid, max_shrink)
     return chosen

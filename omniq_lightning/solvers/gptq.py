@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 from omniq_lightning.calib import ActivationCache
+from omniq_lightning.calib.phases import phase
 from omniq_lightning.nn import QuantLinear
 from omniq_lightning.quant import GroupGrid
 from omniq_lightning.quant.gptq import ColumnQuantizer, HessianAccumulator, format_column_quantizer, gptq_quantize
@@ -41,7 +42,16 @@ def gptq_block(qblock: QuantBlock, inputs: ActivationCache, ctx, damp: float, ac
     linear that saw no calibration token (an MoE expert no token was routed to) has no Hessian: it is rounded
     to nearest on its grid instead, and counted."""
     qblock.fold_transforms()
-    hessians = collect_hessians(qblock, inputs, ctx)
+    with phase("gptq hessians"):
+        hessians = collect_hessians(qblock, inputs, ctx)
+    with phase("gptq rounding"):
+        without_tokens = round_linears(qblock, hessians, damp, act_order, blocksize)
+    return {"linears_without_tokens": float(without_tokens)} if without_tokens else {}
+
+
+def round_linears(qblock: QuantBlock, hessians: dict[str, HessianAccumulator], damp: float, act_order: bool,
+                  blocksize: int) -> int:
+    """GPTQ's rounding of every weight-quantized linear on its Hessian; returns how many had none."""
     without_tokens = 0
     for name, lin in weight_linears(qblock).items():
         if lin.wq.rounding is not None:
@@ -53,4 +63,4 @@ def gptq_block(qblock: QuantBlock, inputs: ActivationCache, ctx, damp: float, ac
         quantize, g = column_quantizer(lin)
         q = gptq_quantize(lin.weight, hessians[name].H, quantize, blocksize, damp, act_order)
         lin.set_codes(codes_of(q, g, lin.wq.fmt))
-    return {"linears_without_tokens": float(without_tokens)} if without_tokens else {}
+    return without_tokens
