@@ -97,6 +97,43 @@ def test_a_fit_resumed_from_its_last_epoch_ends_with_the_best_iterate(stories, t
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_early_stopping_ends_a_stalled_fit_and_a_resumed_fit_stays_stopped(stories, tmp_path):
+    """method.patience: large steps make the loss worse than the best; training stops ``patience`` evaluations
+    after the best one, with the best iterate kept, and a rerun from the last checkpoint trains no further."""
+    from omniq_lightning.calib import TrainSettings
+    from omniq_lightning.calib.fit import fit_block
+
+    qblock, ctx, data = tiny_block_setup(stories)
+    full, again = copy.deepcopy(qblock), copy.deepcopy(qblock)
+    lrs = {"lwc": 0.5, "let": 0.5, "rounding": 1e-3}
+
+    def run_info(folder, resume=None):
+        return BlockRun(index=0, n_blocks=1, ctx=ctx, device=torch.device("cpu"), precision="32-true",
+                        checkpoint_dir=folder, resume_checkpoint=resume, progress_bar=False)
+
+    without = fit_block(full, data, run_info(tmp_path / "all"), TrainSettings(lrs=lrs, total_steps=16, keep_best=True), 8)
+    assert without["epochs_trained"] == 8
+    settings = TrainSettings(lrs=lrs, total_steps=16, keep_best=True, patience=1)
+    stopped = fit_block(qblock, data, run_info(tmp_path / "stop"), settings, 8)
+    assert stopped["epochs_trained"] < 8
+    assert stopped["epochs_trained"] == stopped["best_epoch"] + 1
+    # the same trajectory up to the stop: its best is no better than the whole fit's
+    assert stopped["loss_start"] == without["loss_start"] and stopped["loss_best"] >= without["loss_best"]
+    resumed = fit_block(again, data, run_info(tmp_path / "stop", tmp_path / "stop" / "last.ckpt"), settings, 8)
+    assert resumed == stopped
+    a, b = dict(qblock.named_parameters()), dict(again.named_parameters())
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_patience_needs_keep_best_and_a_positive_count():
+    from omniq_lightning.calib import TrainSettings
+
+    with pytest.raises(ValueError, match="set method.keep_best=true"):
+        TrainSettings(patience=2)
+    with pytest.raises(ValueError, match="method.patience must be a positive number"):
+        TrainSettings(keep_best=True, patience=0)
+
+
 def test_non_finite_loss_stops_with_the_block_and_a_remedy(stories):
     qblock, ctx, data = tiny_block_setup(stories)
     module = BlockLightningModule(qblock, ctx, 3)

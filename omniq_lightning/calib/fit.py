@@ -50,7 +50,7 @@ def fit_block(qblock, data: BlockDataModule, run: BlockRun, settings: TrainSetti
     kept. The block is left on ``run.device``."""
     energy = channel_energy(data.targets) if settings.loss == "mse_channel" else None
     module = BlockLightningModule(qblock, run.ctx, run.index, settings, energy)
-    best = KeepBest() if settings.keep_best else None
+    best = KeepBest(settings.patience) if settings.keep_best else None
     with quiet_lightning(), phase("training"):
         trainer = L.Trainer(
             max_epochs=epochs,
@@ -76,4 +76,4 @@ def fit_block(qblock, data: BlockDataModule, run: BlockRun, settings: TrainSetti
     if best is None or not best.history:
         return {}
     return {"loss_start": best.history[0], "loss_best": best.best_loss,
-            "best_epoch": float(best.history.index(best.best_loss))}
+            "best_epoch": float(best.history.index(best.best_loss)), "epochs_trained": float(len(best.history) - 1)}

@@ -17,6 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from omniq_lightning.calib.phases import phase
 from omniq_lightning.transforms import QuantBlock
 
 LOSSES = ("mse", "mse_channel", "mse_token", "cosine")
@@ -38,6 +39,8 @@ class TrainSettings:
     schedule: "constant", "linear" (to 0 at the last step) or "cosine", per step over ``total_steps``.
     keep_best: evaluate the loss over all calibration batches before training and after every epoch, and
       end with the parameters of the lowest.
+    patience: with ``keep_best``, stop training once that loss has not improved for this many epochs (early
+      stopping; None: train every epoch).
     """
 
     lrs: dict[str, float] = field(default_factory=lambda: {"lwc": 1e-2, "let": 5e-3, "rounding": 5e-3})
@@ -47,8 +50,15 @@ class TrainSettings:
     schedule: str = "constant"
     total_steps: int = 1
     keep_best: bool = False
+    patience: int | None = None
 
     def __post_init__(self) -> None:
+        if self.patience is not None:
+            if isinstance(self.patience, bool) or not isinstance(self.patience, int) or self.patience < 1:
+                raise ValueError(f"method.patience must be a positive number of epochs or null, got {self.patience!r}")
+            if not self.keep_best:
+                raise ValueError("method.patience stops on the calibration loss that keep_best evaluates: set "
+                                 "method.keep_best=true (or method.patience=null)")
         for name, allowed in (("loss", LOSSES), ("optimizer", OPTIMIZERS), ("schedule", SCHEDULES)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"method.{name} must be one of {allowed}, got {getattr(self, name)!r}")
@@ -210,7 +220,8 @@ class KeepBest(L.Callback):
     ``restore`` loads them back after training. Its state travels in the epoch checkpoints (resumes exactly);
     list it before the checkpoint callback so that an epoch's evaluation is in that epoch's checkpoint."""
 
-    def __init__(self) -> None:
+    def __init__(self, patience: int | None = None) -> None:
+        self.patience = patience
         self.best_loss: float | None = None
         self.best_state: dict[str, torch.Tensor] = {}
         self.history: list[float] = []
@@ -218,7 +229,7 @@ class KeepBest(L.Callback):
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, module: BlockLightningModule) -> float:
         total, n = 0.0, 0
-        with trainer.precision_plugin.forward_context():
+        with trainer.precision_plugin.forward_context(), phase("best-iterate evaluation"):
             for batch in trainer.datamodule.train_dataloader():
                 batch = [t.to(module.device) for t in batch]
                 total += module.batch_loss(batch).item() * batch[0].shape[0]
@@ -232,12 +243,22 @@ class KeepBest(L.Callback):
             self.best_loss = loss
             self.best_state = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
 
+    def patience_spent(self) -> bool:
+        """Whether the loss has not improved for ``patience`` evaluations (the one before training counted)."""
+        if self.patience is None or self.best_loss is None:
+            return False
+        return len(self.history) - 1 - self.history.index(self.best_loss) >= self.patience
+
     def on_train_start(self, trainer: L.Trainer, module: BlockLightningModule) -> None:
         if self.best_loss is None:  # a resumed fit restored its best from the checkpoint
             self.consider(trainer, module)
+        if self.patience_spent():  # a fit resumed after it stopped early: it stays stopped
+            trainer.should_stop = True
 
     def on_train_epoch_end(self, trainer: L.Trainer, module: BlockLightningModule) -> None:
         self.consider(trainer, module)
+        if self.patience_spent():
+            trainer.should_stop = True
 
     @torch.no_grad()
     def restore(self, module: BlockLightningModule) -> None:

@@ -61,6 +61,7 @@ class Recipe:
     schedule: str
     lr_budget: int | None
     keep_best: bool
+    patience: int | None  # with keep_best: stop a block's training once its calibration loss stalls this many epochs
     init: str
     ranges: str
     let_min_scale: float
@@ -73,7 +74,7 @@ class Recipe:
 RELEASED = Recipe(epochs=20, lwc_lr=1e-2, let_lr="auto", round_lr=5e-3, weight_decay=0.0, let="auto", let_alpha="auto",
                   aug_loss=False, loss="mse", learn_rounding=False, affine=False, affine_lr=5e-3, optimizer="adamw",
                   schedule="constant",
-                  lr_budget=None, keep_best=False, init="statistics", ranges="released", let_min_scale=1e-2,
+                  lr_budget=None, keep_best=False, patience=None, init="statistics", ranges="released", let_min_scale=1e-2,
                   rounding="nearest")
 RECIPES: dict[str, Recipe] = {
     "released": RELEASED,
@@ -140,7 +141,8 @@ class OmniQuant(Method):
             raise ValueError(f"method.let_min_scale must be 0 (off) or positive, got {r.let_min_scale}")
         if r.lr_budget is not None and r.lr_budget < 1:
             raise ValueError(f"method.lr_budget must be a positive step count or null, got {r.lr_budget}")
-        TrainSettings(loss=r.loss, optimizer=r.optimizer, schedule=r.schedule)  # validates those names
+        # validates those names, and patience against keep_best
+        TrainSettings(loss=r.loss, optimizer=r.optimizer, schedule=r.schedule, keep_best=r.keep_best, patience=r.patience)
 
     # --- the recipe as it applies to a model and a setting ---------------------------------------------------
     def let_recipe(self, spec: QuantSpec, recipe_family: str) -> tuple[float, float]:
@@ -218,7 +220,8 @@ class OmniQuant(Method):
         return TrainSettings(lrs={"lwc": self.r.lwc_lr * scale, "let": let_lr * scale, "affine": self.r.affine_lr * scale,
                                   "rounding": self.r.round_lr * scale},
                              weight_decay=self.r.weight_decay, loss=self.r.loss, optimizer=self.r.optimizer,
-                             schedule=self.r.schedule, total_steps=steps, keep_best=self.r.keep_best)
+                             schedule=self.r.schedule, total_steps=steps, keep_best=self.r.keep_best,
+                             patience=self.r.patience)
 
     def train(self, qblock: QuantBlock, data: BlockDataModule, run: BlockRun) -> dict[str, float]:
         if self.r.epochs == 0 or not any(True for _ in qblock.quant_parameters()):
