@@ -87,12 +87,12 @@ def phase_table(cells: list[tuple[str, str, dict]]) -> str:
     names: list[str] = []
     for _, _, res in cells:
         for r in res["blocks"]:
-            names += [k for k in r["phases"] if k not in names]
+            names += [k for k in r.get("phases", {}) if k not in names]  # code before phases: none
     lines = ["| method | setting | s per block | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
     for method, quant, res in cells:
         blocks = res["blocks"]
         per_block = statistics.mean(r["seconds"] for r in blocks)
-        cols = [statistics.mean(r["phases"].get(k, 0.0) for r in blocks) for k in names]
+        cols = [statistics.mean(r.get("phases", {}).get(k, 0.0) for r in blocks) for k in names]
         lines.append(f"| {method} | {quant} | {per_block:.2f} | " + " | ".join(f"{c:.2f}" if c else "-" for c in cols)
                      + " |")
     return "\n".join(lines)
