@@ -40,7 +40,7 @@ from omniq_lightning.mixed import MixedPrecisionPass, linear_shapes, quant_setti
 from omniq_lightning.mixed.plan import MixedSettings
 from omniq_lightning.models import BlockContext, LoadedModel, load_model
 from omniq_lightning.nn.act import restore_cluster_quantizers
-from omniq_lightning.nn.formats import format_record, kind_of, read_codes
+from omniq_lightning.nn.formats import for_shape, format_record, kind_of, read_codes
 from omniq_lightning.passes import ModelPass, PassContext, run_passes
 from omniq_lightning.passes.rotation import RotationPass, RotationSettings
 from omniq_lightning.quant import QuantSpec
@@ -238,7 +238,7 @@ def check_formats_fit(shapes: Mapping[str, tuple[int, int]], fmt) -> None:
     """Every quantized linear can take the format (e.g. its group size divides the input width)."""
     for name, (out_f, in_f) in shapes.items():
         try:
-            fmt.validate_shape(out_f, in_f)
+            for_shape(fmt, out_f, in_f).validate_shape(out_f, in_f)
         except ValueError as exc:
             raise ValueError(f"{name}: {exc}") from None
 
@@ -649,7 +649,8 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
         check_formats_fit(shapes, job.spec.weight_format)
     setup = with_rotations(job.method.setup(job.spec, traits), job.rotation)
     adapter.check_setup(model, setup)
-    request = ExportRequest(job.spec, frozenset({job.spec.weight_format}), adapter.fused_experts,
+    request = ExportRequest(job.spec, frozenset(for_shape(job.spec.weight_format, *shape) for shape in shapes.values()),
+                            adapter.fused_experts,
                             frozenset(shapes.values()), online_transforms(job.spec, setup, job.rotation, traits))
     if job.mixed is None:
         check_export(job.export_format, request)
@@ -673,7 +674,7 @@ def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
     planned = {}  # per linear: a pass's format (a bit plan), else the spec's
     for r in pass_results.values():
         planned.update(r.formats or {})
-    formats = {n: planned.get(n, job.spec.weight_format) for n in shapes}
+    formats = {n: for_shape(planned.get(n, job.spec.weight_format), *shapes[n]) for n in shapes}
     if job.mixed is not None:
         check_export(job.export_format, replace(request, formats=frozenset(formats.values())))
     prefix = adapter.blocks_prefix(model)

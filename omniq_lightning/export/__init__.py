@@ -1,9 +1,10 @@
 """Exports: fake-quant Hugging Face checkpoints, and one exporter per packed format (compressed-tensors, GPTQ,
-vector-quantized), registered in ``export.registry``."""
+vector-quantized, GGUF), registered in ``export.registry``."""
 
 from omniq_lightning.export import fake  # noqa: F401 - registers export.format=fake first: it always fits
 from omniq_lightning.export.bits import pack_bits, unpack_bits
 from omniq_lightning.export.compressed_tensors import dequantize_ct
+from omniq_lightning.export.gguf import GGUF_FILE
 from omniq_lightning.export.gptq import dequantize_gptq
 from omniq_lightning.export.hf import MANIFEST, load_fake_quant, read_manifest, save_fake_quant
 from omniq_lightning.export.packed import export_dtype
@@ -21,6 +22,7 @@ from omniq_lightning.export.vq import dequantize_vq, load_vq_checkpoint
 
 __all__ = [
     "EXPORTERS",
+    "GGUF_FILE",
     "MANIFEST",
     "ExportJob",
     "ExportRequest",

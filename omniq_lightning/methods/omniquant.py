@@ -30,7 +30,6 @@ from omniq_lightning.nn import NO_CLIP_LOGIT, ActQuantizer
 from omniq_lightning.quant import QuantSpec
 from omniq_lightning.quant.functional import check_ranges
 from omniq_lightning.quant.gptq import check_damp
-from omniq_lightning.quant.weight import mse_clip_logits
 from omniq_lightning.solvers import AWQ_LOCATIONS, awq_block, gptq_block
 from omniq_lightning.transforms import BlockSetup, QuantBlock
 from omniq_lightning.transforms.affine import AFFINE_LOCATIONS
@@ -200,7 +199,7 @@ class OmniQuant(Method):
                 qblock.apply_let()  # clipping is searched on the transformed weights
             for lin in qblock.quant_linears():
                 if lin.wq is not None and lin.wq.lwc_gamma is not None:
-                    lin.wq.set_clip(NO_CLIP_LOGIT if init == "minmax" else mse_clip_logits(lin.effective()[0], lin.wq.fmt))
+                    lin.wq.set_clip(NO_CLIP_LOGIT if init == "minmax" else lin.wq.mse_clip_logits(lin.effective()[0]))
         if self.r.learn_rounding:
             for wq in qblock.weight_quantizers():
                 wq.enable_rounding()

@@ -150,6 +150,23 @@ class _Recorder(nn.Module):
             return getattr(super().__getattr__("block"), name)
 
 
+@dataclass(frozen=True)
+class GGUFLayout:
+    """A family as llama.cpp holds it: its GGUF architecture (``general.architecture``, the ``gguf`` package's
+    tensor-name map), and the linears whose output rows llama.cpp orders differently from Hugging Face (LLaMA's
+    query and key rows: ``{name suffix: number of heads}``, rotary halves interleaved per head)."""
+
+    arch: str
+    permuted_rows: dict[str, int] = field(default_factory=dict)
+
+
+def interleave_rotary_rows(rows: int, heads: int) -> torch.Tensor:
+    """The order in which llama.cpp stores the rows of a LLaMA query/key projection: within each head, the two
+    rotary halves interleaved (``convert_hf_to_gguf``'s permute). ``w_gguf = w_hf[index]``."""
+    head = rows // heads
+    return torch.arange(rows).reshape(heads, 2, head // 2).transpose(1, 2).reshape(rows)
+
+
 class ModelAdapter:
     """Base adapter. Subclasses name the model's parts; nothing outside ``models/`` knows them."""
 
@@ -313,6 +330,11 @@ class ModelAdapter:
         affine = {s.name: AffinePair(s, block) for s in sites if s.location in setup.affine_locations and
                   (s.location != "norm" or s.source is not None)}
         return QuantBlock(block, {p.name: LETPair(p) for p in specs}, self.call_block, sites, affine)
+
+    # --- export layouts ----------------------------------------------------------------------------------------
+    def gguf_layout(self, config: dict) -> GGUFLayout | None:
+        """How llama.cpp names and lays out this family's tensors (None: no GGUF layout for it)."""
+        return None
 
     # --- helpers for subclasses --------------------------------------------------------------------------------
     @classmethod

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from omniq_lightning.models.base import ModelAdapter, ModelSites, ResidualWriters, tied_embeddings
+from omniq_lightning.models.base import GGUFLayout, ModelAdapter, ModelSites, ResidualWriters, tied_embeddings
 from omniq_lightning.models.heads import heads_of
 from omniq_lightning.transforms import TransformSite
 
@@ -63,3 +63,11 @@ class LlamaAdapter(DecoderLayersAdapter):
     def sites(self, block: nn.Module) -> list[TransformSite]:
         """RMSNorm -> q/k/v and -> gate/up (no shifts: RMSNorm has no bias to absorb them), v -> o, q/k, up -> down."""
         return attention_sites(block, "input_layernorm") + gated_mlp_sites("post_attention_layernorm")
+
+    def gguf_layout(self, config: dict) -> GGUFLayout:
+        """LLaMA and Mistral are llama.cpp's ``llama`` (query/key rows interleaved per head); Qwen2/3 their own."""
+        if config["model_type"] in ("qwen2", "qwen3"):
+            return GGUFLayout(config["model_type"])
+        heads = config["num_attention_heads"]
+        return GGUFLayout("llama", {"self_attn.q_proj": heads,
+                                    "self_attn.k_proj": config.get("num_key_value_heads") or heads})

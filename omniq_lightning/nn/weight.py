@@ -7,7 +7,8 @@ from torch import nn
 
 from omniq_lightning.quant import QuantizedWeight, WeightFormat, fake_quant_weight, quantize_weight
 from omniq_lightning.quant.functional import check_ranges
-from omniq_lightning.quant.weight import NO_CLIP_LOGIT, clip_logit  # noqa: F401 - re-exported
+from omniq_lightning.quant.gptq import format_column_quantizer
+from omniq_lightning.quant.weight import NO_CLIP_LOGIT, clip_logit, codes_of, mse_clip_logits  # noqa: F401 - re-exported
 
 ROUNDING_LIMIT = 0.5  # learned rounding offsets live in [-0.5, 0.5] grid steps
 
@@ -42,6 +43,42 @@ class WeightQuantizerBase(nn.Module):
         check_ranges(ranges)
 
     def quantize(self, w: torch.Tensor):
+        raise NotImplementedError
+
+    # --- the "grid" capability (nn.formats): searches over clipping, AWQ's scales --------------------------------
+    @property
+    def clip_group(self) -> int:
+        """Input columns per clipping logit (one logit per group of a row)."""
+        raise NotImplementedError
+
+    def fake_quant_with(self, w: torch.Tensor, gamma: torch.Tensor | None = None,
+                        beta: torch.Tensor | None = None) -> torch.Tensor:
+        """``w`` fake-quantized in this format with the given clipping logits (none: the full ranges), without
+        the learned state."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def mse_clip_logits(self, w: torch.Tensor, n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
+        """Per group, the clipping logit (clip ratios from 1 down to ``1 - max_shrink``) that minimises the group's
+        squared weight error: a data-free start for learned clipping. ``[out, in / clip_group]``."""
+        out, group = w.shape[0], self.clip_group
+        best_err = torch.full((out, w.shape[1] // group), float("inf"), device=w.device)
+        best = torch.empty_like(best_err)
+        for i in range(n_grid + 1):
+            lg = torch.full_like(best_err, clip_logit(1.0 - max_shrink * i / n_grid))
+            err = (self.fake_quant_with(w, lg, lg) - w).float().pow(2).reshape(out, -1, group).sum(-1)
+            better = err < best_err
+            best_err, best = torch.where(better, err, best_err), torch.where(better, lg, best)
+        return best
+
+    # --- the "columns" capability: GPTQ's column-wise rounding on a static grid --------------------------------
+    def column_quantizer(self, w: torch.Tensor):
+        """``(quantize_column(col, j), grid)``: rounds a column onto the static grid of original column ``j`` of
+        ``w`` (clipped by this quantizer's logits); :meth:`codes_on` reads the codes of a result off that grid."""
+        raise NotImplementedError
+
+    def codes_on(self, w_hat: torch.Tensor, grid):
+        """The stored codes of a weight already on ``grid`` (exact, and checked to be)."""
         raise NotImplementedError
 
 
@@ -104,6 +141,22 @@ class WeightQuantizer(WeightQuantizerBase):
     def quantize(self, w: torch.Tensor) -> QuantizedWeight:
         """The integer codes and grid of ``w`` (``dequantize()`` equals ``forward(w)`` in float32)."""
         return quantize_weight(w, self.fmt, self.lwc_gamma, self.lwc_beta, self.rounding)
+
+    @property
+    def clip_group(self) -> int:
+        return self.fmt.group_size or self.in_features
+
+    def fake_quant_with(self, w, gamma=None, beta=None) -> torch.Tensor:
+        return fake_quant_weight(w, self.fmt, gamma, beta)
+
+    def mse_clip_logits(self, w: torch.Tensor, n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
+        return mse_clip_logits(w, self.fmt, n_grid, max_shrink)
+
+    def column_quantizer(self, w: torch.Tensor):
+        return format_column_quantizer(w, self.fmt, self.lwc_gamma, self.lwc_beta)
+
+    def codes_on(self, w_hat: torch.Tensor, grid) -> QuantizedWeight:
+        return codes_of(w_hat, grid, self.fmt)
 
     def extra_repr(self) -> str:
         f = self.fmt

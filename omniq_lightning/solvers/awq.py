@@ -19,7 +19,6 @@ import torch
 from omniq_lightning.calib import ActivationCache
 from omniq_lightning.calib.phases import phase
 from omniq_lightning.nn import NO_CLIP_LOGIT, LETRouter, QuantLinear, clip_logit
-from omniq_lightning.quant import fake_quant_weight
 from omniq_lightning.solvers.hooks import run_with_input_hooks, weight_linears
 from omniq_lightning.transforms import QuantBlock
 
@@ -80,7 +79,7 @@ def pair_error(
     for name, ref in refs.items():
         lin = qblock.block.get_submodule(name)
         w = lin.effective()[0].float()
-        wq = fake_quant_weight(w * s_t, lin.wq.fmt)
+        wq = lin.wq.fake_quant_with(w * s_t)
         if ref is None:
             d = wq / s_t - w  # [out, in]
             err += quadratic_output_mse(d, grams[name], x[name].shape[0])
@@ -162,13 +161,13 @@ def search_clipping(qblock: QuantBlock, inputs: ActivationCache, ctx, n_grid: in
             continue
         wq = lin.wq
         w = lin.effective()[0].detach().float()
-        group = wq.fmt.group_size or lin.in_features
+        group = wq.clip_group
         gram = group_gram(x[name], group)
         best_err = torch.full(wq.lwc_gamma.shape, float("inf"), device=w.device)
         best_logit = torch.empty_like(best_err)
         for r in ratios:
             lg = torch.full_like(best_err, clip_logit(r))
-            q = fake_quant_weight(w, wq.fmt, lg, lg)
+            q = wq.fake_quant_with(w, lg, lg)
             err = group_output_errors((q - w).reshape(lin.out_features, -1, group), gram)  # [out, groups]
             better = err < best_err
             best_err = torch.where(better, err, best_err)

@@ -9,8 +9,7 @@ from omniq_lightning.calib import ActivationCache
 from omniq_lightning.calib.phases import phase
 from omniq_lightning.nn import QuantLinear
 from omniq_lightning.quant import GroupGrid
-from omniq_lightning.quant.gptq import ColumnQuantizer, HessianAccumulator, format_column_quantizer, gptq_quantize
-from omniq_lightning.quant.weight import codes_of
+from omniq_lightning.quant.gptq import ColumnQuantizer, HessianAccumulator, gptq_quantize
 from omniq_lightning.solvers.hooks import full_precision_weights, run_with_input_hooks, weight_linears
 from omniq_lightning.transforms import QuantBlock
 
@@ -33,7 +32,7 @@ def collect_hessians(qblock: QuantBlock, inputs: ActivationCache, ctx) -> dict[s
 
 def column_quantizer(lin: QuantLinear) -> tuple[ColumnQuantizer, GroupGrid]:
     """The static column grid of a quantized linear (its LWC clipping included when present)."""
-    return format_column_quantizer(lin.weight, lin.wq.fmt, lin.wq.lwc_gamma, lin.wq.lwc_beta)
+    return lin.wq.column_quantizer(lin.weight)
 
 
 def gptq_block(qblock: QuantBlock, inputs: ActivationCache, ctx, damp: float, act_order: bool,
@@ -62,5 +61,5 @@ def round_linears(qblock: QuantBlock, hessians: dict[str, HessianAccumulator], d
             continue
         quantize, g = column_quantizer(lin)
         q = gptq_quantize(lin.weight, hessians[name].H, quantize, blocksize, damp, act_order)
-        lin.set_codes(codes_of(q, g, lin.wq.fmt))
+        lin.set_codes(lin.wq.codes_on(q, g))
     return without_tokens

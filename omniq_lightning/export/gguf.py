@@ -1,0 +1,194 @@
+"""GGUF files for llama.cpp (and Ollama, LM Studio, transformers' ``gguf_file=``): one ``model.gguf`` holding the
+model's metadata, its tokenizer and every tensor.
+
+Quantized linears are written from their stored codes in the GGUF type they were calibrated on (``quant/gguf.py``:
+the bytes of llama.cpp's blocks), never re-derived from dequantized weights. The other tensors go where llama.cpp's
+own quantizer puts them: norms and biases F32; the output head (or the tied embedding that serves as one) Q6_K, Q8_0
+where 256 does not divide its rows (or for a Q8_0 file); an untied embedding in the file's base type. Linears a
+type's block does not divide were calibrated in llama.cpp's fallback type, or left 16-bit (F16) as llama.cpp does.
+The family's tensor names come from the ``gguf`` package's map for the architecture its adapter names
+(``ModelAdapter.gguf_layout``), with LLaMA's query/key rows reordered as llama.cpp expects.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from omniq_lightning.export.registry import Exporter, ExportJob, ExportRequest, UnsupportedFormat, register_exporter
+from omniq_lightning.models import adapter_for
+from omniq_lightning.models.base import interleave_rotary_rows
+from omniq_lightning.quant.gguf import GGUFCodes, GGUFFormat, gguf_quantize, pack_rows, type_for_width
+
+FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q5_0": "MOSTLY_Q5_0", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1",
+              "Q4_K": "MOSTLY_Q4_K_S", "Q6_K": "MOSTLY_Q6_K"}
+GGUF_FILE = "model.gguf"
+
+
+def head_type(base: str, rows_width: int) -> str:
+    """llama.cpp's type for the output head (or the tied embedding used as one) in a file of ``base`` type."""
+    if base == "Q8_0" or rows_width % 256:
+        return type_for_width("Q8_0", rows_width)
+    return "Q6_K"
+
+
+def rope_theta(config: dict) -> float | None:
+    params = config.get("rope_parameters") or {}
+    return config.get("rope_theta", params.get("rope_theta"))
+
+
+def check_config(config: dict) -> None:
+    scaling = config.get("rope_scaling") or {}
+    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+    params = config.get("rope_parameters") or {}
+    kind = params.get("rope_type", kind)
+    if kind not in ("default", None):
+        raise UnsupportedFormat(f"this GGUF exporter writes models with plain rotary embeddings; {kind!r} rope "
+                                "scaling is not written yet: use export.format=fake, compressed-tensors or gptq")
+
+
+def read_tensors(fake_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for shard in sorted(fake_dir.glob("*.safetensors")):
+        if shard.name.startswith("omniq_"):
+            continue
+        with safe_open(str(shard), framework="pt") as f:
+            out.update({k: f.get_tensor(k) for k in f.keys()})
+    return out
+
+
+def add_vocab(writer, folder: Path, vocab_size: int) -> None:
+    """The tokenizer as llama.cpp reads it: GPT-2 style BPE, or SentencePiece (``LlamaHfVocab`` / ``tokenizer.model``),
+    with the special tokens and merges."""
+    import gguf
+    from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
+
+    vocab = None
+    for cls in (BpeVocab, LlamaHfVocab, SentencePieceVocab):
+        try:
+            vocab = cls(folder)
+            break
+        except (FileNotFoundError, ValueError, TypeError, KeyError):
+            continue
+    if vocab is None:
+        raise UnsupportedFormat(f"no tokenizer llama.cpp can read in {folder}: GGUF export writes GPT-2 BPE and "
+                                "SentencePiece tokenizers")
+    tokens, scores, types = [], [], []
+    for text, score, kind in vocab.all_tokens():
+        tokens.append(text)
+        scores.append(score)
+        types.append(kind)
+    for i in range(len(tokens), vocab_size):  # an embedding padded beyond the tokenizer
+        tokens.append(f"[PAD{i}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model(vocab.tokenizer_model)
+    if vocab.tokenizer_model == "gpt2":
+        writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens[:vocab_size])
+    writer.add_token_scores(scores[:vocab_size])
+    writer.add_token_types(types[:vocab_size])
+    SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
+
+
+def add_metadata(writer, config: dict, base: str, name: str) -> None:
+    import gguf
+
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    writer.add_name(name)
+    writer.add_context_length(config["max_position_embeddings"])
+    writer.add_embedding_length(config["hidden_size"])
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_rope_dimension_count(head_dim)
+    if rope_theta(config) is not None:
+        writer.add_rope_freq_base(float(rope_theta(config)))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_vocab_size(config["vocab_size"])
+    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[base]))
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def tensor_data(name: str, t: torch.Tensor, codes: GGUFCodes | None, qtype: str | None):
+    """(numpy data, GGML type) of one tensor: packed codes, a quantized 16-bit tensor, F16 or F32."""
+    import gguf
+
+    if codes is not None:
+        return pack_rows(codes), getattr(gguf.GGMLQuantizationType, codes.fmt.type)
+    if qtype is not None and qtype != "F16":
+        c = gguf_quantize(t.float(), GGUFFormat(qtype))
+        return pack_rows(c), getattr(gguf.GGMLQuantizationType, qtype)
+    if t.dim() == 1 or qtype is None:
+        return t.float().numpy(), gguf.GGMLQuantizationType.F32
+    return t.to(torch.float16).numpy(), gguf.GGMLQuantizationType.F16
+
+
+class GGUFExporter(Exporter):
+    name = "gguf"
+    kinds = ("gguf",)
+
+    def why_not(self, req: ExportRequest) -> str | None:
+        if not req.spec.weight_only:
+            return "llama.cpp runs weight-only quantized files (its activations and KV cache are its own settings)"
+        if req.fused_experts:
+            return "this model's experts are fused 3-D tensors, which the GGUF exporter does not split yet"
+        return None
+
+    def write(self, job: ExportJob) -> Path:
+        import gguf
+
+        config = json.loads((job.fake_dir / "config.json").read_text())
+        check_config(config)
+        layout = adapter_for(config["model_type"]).gguf_layout(config)
+        if layout is None:
+            raise UnsupportedFormat(f"no GGUF layout for model_type {config['model_type']!r}: its adapter declares "
+                                    "none (ModelAdapter.gguf_layout); the families with one: llama, mistral, qwen2, qwen3")
+        base = job.spec.weight_format.type
+        blocks = config["num_hidden_layers"]
+        names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, layout.arch.upper()), blocks)
+        tensors = read_tensors(job.fake_dir)
+        tied = "lm_head.weight" not in tensors
+        job.path.mkdir(parents=True, exist_ok=True)
+        final = job.path / GGUF_FILE
+        tmp = final.with_name(final.name + ".partial")
+        writer = gguf.GGUFWriter(str(tmp), layout.arch)
+        add_metadata(writer, config, base, str(config.get("_name_or_path") or "omniq-lightning"))
+        add_vocab(writer, job.fake_dir, config["vocab_size"])
+        for key, t in tensors.items():
+            gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise UnsupportedFormat(f"tensor {key} has no GGUF name for architecture {layout.arch}")
+            module = key[: -len(".weight")] if key.endswith(".weight") else None
+            codes = job.codes.get(module)
+            qtype = None
+            if t.dim() == 2 and codes is None:  # embedding, head, or a linear left 16-bit
+                if key == "lm_head.weight" or (tied and gname == "token_embd.weight"):
+                    qtype = head_type(base, t.shape[1])
+                elif gname == "token_embd.weight":
+                    qtype = type_for_width(base, t.shape[1])
+                else:
+                    qtype = "F16"
+            suffix = next((s for s in layout.permuted_rows if module and module.endswith(s)), None)
+            if suffix is not None:
+                index = interleave_rotary_rows(t.shape[0], layout.permuted_rows[suffix])
+                codes, t = (None if codes is None else codes.map(lambda x, i=index: x[i])), t[index]
+            data, dtype = tensor_data(key, t, codes, qtype)
+            writer.add_tensor(gname, data, raw_dtype=dtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, final)
+        return job.path
+
+
+register_exporter(GGUFExporter())
