@@ -191,3 +191,32 @@ def test_settings_the_file_cannot_hold_are_refused_before_work(tmp_path):
     with pytest.raises(ValueError, match="lacks what method=vptq needs"):
         run(compose(["method=vptq", "quant=gguf", f"output_dir={tmp_path / 'c'}"]))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_llama_cpp_computes_our_perplexity(quick_run):
+    """llama.cpp itself (llama-cpp-python) over the run's evaluation windows: measured 0.12-0.16% above our
+    fake-quant perplexity for rtn/gptq/awq/omniquant files (the file's Q8_0 embedding and head, llama.cpp's float
+    arithmetic); asserted within 1%."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from omniq_lightning.config import compose
+    from omniq_lightning.data.corpora import load_corpus
+    from omniq_lightning.data.windows import eval_windows, tokenize
+    from omniq_lightning.models import load_model
+
+    ppl, res, out = quick_run("omniquant", "gguf", "quant.w_format.type=Q4_K", "export.format=gguf")
+    entry = res["perplexity"]["tinystories"]
+    tok = load_model(str(out / "model"), dtype="float32").tokenizer
+    ids = tokenize(load_corpus("tinystories", "eval", compose([]).paths.data_dir), tok)
+    windows = eval_windows(ids, entry["seqlen"], entry["windows"])
+    llm = llama_cpp.Llama(model_path=str(out / "model-gguf" / "model.gguf"), n_ctx=entry["seqlen"], logits_all=True,
+                          verbose=False, n_threads=2)
+    nll, n = 0.0, 0
+    for w in windows.tolist():
+        llm.reset()
+        llm.eval(w)
+        logits = torch.from_numpy(np.array(llm.scores[: len(w) - 1], dtype=np.float32))
+        nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(w[1:]), reduction="sum"))
+        n += len(w) - 1
+    llm.close()
+    theirs = float(np.exp(nll / n))
+    assert abs(theirs / ppl - 1) < 0.01, (theirs, ppl)
