@@ -306,7 +306,8 @@ class QuantSpec:
     w_format: Any = None
 
     def __post_init__(self) -> None:
-        if self.w_format is not None and not hasattr(self.w_format, "kind"):
+        if self.w_format is not None and (isinstance(self.w_format, Mapping) or not hasattr(self.w_format, "kind")):
+            # a mapping (an OmegaConf node answers attribute access too, so it is tested first) or a format object
             if not isinstance(self.w_format, Mapping) or "kind" not in self.w_format:
                 raise ValueError(f"w_format must be a mapping with a 'kind' (one of {sorted(FORMAT_TYPES)}) or null, "
                                  f"got {self.w_format!r}")
