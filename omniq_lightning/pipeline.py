@@ -173,6 +173,7 @@ def prepare(cfg: DictConfig) -> Job:
         rotation = RotationSettings.from_config(OmegaConf.to_container(cfg.rotation, resolve=True),
                                                 spec.quantizes_activations, spec.quantizes_kv)
     passes = ([RotationPass(rotation)] if rotation is not None else []) + method.model_passes(spec)
+    passes += getattr(spec.weight_format, "model_passes", list)()  # a format's per-linear plan (a GGUF mix)
     if mixed is not None:
         passes.append(MixedPrecisionPass(mixed))
     return Job(cfg, method, spec, mixed, export_format, dtype, device, precision, Path(cfg.output_dir), config,

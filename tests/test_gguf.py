@@ -16,8 +16,10 @@ from omniq_lightning.quant.gguf import (
     gguf_column_quantizer,
     gguf_fake_quant,
     gguf_quantize,
+    mix_type,
     pack_rows,
     type_for_width,
+    use_more_bits,
 )
 from omniq_lightning.quant.gptq import gptq_quantize
 
@@ -50,9 +52,11 @@ def test_bytes_read_back_by_gguf_package_equal_fake_quant(name):
 
 
 # Without clipping, the largest error in grid steps (float64): half a step where the grid spans the range (Q8_0,
-# Q4_1); one step where it holds 2^(b-1) steps on the extreme's side and one fewer on the other (Q4_0, Q5_0); for
-# the K-types the rounding of the sub-scales (6 or 8 bits) adds to that (measured on seeds 0-5: Q4_K 0.59, Q6_K 1.25).
-STEP_BOUND = {"Q8_0": 0.5, "Q4_1": 0.5, "Q5_0": 1.0, "Q4_0": 1.0, "Q4_K": 1.0, "Q6_K": 1.5}
+# Q4_1, Q5_1); one step where it holds 2^(b-1) steps on the extreme's side and one fewer on the other (Q4_0, Q5_0);
+# for the K-types the rounding of the sub-scales (4, 6 or 8 bits) adds to that (measured on seeds 0-5: Q4_K 0.58,
+# Q2_K 0.78, Q5_K 1.20, Q6_K 1.22, Q3_K 1.66).
+STEP_BOUND = {"Q8_0": 0.5, "Q4_1": 0.5, "Q5_1": 0.5, "Q5_0": 1.0, "Q4_0": 1.0, "Q4_K": 1.0, "Q2_K": 1.0,
+              "Q5_K": 1.5, "Q6_K": 1.5, "Q3_K": 2.0}
 
 
 @pytest.mark.parametrize("name", TYPES)
@@ -68,7 +72,7 @@ def test_error_within_the_grid_step_float64(name):
     assert bool((err[0, :256] == 0).all())  # an all-zero block stays exactly zero
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q4_K", "Q6_K", "Q3_K", "Q2_K"])
 def test_clipping_logits_get_finite_gradients(name):
     w = weights(2)
     t = GGUF_TYPES[name]
@@ -81,7 +85,7 @@ def test_clipping_logits_get_finite_gradients(name):
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_K", "Q6_K", "Q5_K", "Q3_K", "Q2_K"])
 def test_gptq_columns_on_the_grid(name):
     """With an identity Hessian GPTQ has no error to spread: it rounds to nearest, so its result is the fake-quant
     weight; with a real Hessian its codes are read off the grid exactly."""
@@ -101,14 +105,40 @@ def test_widths_take_llama_cpp_fallbacks():
     assert type_for_width("Q4_K", 1536) == "Q4_K"
     assert type_for_width("Q4_K", 576) == "Q5_0"  # SmolLM2's hidden width: as llama.cpp's own Q4_K files
     assert type_for_width("Q6_K", 576) == "Q8_0"
+    assert type_for_width("Q5_K", 576) == "Q5_1"
+    assert type_for_width("Q3_K", 576) == type_for_width("Q2_K", 576) == "Q4_0"  # llama.cpp's fallback since 2026
     assert type_for_width("Q4_0", 172) == "F16"
     assert for_shape(GGUFFormat("Q4_K"), 64, 576) == GGUFFormat("Q5_0")
     assert for_shape(GGUFFormat("Q4_0"), 64, 172) == WeightFormat(bits=16)
     assert for_shape(WeightFormat(4, 64), 64, 576) == WeightFormat(4, 64)
-    with pytest.raises(ValueError, match="do not divide the input width 576.*Q8_0, Q5_0, Q4_0, Q4_1.*fallback .* Q5_0"):
+    with pytest.raises(ValueError, match="do not divide the input width 576.*Q8_0, Q5_0, Q4_0, Q5_1, Q4_1.*fallback .* Q5_0"):
         GGUFFormat("Q4_K").validate_shape(8, 576)
     with pytest.raises(ValueError, match="unknown GGUF weight type 'Q3_XS'.*Q8_0"):
         QuantSpec(w_format={"kind": "gguf", "type": "Q3_XS"})
+
+
+def test_named_mixes_follow_llama_cpp_rules():
+    """llama.cpp's per-tensor choice (llama-quant.cpp) for SmolLM2's shape: 30 layers, 3 query heads per key head;
+    use_more_bits picks layers 0-2, 5, 8, ..., 23 and 26-29."""
+    more = {0, 1, 2, 5, 8, 11, 14, 17, 20, 23, 26, 27, 28, 29}
+    assert {i for i in range(30) if use_more_bits(i, 30)} == more
+    for i in range(30):
+        assert mix_type("Q4_K_M", "attn_v", i, 30, 3) == mix_type("Q4_K_M", "ffn_down", i, 30, 3) == \
+            ("Q6_K" if i in more else "Q4_K")
+        assert mix_type("Q4_K_M", "attn_q", i, 30, 3) == mix_type("Q4_K_M", "attn_output", i, 30, 3) == "Q4_K"
+        assert mix_type("Q3_K_M", "attn_v", i, 30, 3) == ("Q5_K" if i < 2 else "Q4_K")
+        assert mix_type("Q3_K_M", "ffn_down", i, 30, 3) == ("Q5_K" if i < 1 else "Q4_K")
+        assert mix_type("Q4_K_S", "ffn_down", i, 30, 3) == ("Q5_K" if i < 3 else "Q4_K")
+    assert [mix_type("Q3_K_M", r, 7, 30, 3) for r in ("attn_output", "ffn_up", "attn_k")] == ["Q4_K", "Q3_K", "Q3_K"]
+    assert [mix_type("Q2_K", r, 7, 30, 3) for r in ("attn_v", "ffn_down", "attn_output", "ffn_gate")] == \
+        ["Q3_K", "Q3_K", "Q3_K", "Q2_K"]
+    assert mix_type("Q2_K", "attn_v", 7, 30, 4) == "Q4_K"  # 4 or more query heads per key head
+    assert mix_type("Q4_K_M", "attn_v", 40, 80, 8) == "Q5_K"  # llama.cpp's 70B rule
+    assert GGUFFormat(mix="Q3_K_L").type == "Q3_K" and GGUFFormat(mix="Q3_K_L").name == "gguf-Q3_K_L"
+    with pytest.raises(ValueError, match="mix Q4_K_M has base type Q4_K, not Q2_K"):
+        GGUFFormat("Q2_K", "Q4_K_M")
+    with pytest.raises(ValueError, match="unknown GGUF mix 'Q4_K_XL'.*Q4_K_M"):
+        GGUFFormat(mix="Q4_K_XL")
 
 
 def test_quantizer_learns_clipping_and_refuses_learned_rounding():
@@ -160,6 +190,30 @@ def test_every_method_writes_its_codes_into_the_file(quick_run, method, gtype):
             else:
                 assert torch.equal(theirs, w), f"block {i} {hf}"
     assert np.isfinite(ppl) and ppl < 6.5  # full precision 5.59 on these windows
+
+
+def test_a_mix_calibrates_each_linear_on_the_type_llama_cpp_gives_it(quick_run):
+    """Q3_K_M on stories260K (5 layers, 64 and 172 wide): the rules' types (value projections of layers 0-1 Q5_K,
+    the other value and output projections Q4_K, the rest Q3_K) after llama.cpp's width fallbacks, each linear's
+    codes in the file, and the file named as llama.cpp names the mix."""
+    from safetensors.torch import load_file
+
+    _, res, out = quick_run("rtn", "gguf_mix", "quant.w_format.mix=Q3_K_M", "export.format=gguf")
+    assert res["quant"]["name"] == "gguf-Q3_K_M" and res["quant"]["w_format"]["mix"] == "Q3_K_M"
+    reader = gguf.GGUFReader(str(out / "model-gguf" / "model.gguf"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    expected = {"attn_q": "Q4_0", "attn_k": "Q4_0", "ffn_gate": "Q4_0", "ffn_up": "Q4_0", "attn_output": "Q5_0",
+                "ffn_down": "F16"}  # Q3_K -> Q4_0, Q4_K -> Q5_0 (64 wide); 172 wide: no block divides it
+    for i in range(5):
+        assert types[f"blk.{i}.attn_v.weight"] == ("Q5_1" if i < 2 else "Q5_0")  # Q5_K -> Q5_1
+        for role, t in expected.items():
+            assert types[f"blk.{i}.{role}.weight"] == t, (i, role)
+    field = reader.fields["general.file_type"]
+    assert int(field.parts[field.data[0]][0]) == int(gguf.LlamaFileType.MOSTLY_Q3_K_M)
+    fake = load_file(str(out / "model" / "model.safetensors"))
+    ours = read_gguf_weights(out / "model-gguf" / "model.gguf")
+    w = fake["model.layers.0.self_attn.v_proj.weight"].float()
+    assert torch.equal(torch.from_numpy(ours["blk.0.attn_v.weight"].astype(np.float32)), w)
 
 
 def test_transformers_loads_the_file(quick_run):

@@ -22,10 +22,12 @@ from safetensors import safe_open
 from omniq_lightning.export.registry import Exporter, ExportJob, ExportRequest, UnsupportedFormat, register_exporter
 from omniq_lightning.models import adapter_for
 from omniq_lightning.models.base import interleave_rotary_rows
-from omniq_lightning.quant.gguf import GGUFCodes, GGUFFormat, gguf_quantize, pack_rows, type_for_width
+from omniq_lightning.quant.gguf import GGUF_MIXES, GGUFCodes, GGUFFormat, gguf_quantize, pack_rows, type_for_width
 
-FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q5_0": "MOSTLY_Q5_0", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1",
-              "Q4_K": "MOSTLY_Q4_K_S", "Q6_K": "MOSTLY_Q6_K"}
+# general.file_type of a file of one type (llama.cpp's closest named type) or of a named mix (its own)
+FILE_TYPES = {"Q8_0": "MOSTLY_Q8_0", "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q4_0": "MOSTLY_Q4_0",
+              "Q4_1": "MOSTLY_Q4_1", "Q6_K": "MOSTLY_Q6_K", "Q5_K": "MOSTLY_Q5_K_S", "Q4_K": "MOSTLY_Q4_K_S",
+              "Q3_K": "MOSTLY_Q3_K_S", "Q2_K": "MOSTLY_Q2_K"} | {m: f"MOSTLY_{m}" for m in GGUF_MIXES}
 GGUF_FILE = "model.gguf"
 
 
@@ -95,7 +97,7 @@ def add_vocab(writer, folder: Path, vocab_size: int) -> None:
     SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
 
 
-def add_metadata(writer, config: dict, base: str, name: str) -> None:
+def add_metadata(writer, config: dict, file_type: str, name: str) -> None:
     import gguf
 
     heads = config["num_attention_heads"]
@@ -114,7 +116,7 @@ def add_metadata(writer, config: dict, base: str, name: str) -> None:
         writer.add_rope_freq_base(float(rope_theta(config)))
     writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
     writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[base]))
+    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[file_type]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -161,7 +163,8 @@ class GGUFExporter(Exporter):
         final = job.path / GGUF_FILE
         tmp = final.with_name(final.name + ".partial")
         writer = gguf.GGUFWriter(str(tmp), layout.arch)
-        add_metadata(writer, config, base, str(config.get("_name_or_path") or "omniq-lightning"))
+        file_type = job.spec.weight_format.mix or base
+        add_metadata(writer, config, file_type, str(config.get("_name_or_path") or "omniq-lightning"))
         add_vocab(writer, job.fake_dir, config["vocab_size"])
         for key, t in tensors.items():
             gname = names.get_name(key, try_suffixes=(".weight", ".bias"))

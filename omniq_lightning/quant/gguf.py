@@ -5,10 +5,17 @@ one grid ``x_hat = a * (q - z) + b`` with unsigned codes ``q`` in ``0..2^bits - 
 
 * ``Q8_0``, ``Q5_0``, ``Q4_0`` (blocks of 32): ``a = d`` (fp16), ``z = 2^(bits-1)``, ``b = 0``. ``d`` maps the
   weight of largest magnitude onto ``-z`` (Q8_0: ``d = max|x| / 127``), as llama.cpp's reference quantizer does;
-* ``Q4_1`` (blocks of 32): ``a = d`` and ``b = m``, both fp16, ``z = 0``: ``d = (max - min) / 15``, ``m = min``;
-* ``Q4_K`` (super-blocks of 256, 8 groups of 32): ``a = d * sc``, ``b = -dmin * mn`` with fp16 ``d``, ``dmin`` per
-  super-block and 6-bit ``sc``, ``mn`` per group; the group's range is widened to hold 0 on its low side;
-* ``Q6_K`` (super-blocks of 256, 16 groups of 16): ``a = d * sc``, ``z = 32``, fp16 ``d`` and int8 ``sc``.
+* ``Q4_1``, ``Q5_1`` (blocks of 32): ``a = d`` and ``b = m``, both fp16, ``z = 0``: ``d = (max - min) / qmax``,
+  ``m = min``;
+* ``Q5_K``, ``Q4_K`` (super-blocks of 256, 8 groups of 32) and ``Q2_K`` (16 groups of 16): ``a = d * sc``,
+  ``b = -dmin * mn`` with fp16 ``d``, ``dmin`` per super-block and 6-bit (``Q2_K``: 4-bit) ``sc``, ``mn`` per group;
+  the group's range is widened to hold 0 on its low side;
+* ``Q6_K`` and ``Q3_K`` (super-blocks of 256, 16 groups of 16): ``a = d * sc``, ``z = 32`` (``Q3_K``: 4), fp16 ``d``
+  and signed 8-bit (``Q3_K``: 6-bit) ``sc``.
+
+A row width a K-type's 256 does not divide takes llama.cpp's fallback: ``Q6_K -> Q8_0``, ``Q5_K -> Q5_1``,
+``Q4_K -> Q5_0``, ``Q3_K`` and ``Q2_K -> Q4_0`` (llama.cpp builds from before 2026 used ``IQ4_NL`` for these two,
+a non-uniform grid not calibrated here), a 32-block type -> F16.
 
 The arithmetic of :func:`dequantize` is llama.cpp's (``(d * sc) * (q - z)``, ``(d * sc) * q - dmin * mn`` in
 float32), so a file's weights are what calibration saw. Grids come from each group's (LWC-clipped) range; the
@@ -62,9 +69,13 @@ GGUF_TYPES: dict[str, GGUFType] = {t.name: t for t in (
     GGUFType("Q8_0", 32, 32, 8, 128, 0, False, 34, "F16"),
     GGUFType("Q5_0", 32, 32, 5, 16, 0, False, 22, "F16"),
     GGUFType("Q4_0", 32, 32, 4, 8, 0, False, 18, "F16"),
+    GGUFType("Q5_1", 32, 32, 5, None, 0, False, 24, "F16"),
     GGUFType("Q4_1", 32, 32, 4, None, 0, False, 20, "F16"),
-    GGUFType("Q4_K", 256, 32, 4, None, 6, False, 144, "Q5_0"),
     GGUFType("Q6_K", 256, 16, 6, 32, 8, True, 210, "Q8_0"),
+    GGUFType("Q5_K", 256, 32, 5, None, 6, False, 176, "Q5_1"),
+    GGUFType("Q4_K", 256, 32, 4, None, 6, False, 144, "Q5_0"),
+    GGUFType("Q3_K", 256, 16, 3, 4, 6, True, 110, "Q4_0"),
+    GGUFType("Q2_K", 256, 16, 2, None, 4, False, 84, "Q4_0"),
 )}
 
 
@@ -75,8 +86,8 @@ def gguf_type(name: str) -> GGUFType:
 
 
 def type_for_width(name: str, in_features: int) -> str:
-    """The type a row of ``in_features`` weights is stored in: ``name``, else llama.cpp's fallback chain (Q4_K ->
-    Q5_0, Q6_K -> Q8_0, a 32-block type -> F16) for a width its block does not divide."""
+    """The type a row of ``in_features`` weights is stored in: ``name``, else llama.cpp's fallback chain (the
+    ``fallback`` of each type, down to F16) for a width its block does not divide."""
     while name != "F16" and in_features % gguf_type(name).block:
         name = gguf_type(name).fallback
     return name
@@ -130,7 +141,7 @@ def gguf_grid(gx: torch.Tensor, t: GGUFType, gamma: torch.Tensor | None = None, 
         return GGUFGrid(d, torch.zeros_like(d), d, None, None, None)
     per = t.groups_per_block
     smax = 2 ** (t.sub_bits - 1) if t.sub_signed else 2**t.sub_bits - 1
-    if t.zero is None:  # Q4_K: a = d * sc, b = -dmin * mn
+    if t.zero is None:  # Q5_K, Q4_K, Q2_K: a = d * sc, b = -dmin * mn
         s, mneg = (hi - lo) / t.qmax, -lo
         d = _to_f16(s.reshape(-1, per).amax(1, keepdim=True) / smax)
         dmin = _to_f16(mneg.reshape(-1, per).amax(1, keepdim=True) / smax)
@@ -138,7 +149,7 @@ def gguf_grid(gx: torch.Tensor, t: GGUFType, gamma: torch.Tensor | None = None, 
         mn = _round_codes(_safe_div(mneg.reshape(-1, per), dmin), 0, smax)
         a = (d * sc).reshape(n, 1)
         return GGUFGrid(a, -(dmin * mn).reshape(n, 1), d, dmin, sc.reshape(n, 1), mn.reshape(n, 1))
-    s = (_signed_extreme(lo, hi) / -t.zero).reshape(-1, per)  # Q6_K: signed group scales
+    s = (_signed_extreme(lo, hi) / -t.zero).reshape(-1, per)  # Q6_K, Q3_K: signed group scales
     big = torch.gather(s, 1, s.detach().abs().argmax(1, keepdim=True))
     d = _to_f16(big / -smax)
     sc = _round_codes(_safe_div(s, d), -smax, smax - 1)
@@ -278,21 +289,95 @@ def gguf_codes_on(w_hat: torch.Tensor, g: GGUFGrid, fmt) -> GGUFCodes:
     return c
 
 
+# ---- llama.cpp's named mixes: the type of each tensor of a file type (llama-quant.cpp, dense models) ------------
+
+# the file type's base type: the type of every linear no rule below moves
+GGUF_MIXES: dict[str, str] = {"Q2_K": "Q2_K", "Q3_K_S": "Q3_K", "Q3_K_M": "Q3_K", "Q3_K_L": "Q3_K",
+                              "Q4_K_S": "Q4_K", "Q4_K_M": "Q4_K", "Q5_K_S": "Q5_K", "Q5_K_M": "Q5_K"}
+
+
+def use_more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's choice of the layers that get more bits: the first and last eighth, every third between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def mix_type(mix: str, role: str, layer: int, n_layers: int, n_gqa: int) -> str:
+    """The type llama.cpp's quantizer gives one linear of a dense model in file type ``mix``: ``role`` is its GGUF
+    tensor name in the block (``attn_v``, ``ffn_down``, ``attn_output``, ...), ``n_gqa`` query heads per key head.
+    (The width fallback, :func:`type_for_width`, comes after.)"""
+    base = gguf_mix_base(mix)
+    if role == "attn_v":
+        if mix == "Q2_K":
+            return "Q4_K" if n_gqa >= 4 else "Q3_K"
+        if mix == "Q3_K_M":
+            return "Q5_K" if layer < 2 else "Q4_K"
+        if mix == "Q3_K_L":
+            return "Q5_K"
+        if mix in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n_layers):
+            return "Q6_K"
+        if mix == "Q4_K_S" and layer < 4:
+            return "Q5_K"
+        if n_layers == 80 and n_gqa > 1 and base in ("Q3_K", "Q4_K"):  # llama.cpp's "70B" (an 80-layer GQA LLaMA)
+            return "Q5_K"
+    elif role == "ffn_down":
+        if mix == "Q2_K":
+            return "Q3_K"
+        if mix == "Q3_K_M":
+            return "Q5_K" if layer < n_layers // 16 else "Q4_K"
+        if mix == "Q3_K_L":
+            return "Q5_K"
+        if mix in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n_layers):
+            return "Q6_K"
+        if mix == "Q4_K_S" and layer < n_layers // 8:
+            return "Q5_K"
+    elif role == "attn_output":
+        return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(mix, base)
+    return base
+
+
+def gguf_mix_base(mix: str) -> str:
+    if mix not in GGUF_MIXES:
+        raise ValueError(f"unknown GGUF mix {mix!r}; llama.cpp's mixes calibrated here are {', '.join(GGUF_MIXES)} "
+                         f"(a single type for every linear: quant.w_format.type, one of {', '.join(GGUF_TYPES)})")
+    return GGUF_MIXES[mix]
+
+
 @dataclass(frozen=True)
 class GGUFFormat:
     """A linear's weight in one of llama.cpp's GGUF types (``type``, see ``GGUF_TYPES``), calibrated on its exact
-    grid. A row width the type's block does not divide takes llama.cpp's fallback type (:meth:`for_shape`)."""
+    grid. A row width the type's block does not divide takes llama.cpp's fallback type (:meth:`for_shape`).
+
+    With ``mix`` (one of llama.cpp's file types, ``GGUF_MIXES``: ``Q4_K_M``, ``Q3_K_M``, ...), ``type`` is the
+    mix's base type and each linear's own type is the one llama.cpp's quantizer picks for it (:func:`mix_type`,
+    applied before the block loop by :class:`~omniq_lightning.passes.gguf_mix.GGUFMixPass`)."""
 
     kind: ClassVar[str] = "gguf"
     quantized: ClassVar[bool] = True
-    type: str = "Q4_K"
+    type: str | None = None
+    mix: str | None = None
 
     def __post_init__(self) -> None:
+        if self.mix is not None:
+            base = gguf_mix_base(self.mix)
+            if self.type not in (None, base):
+                raise ValueError(f"GGUF mix {self.mix} has base type {base}, not {self.type}: leave "
+                                 "quant.w_format.type out (null) with a mix")
+            object.__setattr__(self, "type", base)
+        elif self.type is None:
+            object.__setattr__(self, "type", "Q4_K")
         gguf_type(self.type)
 
     @property
     def name(self) -> str:
-        return f"gguf-{self.type}"
+        return f"gguf-{self.mix or self.type}"
+
+    def model_passes(self) -> list:
+        """The pass that gives each linear its type in a mix (none for a single type)."""
+        if self.mix is None:
+            return []
+        from omniq_lightning.passes.gguf_mix import GGUFMixPass
+
+        return [GGUFMixPass(self.mix)]
 
     def validate_shape(self, out_features: int, in_features: int) -> None:
         t = gguf_type(self.type)
@@ -314,7 +399,7 @@ class GGUFFormat:
         return out_features * (in_features // t.block) * t.block_bytes * 8
 
     def to_dict(self) -> dict:
-        return {"kind": self.kind, "type": self.type}
+        return {"kind": self.kind, "type": self.type} | ({"mix": self.mix} if self.mix else {})
 
 
 # ---- the bytes of a row, as llama.cpp lays out each type's block ---------------------------------------------------
@@ -322,6 +407,12 @@ class GGUFFormat:
 
 def _nibbles(lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     return (lo & 0xF) | ((hi & 0xF) << 4)
+
+
+def _bit_planes(bits: np.ndarray, n: int) -> np.ndarray:
+    """The low bit of each of the last axis' ``n`` entries, packed little-endian into one integer (bit ``i`` from
+    entry ``i``)."""
+    return ((bits & 1).astype(np.uint32) << np.arange(n, dtype=np.uint32)).sum(-1, dtype=np.uint32)[..., None]
 
 
 def pack_rows(c: GGUFCodes) -> np.ndarray:
@@ -332,30 +423,44 @@ def pack_rows(c: GGUFCodes) -> np.ndarray:
     nb = width // t.block
     q = q.reshape(out, nb, t.block)
     d = c.d.cpu().numpy().astype("<f2").reshape(out, nb, 1).view(np.uint8)  # [out, nb, 2]
-    if t.name in ("Q8_0", "Q4_0", "Q4_1", "Q5_0"):
-        parts = [d]
-        if t.name == "Q4_1":
-            parts.append(c.m.cpu().numpy().astype("<f2").reshape(out, nb, 1).view(np.uint8))
+    m = None if c.m is None else c.m.cpu().numpy().astype("<f2").reshape(out, nb, 1).view(np.uint8)
+    if t.block == 32:  # Q8_0, Q5_0, Q5_1, Q4_0, Q4_1: d, [m], [qh], codes
+        parts = [d] if m is None else [d, m]
         if t.name == "Q8_0":
             parts.append((q.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
         else:
-            if t.name == "Q5_0":
-                high = ((q >> 4) & 1).astype(np.uint32)
-                qh = (high << np.arange(32, dtype=np.uint32)).sum(-1, dtype=np.uint32)
-                parts.append(qh.astype("<u4").reshape(out, nb, 1).view(np.uint8))
+            if t.bits == 5:
+                parts.append(_bit_planes(q >> 4, 32).astype("<u4").view(np.uint8))
             parts.append(_nibbles(q[..., :16], q[..., 16:]))
         return np.concatenate(parts, axis=-1).reshape(out, -1)
-    if t.name == "Q4_K":
+    if t.name in ("Q5_K", "Q4_K"):
         sc = c.sc.cpu().numpy().astype(np.uint8).reshape(out, nb, 8)
         mn = c.mn.cpu().numpy().astype(np.uint8).reshape(out, nb, 8)
-        dmin = c.m.cpu().numpy().astype("<f2").reshape(out, nb, 1).view(np.uint8)
         scales = np.zeros((out, nb, 12), np.uint8)
         scales[..., 0:4] = sc[..., :4] | ((sc[..., 4:] >> 4) << 6)
         scales[..., 4:8] = mn[..., :4] | ((mn[..., 4:] >> 4) << 6)
         scales[..., 8:12] = (sc[..., 4:] & 0xF) | ((mn[..., 4:] & 0xF) << 4)
         chunks = q.reshape(out, nb, 4, 64)
         qs = _nibbles(chunks[..., :32], chunks[..., 32:]).reshape(out, nb, 128)
-        return np.concatenate([d, dmin, scales, qs], axis=-1).reshape(out, -1)
+        if t.name == "Q4_K":
+            return np.concatenate([d, m, scales, qs], axis=-1).reshape(out, -1)
+        # qh[l] holds bit 4 of element 32 * j + l in its bit j
+        qh = _bit_planes(np.moveaxis(q.reshape(out, nb, 8, 32) >> 4, -2, -1), 8).astype(np.uint8).reshape(out, nb, 32)
+        return np.concatenate([d, m, scales, qh, qs], axis=-1).reshape(out, -1)
+    if t.name in ("Q3_K", "Q2_K"):
+        # two bits of element 128 * h + 32 * k + l in bits 2k of byte 32 * h + l
+        crumbs = (q & 3).reshape(out, nb, 2, 4, 32)
+        qs = sum(crumbs[..., k, :] << (2 * k) for k in range(4)).astype(np.uint8).reshape(out, nb, 64)
+        if t.name == "Q2_K":
+            sc = c.sc.cpu().numpy().astype(np.uint8).reshape(out, nb, 16)
+            mn = c.mn.cpu().numpy().astype(np.uint8).reshape(out, nb, 16)
+            return np.concatenate([sc | (mn << 4), qs, d, m], axis=-1).reshape(out, -1)
+        hmask = _bit_planes(np.moveaxis(q.reshape(out, nb, 8, 32) >> 2, -2, -1), 8).astype(np.uint8).reshape(out, nb, 32)
+        s6 = (c.sc.cpu().numpy().astype(np.int16) + 32).astype(np.uint8).reshape(out, nb, 16)  # stored with +32
+        scales = np.zeros((out, nb, 12), np.uint8)
+        scales[..., 0:8] = (s6[..., :8] & 0xF) | ((s6[..., 8:] & 0xF) << 4)
+        scales[..., 8:12] = sum(((s6[..., 4 * k:4 * k + 4] >> 4) & 3) << (2 * k) for k in range(4)).astype(np.uint8)
+        return np.concatenate([hmask, qs, scales, d], axis=-1).reshape(out, -1)
     if t.name == "Q6_K":
         halves = q.reshape(out, nb, 2, 4, 32)  # [half, quarter, l]: element 128 * half + 32 * quarter + l
         ql = np.concatenate([_nibbles(halves[..., 0, :], halves[..., 2, :]),
