@@ -2,7 +2,7 @@
 token windows our evaluation used, beside our fake-quant perplexity and llama.cpp's own quantization of the same
 full-precision model (``llama_model_quantize``, no importance matrix).
 
-    python benchmarks/gguf.py RUN_DIR [RUN_DIR ...] [--source SOURCE.gguf --types Q4_0]
+    python benchmarks/llama_cpp_gguf.py RUN_DIR [RUN_DIR ...] [--source SOURCE.gguf --types Q4_0]
 
 ``RUN_DIR`` is a finished ``train.py ... quant=gguf export.format=gguf`` output folder; its ``config.yaml`` names
 the model, the corpora, the window length and count. Needs ``llama-cpp-python`` (a build from source: on CPUs
