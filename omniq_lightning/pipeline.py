@@ -547,7 +547,8 @@ def fit_block_and_save(loop: BlockLoop, i: int, block, setup: BlockSetup, stats,
         qblock = adapter.build_quant_block(block, setup, stats).to(job.device)
         observe_static_ranges(qblock, caches.q_in, ctx)
     run = BlockRun(index=i, n_blocks=len(loop.contexts), ctx=ctx, device=job.device, precision=job.precision,
-                   checkpoint_dir=loop.state.checkpoint_dir(i), resume_checkpoint=loop.state.resume_checkpoint(i),
+                   checkpoint_dir=loop.state.checkpoint_dir(i),
+                   resume_checkpoint=loop.state.begin_block(i, loop.fingerprints[i]),
                    logger=loop.logger, progress_bar=bool(job.cfg.trainer.enable_progress_bar))
     data = BlockDataModule(caches.q_in, caches.fp_out, loop.needs.batch_size, caches.aug)
     with phase("method, other"):  # what the method's own phases do not cover

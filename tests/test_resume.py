@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +45,16 @@ def test_sigkill_mid_block_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert (out / "blocks" / "block_000.safetensors").exists()
     assert not (out / "blocks" / "block_001.safetensors").exists(), "block 1 was not in progress"
     assert not (out / "results.json").exists()
+
+    # the same folder started over under other settings (its run state deleted, say): block 1's checkpoint from
+    # 8 epochs is not resumed by a 2-epoch run (Lightning refused it: "restored current_epoch ... max_epochs=2")
+    other = tmp_path / "other-settings"
+    shutil.copytree(out, other)
+    for name in ("state.json", "config.yaml"):
+        (other / name).unlink()
+    done = subprocess.run([*command(other), "method.epochs=2"], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "written under other settings" in done.stdout + done.stderr
 
     first_seconds = json.loads((out / "state.json").read_text())["finished"]["0"]["seconds"]
     resumed = run_to_end(out)
@@ -103,6 +114,25 @@ def test_every_method_resumes_after_sigkill_with_identical_results(tmp_path, met
         x = load_file(str(tmp_path / "reference" / "blocks" / f"block_{i:03d}.safetensors"))
         y = load_file(str(out / "blocks" / f"block_{i:03d}.safetensors"))
         assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f"{method}: block {i} differs"
+
+
+def test_an_in_progress_checkpoint_is_resumed_only_by_its_own_settings(tmp_path):
+    from omniq_lightning.calib.state import RunState
+
+    cfg = {"method": {"name": "omniquant", "epochs": 8}, "seed": 0}
+    state = RunState.open(tmp_path, cfg)
+    fp = {"formats": {"q": {"bits": 4}}, "method": {"settings": {"epochs": 8}}}
+    assert state.begin_block(1, fp) is None
+    ckpt = state.checkpoint_dir(1) / "last.ckpt"
+    ckpt.write_bytes(b"an epoch's state")
+    assert state.begin_block(1, json.loads(json.dumps(fp))) == ckpt  # the same settings resume
+    assert RunState(tmp_path, {**cfg, "seed": 1}).begin_block(1, fp) is None  # another run's settings do not
+    assert not ckpt.exists()
+    ckpt.write_bytes(b"an epoch's state")
+    assert state.begin_block(1, {**fp, "method": {"settings": {"epochs": 2}}}) is None and not ckpt.exists()
+    ckpt.write_bytes(b"an epoch's state")
+    state.forget_blocks(0)  # recalibrating from block 0 drops the later blocks' progress too
+    assert not ckpt.exists()
 
 
 def test_atomic_writes_leave_no_partial_file_and_the_usual_mode(tmp_path):

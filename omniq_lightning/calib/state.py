@@ -3,13 +3,15 @@
 ``output_dir/`` holds ``config.yaml`` (the settings that decide the result), ``state.json`` (finished
 blocks with the SHA-256 of their files and the fingerprint of what decided them; the model-level stage's
 decisions), ``blocks/block_NNN.safetensors`` per finished block, ``passes/<name>.safetensors`` for a pass that
-saved tensors, and ``checkpoints/block_NNN/last.ckpt`` for the block in progress. Every write is atomic.
+saved tensors, and ``checkpoints/block_NNN/last.ckpt`` for the block in progress (with ``owner.json``: the settings
+and block fingerprint it was written under; a checkpoint of other settings is never resumed). Every write is atomic.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ from safetensors.torch import load_file, save_file
 from omniq_lightning.calib.checkpoint import CorruptCheckpointError
 from omniq_lightning.io import atomic_write, write_json
 from omniq_lightning.passes import PassResult, SavedPass
+
+log = logging.getLogger(__name__)
 
 # The settings that decide a run's result; anything else (evaluation, logging, paths) may change on resume.
 RESULT_KEYS = ("model", "quant", "method", "rotation", "calib", "seed", "trainer.precision", "resolved")
@@ -120,9 +124,26 @@ class RunState:
     def checkpoint_dir(self, i: int) -> Path:
         return self.dir / "checkpoints" / f"block_{i:03d}"
 
-    def resume_checkpoint(self, i: int) -> Path | None:
-        ckpt = self.checkpoint_dir(i) / "last.ckpt"
-        return ckpt if ckpt.is_file() else None
+    def begin_block(self, i: int, fingerprint: dict[str, Any]) -> Path | None:
+        """The checkpoint block ``i`` resumes from: its in-progress checkpoint when that was written under this run's
+        settings and this block fingerprint, else none (a checkpoint another run left here, say with other epochs,
+        is removed). Records whom the block's new checkpoints belong to."""
+        folder = self.checkpoint_dir(i)
+        ckpt, owner_path = folder / "last.ckpt", folder / "owner.json"
+        owner = json.loads(json.dumps({"settings": self.settings, "fingerprint": fingerprint}, sort_keys=True,
+                                      default=str))
+        if ckpt.is_file():
+            try:
+                if json.loads(owner_path.read_text(encoding="utf-8")) == owner:
+                    return ckpt
+            except (OSError, ValueError):
+                pass
+            log.warning("block %d: %s was written under other settings (or by an older version) than this run's: "
+                        "calibrating the block from its start", i, ckpt)
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json(owner_path, owner)
+        return None
 
     def is_finished(self, i: int) -> bool:
         return str(i) in self.finished
@@ -167,6 +188,9 @@ class RunState:
             del self.finished[key]
             self.block_path(int(key)).unlink(missing_ok=True)
         self._write()
+        for folder in (self.dir / "checkpoints").glob("block_*"):  # in progress under the settings they replace
+            if int(folder.name.split("_")[1]) >= first:
+                shutil.rmtree(folder, ignore_errors=True)
 
     # --- the model-level stage -----------------------------------------------------------------------------------
     def pass_path(self, name: str) -> Path:
