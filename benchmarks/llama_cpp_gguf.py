@@ -1,13 +1,20 @@
 """GGUF files measured by llama.cpp itself: the perplexity llama.cpp computes for a file made here, over the same
 token windows our evaluation used, beside our fake-quant perplexity and llama.cpp's own quantization of the same
-full-precision model (``llama_model_quantize``, no importance matrix).
+full-precision model to the same type or named mix, without and with an importance matrix computed on the text of
+our calibration windows; and llama.cpp's inference speed and resident memory for each file against F16.
 
-    python benchmarks/llama_cpp_gguf.py RUN_DIR [RUN_DIR ...] [--source SOURCE.gguf --types Q4_0]
+    python benchmarks/llama_cpp_gguf.py RUN_DIR [RUN_DIR ...] --source SOURCE.gguf [--bin LLAMA_CPP_BIN] \
+        [--imatrix] [--bench] [--out TABLE.md]
 
-``RUN_DIR`` is a finished ``train.py ... quant=gguf export.format=gguf`` output folder; its ``config.yaml`` names
-the model, the corpora, the window length and count. Needs ``llama-cpp-python`` (a build from source: on CPUs
-where llama.cpp's native build crashes, ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON
--DGGML_F16C=ON -DGGML_OPENMP=OFF" pip install llama-cpp-python``).
+``RUN_DIR`` is a finished ``train.py ... quant=gguf|gguf_mix export.format=gguf`` output folder; its
+``config.yaml`` names the calibration windows and its ``results.json`` the evaluation windows. ``--source`` is a
+GGUF of the full-precision model (one quantized file works too: llama.cpp requantizes from its dequantized weights,
+which are then the full-precision model, as for SmolLM2 here). Needs ``llama-cpp-python`` (a build from source: on
+CPUs where llama.cpp's native build crashes, ``CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON
+-DGGML_F16C=ON -DGGML_OPENMP=OFF" pip install llama-cpp-python``); ``--imatrix`` and ``--bench`` need llama.cpp's
+``llama-imatrix``, ``llama-quantize`` and ``llama-bench`` in ``--bin`` (built from llama.cpp's sources, e.g. the
+``vendor/llama.cpp`` of that sdist: ``cmake -B build -DLLAMA_BUILD_TOOLS=ON ... && cmake --build build --target
+llama-imatrix llama-quantize llama-bench``).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import tempfile
 import time
@@ -58,12 +66,19 @@ def llamacpp_perplexity(path: Path, windows: torch.Tensor, threads: int = 2) -> 
     return math.exp(nll / count), time.perf_counter() - t0
 
 
-def llamacpp_quantize(source: Path, qtype: str, dest: Path) -> Path:
-    """llama.cpp's own quantization of ``source`` to ``qtype`` (round to nearest with its error search)."""
+def llamacpp_quantize(source: Path, ftype: str, dest: Path, imatrix: Path | None = None,
+                      bin_dir: Path | None = None) -> Path:
+    """llama.cpp's own quantization of ``source`` to file type ``ftype`` (its per-tensor mix, round to nearest with
+    its error search; weighted by ``imatrix`` when given, which needs the ``llama-quantize`` tool)."""
+    if imatrix is not None or bin_dir is not None:
+        cmd = [str(tool(bin_dir, "llama-quantize")), "--allow-requantize"]
+        cmd += ["--imatrix", str(imatrix)] if imatrix is not None else []
+        subprocess.run([*cmd, str(source), str(dest), ftype, "2"], check=True, capture_output=True)
+        return dest
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.allow_requantize = True
     params.nthread = 2
     rc = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), params)
@@ -72,32 +87,132 @@ def llamacpp_quantize(source: Path, qtype: str, dest: Path) -> Path:
     return dest
 
 
+def tool(bin_dir: Path | None, name: str) -> Path:
+    path = (bin_dir or Path(".")) / name
+    if not path.is_file():
+        raise SystemExit(f"{name} not found in {bin_dir}: pass --bin, the folder of llama.cpp's built tools")
+    return path
+
+
+def run_settings(run: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load((run / "config.yaml").read_text())
+
+
+def calibration_text(run: Path) -> tuple[str, int, int]:
+    """The text of the run's calibration windows (decoded), their count and length: what llama.cpp's importance
+    matrix is computed on, for a comparison on equal data."""
+    from transformers import AutoTokenizer
+
+    from omniq_lightning.config import compose
+    from omniq_lightning.data.corpora import load_corpus
+    from omniq_lightning.data.windows import calibration_windows, tokenize
+
+    s = run_settings(run)
+    tok = AutoTokenizer.from_pretrained(run / "model")
+    ids = tokenize(load_corpus(s["calib.corpus"], "calib", compose([]).paths.data_dir), tok)
+    windows = calibration_windows(ids, int(s["calib.nsamples"]), int(s["calib.seqlen"]), int(s["calib.seed"]))
+    return "\n".join(tok.decode(w) for w in windows.tolist()), windows.shape[0], windows.shape[1]
+
+
+def llamacpp_imatrix(source: Path, run: Path, dest: Path, bin_dir: Path) -> Path:
+    text, n, seqlen = calibration_text(run)
+    corpus = dest.with_suffix(".txt")
+    corpus.write_text(text)
+    subprocess.run([str(tool(bin_dir, "llama-imatrix")), "-m", str(source), "-f", str(corpus), "-o", str(dest),
+                    "-c", str(seqlen), "--chunks", str(n), "-t", "2", "--no-ppl"], check=True, capture_output=True)
+    return dest
+
+
+def llamacpp_bench(path: Path, bin_dir: Path, threads: int = 2, reps: int = 3) -> dict:
+    """llama-bench's prompt processing (512 tokens) and generation (128 tokens) speed, tokens per second (mean of
+    ``reps`` runs), and the peak resident memory of the process (MiB)."""
+    cmd = [str(tool(bin_dir, "llama-bench")), "-m", str(path), "-p", "512", "-n", "128", "-t", str(threads),
+           "-r", str(reps), "-o", "json"]
+    with tempfile.TemporaryFile() as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL)
+        peak_kib = 0
+        while proc.poll() is None:  # the process's own high-water mark (getrusage's would include the forking
+            peak_kib = max(peak_kib, high_water_kib(proc.pid))  # Python's, which execve keeps)
+            time.sleep(0.02)
+        if proc.returncode:
+            raise RuntimeError(f"llama-bench failed on {path} ({proc.returncode})")
+        out.seek(0)
+        rows = json.loads(out.read())
+    speed = {("pp" if r["n_prompt"] else "tg"): r["avg_ts"] for r in rows}
+    return {"pp512": speed["pp"], "tg128": speed["tg"], "rss_mib": peak_kib / 1024}
+
+
+def high_water_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def file_type(res: dict) -> str:
+    fmt = res["quant"]["w_format"]
+    return fmt.get("mix") or fmt["type"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("runs", nargs="+", type=Path)
     ap.add_argument("--source", type=Path, help="a GGUF of the full-precision model, for llama.cpp's own quantization")
-    ap.add_argument("--types", nargs="*", default=[])
+    ap.add_argument("--bin", type=Path, help="the folder of llama.cpp's tools (llama-quantize, llama-imatrix, ...)")
+    ap.add_argument("--imatrix", action="store_true", help="also llama.cpp's own quantization with an importance "
+                    "matrix computed on the text of the run's calibration windows")
+    ap.add_argument("--bench", action="store_true", help="llama-bench speed and resident memory, F16 beside each")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, help="write the tables here too")
     args = ap.parse_args()
-    rows = []
-    run = res = None
-    for run in args.runs:
-        res = json.loads((run / "results.json").read_text())
-        f = run / "model-gguf" / "model.gguf"
-        for corpus in res["perplexity"]:
-            ppl, secs = llamacpp_perplexity(f, windows_of(run, res, corpus))
-            rows.append((f"{res['method']} {res['quant']['name']}", corpus, res["perplexity"][corpus]["perplexity"],
-                         ppl, f.stat().st_size / 2**20, secs))
+    quality = [["file", "type", "corpus", "our fake-quant ppl", "llama.cpp ppl", "file MiB"]]
+    speed = [["file", "pp512 tok/s", "tg128 tok/s", "peak RSS MiB", "file MiB"]]
     with tempfile.TemporaryDirectory() as tmp:
-        for qtype in args.types:
-            f = llamacpp_quantize(args.source, qtype, Path(tmp) / f"{qtype}.gguf")
-            for corpus in res["perplexity"]:
-                ppl, secs = llamacpp_perplexity(f, windows_of(run, res, corpus))
-                rows.append((f"llama.cpp's own {qtype}", corpus, float("nan"), ppl, f.stat().st_size / 2**20, secs))
-    print("| file | corpus | our fake-quant perplexity | llama.cpp perplexity | file MiB | llama.cpp eval s |")
-    print("|---|---|---|---|---|---|")
-    for name, corpus, ours, theirs, mib, secs in rows:
-        ours_s = "-" if math.isnan(ours) else f"{ours:.4f}"
-        print(f"| {name} | {corpus} | {ours_s} | {theirs:.4f} | {mib:.1f} | {secs:.0f} |")
+        tmp = Path(tmp)
+        imatrix = None
+        if args.imatrix:
+            imatrix = llamacpp_imatrix(args.source, args.runs[0], tmp / "imatrix.gguf", args.bin)
+        files = []
+        for run in args.runs:
+            res = json.loads((run / "results.json").read_text())
+            ftype = file_type(res)
+            entries = [(f"ours: {res['method']}", run / "model-gguf" / "model.gguf", res)]
+            if args.source is not None:
+                entries.append(("llama.cpp", llamacpp_quantize(args.source, ftype, tmp / f"{ftype}.gguf",
+                                                               bin_dir=args.bin), None))
+                if imatrix is not None:
+                    entries.append(("llama.cpp + imatrix", llamacpp_quantize(
+                        args.source, ftype, tmp / f"{ftype}-imatrix.gguf", imatrix, args.bin), None))
+            for name, path, own in entries:
+                mib = path.stat().st_size / 2**20
+                for corpus in res["perplexity"]:
+                    ppl, _ = llamacpp_perplexity(path, windows_of(run, res, corpus), args.threads)
+                    ours = f"{own['perplexity'][corpus]['perplexity']:.4f}" if own else "-"
+                    quality.append([name, ftype, corpus, ours, f"{ppl:.4f}", f"{mib:.1f}"])
+                    print(" | ".join(quality[-1]), flush=True)
+                files.append((f"{name} {ftype}", path))
+        if args.bench:
+            f16 = llamacpp_quantize(args.source, "F16", tmp / "F16.gguf", bin_dir=args.bin)
+            for name, path in [("F16", f16), *files]:
+                b = llamacpp_bench(path, args.bin, args.threads)
+                speed.append([name, f"{b['pp512']:.1f}", f"{b['tg128']:.1f}", f"{b['rss_mib']:.0f}",
+                              f"{path.stat().st_size / 2**20:.1f}"])
+                print(" | ".join(speed[-1]), flush=True)
+    text = "\n\n".join(table(t) for t in (quality, speed) if len(t) > 1)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+
+
+def table(rows: list[list[str]]) -> str:
+    head, *body = rows
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in body])
 
 
 if __name__ == "__main__":
