@@ -651,9 +651,12 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
         check_formats_fit(shapes, job.spec.weight_format)
     setup = with_rotations(job.method.setup(job.spec, traits), job.rotation)
     adapter.check_setup(model, setup)
+    config = model.config.to_dict()
+    layout = adapter.gguf_layout(config)
     request = ExportRequest(job.spec, frozenset(for_shape(job.spec.weight_format, *shape) for shape in shapes.values()),
                             adapter.fused_experts,
-                            frozenset(shapes.values()), online_transforms(job.spec, setup, job.rotation, traits))
+                            frozenset(shapes.values()), online_transforms(job.spec, setup, job.rotation, traits),
+                            config.get("model_type"), None if layout is None else layout.arch)
     if job.mixed is None:
         check_export(job.export_format, request)
     check_seqlen(int(cfg.eval.seqlen), loaded, "eval")

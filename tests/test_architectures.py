@@ -353,3 +353,17 @@ def test_opt_takes_the_rotations_that_need_no_rmsnorm():
     model = AutoModelForCausalLM.from_config(cfg).eval()
     ids = torch.randint(0, 512, (2, SEQLEN), generator=torch.Generator().manual_seed(3))
     rotate_and_compare(model, adapter_for("opt"), ids, RotationSettings(residual=False, seed=3))
+
+
+@pytest.mark.parametrize("family", ["phi3", "gemma2"])
+def test_a_family_without_a_gguf_layout_is_refused_before_calibration(family, saved_models, tmp_path):
+    from omniq_lightning.config import compose
+    from omniq_lightning.export import UnsupportedFormat
+    from omniq_lightning.pipeline import run
+
+    cfg = compose([f"model.path={saved_models[family]}", f"model.name={family}",
+                   f"model.attn_implementation={attn_of(family)}", "method=rtn", "quant=gguf", "export.format=gguf",
+                   *QUICK, f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(UnsupportedFormat, match=f"no GGUF layout for model_type '{family}'.*llama, mistral, qwen2"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()

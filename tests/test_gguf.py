@@ -133,8 +133,12 @@ def test_named_mixes_follow_llama_cpp_rules():
     assert [mix_type("Q2_K", r, 7, 30, 3) for r in ("attn_v", "ffn_down", "attn_output", "ffn_gate")] == \
         ["Q3_K", "Q3_K", "Q3_K", "Q2_K"]
     assert mix_type("Q2_K", "attn_v", 7, 30, 4) == "Q4_K"  # 4 or more query heads per key head
-    assert mix_type("Q4_K_M", "attn_v", 40, 80, 8) == "Q5_K"  # llama.cpp's 70B rule
-    assert GGUFFormat(mix="Q3_K_L").type == "Q3_K" and GGUFFormat(mix="Q3_K_L").name == "gguf-Q3_K_L"
+    # llama.cpp's 70B rule, after the mix's own: a Q3_K or Q4_K value projection becomes Q5_K
+    assert [mix_type(m, "attn_v", 40, 80, 8, seventy_b=True) for m in ("Q4_K_M", "Q3_K_M", "Q2_K", "Q4_K_S")] == \
+        ["Q5_K", "Q5_K", "Q5_K", "Q5_K"]
+    assert mix_type("Q4_K_M", "attn_v", 42, 80, 8, seventy_b=True) == "Q6_K"  # a layer with more bits keeps Q6_K
+    assert GGUFFormat(mix="Q3_K_L").type == "Q3_K" and GGUFFormat(mix="Q3_K_L").name == "gguf-mix-Q3_K_L"
+    assert GGUFFormat(mix="Q2_K").name != GGUFFormat("Q2_K").name
     with pytest.raises(ValueError, match="mix Q4_K_M has base type Q4_K, not Q2_K"):
         GGUFFormat("Q2_K", "Q4_K_M")
     with pytest.raises(ValueError, match="unknown GGUF mix 'Q4_K_XL'.*Q4_K_M"):
@@ -199,7 +203,7 @@ def test_a_mix_calibrates_each_linear_on_the_type_llama_cpp_gives_it(quick_run):
     from safetensors.torch import load_file
 
     _, res, out = quick_run("rtn", "gguf_mix", "quant.w_format.mix=Q3_K_M", "export.format=gguf")
-    assert res["quant"]["name"] == "gguf-Q3_K_M" and res["quant"]["w_format"]["mix"] == "Q3_K_M"
+    assert res["quant"]["name"] == "gguf-mix-Q3_K_M" and res["quant"]["w_format"]["mix"] == "Q3_K_M"
     reader = gguf.GGUFReader(str(out / "model-gguf" / "model.gguf"))
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     expected = {"attn_q": "Q4_0", "attn_k": "Q4_0", "ffn_gate": "Q4_0", "ffn_up": "Q4_0", "attn_output": "Q5_0",

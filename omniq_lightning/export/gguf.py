@@ -20,7 +20,7 @@ import torch
 from safetensors import safe_open
 
 from omniq_lightning.export.registry import Exporter, ExportJob, ExportRequest, UnsupportedFormat, register_exporter
-from omniq_lightning.models import adapter_for
+from omniq_lightning.models import adapter_for, gguf_model_types
 from omniq_lightning.models.base import interleave_rotary_rows
 from omniq_lightning.quant.gguf import GGUF_MIXES, GGUFCodes, GGUFFormat, gguf_quantize, pack_rows, type_for_width
 
@@ -143,6 +143,9 @@ class GGUFExporter(Exporter):
             return "llama.cpp runs weight-only quantized files (its activations and KV cache are its own settings)"
         if req.fused_experts:
             return "this model's experts are fused 3-D tensors, which the GGUF exporter does not split yet"
+        if req.model_type is not None and req.gguf_arch is None:
+            return (f"no GGUF layout for model_type {req.model_type!r} (its adapter declares none, "
+                    f"ModelAdapter.gguf_layout); the families with one: {', '.join(gguf_model_types())}")
         return None
 
     def write(self, job: ExportJob) -> Path:
@@ -153,7 +156,7 @@ class GGUFExporter(Exporter):
         layout = adapter_for(config["model_type"]).gguf_layout(config)
         if layout is None:
             raise UnsupportedFormat(f"no GGUF layout for model_type {config['model_type']!r}: its adapter declares "
-                                    "none (ModelAdapter.gguf_layout); the families with one: llama, mistral, qwen2, qwen3")
+                                    f"none (ModelAdapter.gguf_layout); the families with one: {', '.join(gguf_model_types())}")
         base = job.spec.weight_format.type
         blocks = config["num_hidden_layers"]
         names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, layout.arch.upper()), blocks)

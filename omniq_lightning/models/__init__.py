@@ -19,6 +19,12 @@ def supported_model_types() -> list[str]:
     return [t for cls in ADAPTERS for t in cls.model_types]
 
 
+def gguf_model_types() -> list[str]:
+    """The model types whose adapters name a GGUF layout (``ModelAdapter.gguf_layout``)."""
+    return [t for cls in ADAPTERS for t in cls.model_types
+            if cls().gguf_layout({"model_type": t, "num_attention_heads": 1}) is not None]
+
+
 def adapter_for(model_type: str) -> ModelAdapter:
     """The adapter of a Hugging Face ``model_type``; an unsupported one lists the supported types."""
     for cls in ADAPTERS:
@@ -37,6 +43,7 @@ def load_model(path: str, **kwargs) -> LoadedModel:
 
 __all__ = [
     "ADAPTERS",
+    "gguf_model_types",
     "BlockContext",
     "Gemma2Adapter",
     "GemmaAdapter",

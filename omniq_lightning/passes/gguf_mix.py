@@ -54,8 +54,9 @@ class GGUFMixPass(ModelPass):
         heads = config["num_attention_heads"]
         n_gqa = heads // (config.get("num_key_value_heads") or heads)
         n_layers = config["num_hidden_layers"]
+        seventy_b = n_layers == 80 and ((layout.arch == "llama" and n_gqa > 1) or layout.arch == "qwen2")
         roles = gguf_roles(sorted(ctx.shapes), config, layout.arch)
-        types = {n: mix_type(self.mix, role, layer, n_layers, n_gqa) for n, (role, layer) in roles.items()}
+        types = {n: mix_type(self.mix, role, layer, n_layers, n_gqa, seventy_b) for n, (role, layer) in roles.items()}
         return PassResult(record={"mix": self.mix, "types": types},
                           formats={n: GGUFFormat(t) for n, t in types.items()},
                           info={"mix": self.mix, "types": dict(sorted(Counter(types.values()).items()))})

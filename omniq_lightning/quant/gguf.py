@@ -301,25 +301,26 @@ def use_more_bits(layer: int, n_layers: int) -> bool:
     return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
 
 
-def mix_type(mix: str, role: str, layer: int, n_layers: int, n_gqa: int) -> str:
+def mix_type(mix: str, role: str, layer: int, n_layers: int, n_gqa: int, seventy_b: bool = False) -> str:
     """The type llama.cpp's quantizer gives one linear of a dense model in file type ``mix``: ``role`` is its GGUF
-    tensor name in the block (``attn_v``, ``ffn_down``, ``attn_output``, ...), ``n_gqa`` query heads per key head.
-    (The width fallback, :func:`type_for_width`, comes after.)"""
+    tensor name in the block (``attn_v``, ``ffn_down``, ``attn_output``, ...), ``n_gqa`` query heads per key head,
+    ``seventy_b`` whether llama.cpp calls the model a 70B (an 80-layer LLaMA with GQA, an 80-layer Qwen2). (The
+    width fallback, :func:`type_for_width`, comes after.)"""
     base = gguf_mix_base(mix)
     if role == "attn_v":
+        new = base
         if mix == "Q2_K":
-            return "Q4_K" if n_gqa >= 4 else "Q3_K"
-        if mix == "Q3_K_M":
-            return "Q5_K" if layer < 2 else "Q4_K"
-        if mix == "Q3_K_L":
-            return "Q5_K"
-        if mix in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n_layers):
-            return "Q6_K"
-        if mix == "Q4_K_S" and layer < 4:
-            return "Q5_K"
-        if n_layers == 80 and n_gqa > 1 and base in ("Q3_K", "Q4_K"):  # llama.cpp's "70B" (an 80-layer GQA LLaMA)
-            return "Q5_K"
-    elif role == "ffn_down":
+            new = "Q4_K" if n_gqa >= 4 else "Q3_K"
+        elif mix == "Q3_K_M":
+            new = "Q5_K" if layer < 2 else "Q4_K"
+        elif mix == "Q3_K_L":
+            new = "Q5_K"
+        elif mix in ("Q4_K_M", "Q5_K_M") and use_more_bits(layer, n_layers):
+            new = "Q6_K"
+        elif mix == "Q4_K_S" and layer < 4:
+            new = "Q5_K"
+        return "Q5_K" if seventy_b and new in ("Q3_K", "Q4_K") else new
+    if role == "ffn_down":
         if mix == "Q2_K":
             return "Q3_K"
         if mix == "Q3_K_M":
@@ -330,7 +331,7 @@ def mix_type(mix: str, role: str, layer: int, n_layers: int, n_gqa: int) -> str:
             return "Q6_K"
         if mix == "Q4_K_S" and layer < n_layers // 8:
             return "Q5_K"
-    elif role == "attn_output":
+    if role == "attn_output":
         return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(mix, base)
     return base
 
@@ -368,8 +369,8 @@ class GGUFFormat:
         gguf_type(self.type)
 
     @property
-    def name(self) -> str:
-        return f"gguf-{self.mix or self.type}"
+    def name(self) -> str:  # a mix and a type may share a name (Q2_K): a mix's says so
+        return f"gguf-mix-{self.mix}" if self.mix else f"gguf-{self.type}"
 
     def model_passes(self) -> list:
         """The pass that gives each linear its type in a mix (none for a single type)."""
