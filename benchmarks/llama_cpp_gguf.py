@@ -67,19 +67,23 @@ def llamacpp_perplexity(path: Path, windows: torch.Tensor, threads: int = 2) -> 
 
 
 def llamacpp_quantize(source: Path, ftype: str, dest: Path, imatrix: Path | None = None,
-                      bin_dir: Path | None = None) -> Path:
+                      bin_dir: Path | None = None, pure: bool = False) -> Path:
     """llama.cpp's own quantization of ``source`` to file type ``ftype`` (its per-tensor mix, round to nearest with
-    its error search; weighted by ``imatrix`` when given, which needs the ``llama-quantize`` tool)."""
-    if imatrix is not None or bin_dir is not None:
-        cmd = [str(tool(bin_dir, "llama-quantize")), "--allow-requantize"]
+    its error search; every tensor in ``ftype``'s base type with ``pure``; weighted by ``imatrix`` when given).
+    Through ``llama-quantize`` when ``bin_dir`` is given, else llama-cpp-python's binding."""
+    if bin_dir is not None:
+        cmd = [str(tool(bin_dir, "llama-quantize")), "--allow-requantize", *(["--pure"] if pure else [])]
         cmd += ["--imatrix", str(imatrix)] if imatrix is not None else []
         subprocess.run([*cmd, str(source), str(dest), ftype, "2"], check=True, capture_output=True)
         return dest
+    if imatrix is not None:
+        raise SystemExit("an importance matrix needs llama.cpp's llama-quantize: pass --bin")
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}")
     params.allow_requantize = True
+    params.pure = pure
     params.nthread = 2
     rc = llama_cpp.llama_model_quantize(str(source).encode(), str(dest).encode(), params)
     if rc != 0:
@@ -154,9 +158,16 @@ def high_water_kib(pid: int) -> int:
     return 0
 
 
-def file_type(res: dict) -> str:
+def file_type(res: dict) -> tuple[str, bool]:
+    """llama.cpp's file type for a run's file, and whether llama.cpp must keep every linear in its base type
+    (``--pure``): a named mix is its own file type; a single type is the file type named after it (``Q4_K`` ->
+    ``Q4_K_S``), pure."""
+    from omniq_lightning.export.gguf import FILE_TYPES
+
     fmt = res["quant"]["w_format"]
-    return fmt.get("mix") or fmt["type"]
+    if fmt.get("mix"):
+        return fmt["mix"], False
+    return FILE_TYPES[fmt["type"]][len("MOSTLY_"):], fmt["type"] not in ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
 
 
 def main() -> None:
@@ -170,6 +181,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, help="write the tables here too")
     args = ap.parse_args()
+    if (args.imatrix or args.bench) and (args.source is None or args.bin is None):
+        ap.error("--imatrix and --bench need --source (the full-precision GGUF) and --bin (llama.cpp's tools)")
+    calib = {json.dumps({k: v for k, v in run_settings(r).items() if k.startswith("calib.")}) for r in args.runs}
+    if args.imatrix and len(calib) > 1:
+        ap.error("the runs were calibrated on different windows: one importance matrix cannot match them all")
     quality = [["file", "type", "corpus", "our fake-quant ppl", "llama.cpp ppl", "file MiB"]]
     speed = [["file", "pp512 tok/s", "tg128 tok/s", "peak RSS MiB", "file MiB"]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -177,28 +193,31 @@ def main() -> None:
         imatrix = None
         if args.imatrix:
             imatrix = llamacpp_imatrix(args.source, args.runs[0], tmp / "imatrix.gguf", args.bin)
-        files = []
+        files: dict[str, Path] = {}  # every file once (two runs of one type share llama.cpp's)
         for run in args.runs:
             res = json.loads((run / "results.json").read_text())
-            ftype = file_type(res)
-            entries = [(f"ours: {res['method']}", run / "model-gguf" / "model.gguf", res)]
-            if args.source is not None:
-                entries.append(("llama.cpp", llamacpp_quantize(args.source, ftype, tmp / f"{ftype}.gguf",
-                                                               bin_dir=args.bin), None))
-                if imatrix is not None:
-                    entries.append(("llama.cpp + imatrix", llamacpp_quantize(
-                        args.source, ftype, tmp / f"{ftype}-imatrix.gguf", imatrix, args.bin), None))
+            ftype, pure = file_type(res)
+            label = f"{ftype}{' (pure)' if pure else ''}"
+            entries = [(f"ours: {res['method']} {res['quant']['name']}", run / "model-gguf" / "model.gguf", res)]
+            for name, im in [("llama.cpp", None), ("llama.cpp + imatrix", imatrix)]:
+                if args.source is None or (name.endswith("imatrix") and im is None):
+                    continue
+                key = f"{name} {label}"
+                if key not in files:
+                    dest = tmp / f"{ftype}{'-pure' if pure else ''}{'-imatrix' if im else ''}.gguf"
+                    files[key] = llamacpp_quantize(args.source, ftype, dest, im, args.bin, pure)
+                entries.append((key, files[key], None))
             for name, path, own in entries:
                 mib = path.stat().st_size / 2**20
                 for corpus in res["perplexity"]:
                     ppl, _ = llamacpp_perplexity(path, windows_of(run, res, corpus), args.threads)
                     ours = f"{own['perplexity'][corpus]['perplexity']:.4f}" if own else "-"
-                    quality.append([name, ftype, corpus, ours, f"{ppl:.4f}", f"{mib:.1f}"])
+                    quality.append([name, label, corpus, ours, f"{ppl:.4f}", f"{mib:.1f}"])
                     print(" | ".join(quality[-1]), flush=True)
-                files.append((f"{name} {ftype}", path))
+                files.setdefault(name, path)
         if args.bench:
             f16 = llamacpp_quantize(args.source, "F16", tmp / "F16.gguf", bin_dir=args.bin)
-            for name, path in [("F16", f16), *files]:
+            for name, path in [("F16", f16), *files.items()]:
                 b = llamacpp_bench(path, args.bin, args.threads)
                 speed.append([name, f"{b['pp512']:.1f}", f"{b['tg128']:.1f}", f"{b['rss_mib']:.0f}",
                               f"{path.stat().st_size / 2**20:.1f}"])
