@@ -194,6 +194,7 @@ def main() -> None:
         if args.imatrix:
             imatrix = llamacpp_imatrix(args.source, args.runs[0], tmp / "imatrix.gguf", args.bin)
         files: dict[str, Path] = {}  # every file once (two runs of one type share llama.cpp's)
+        types_checked: list[str] = []
         for run in args.runs:
             res = json.loads((run / "results.json").read_text())
             ftype, pure = file_type(res)
@@ -207,6 +208,10 @@ def main() -> None:
                     dest = tmp / f"{ftype}{'-pure' if pure else ''}{'-imatrix' if im else ''}.gguf"
                     files[key] = llamacpp_quantize(args.source, ftype, dest, im, args.bin, pure)
                 entries.append((key, files[key], None))
+            if len(entries) > 1:
+                differ = differing_types(entries[0][1], entries[1][1])
+                print(f"{label}: {len(differ)} tensors in another type than llama.cpp's own file {differ[:5]}")
+                types_checked.append(f"{label}: {'every tensor in the type llama.cpp chose' if not differ else differ}")
             for name, path, own in entries:
                 mib = path.stat().st_size / 2**20
                 for corpus in res["perplexity"]:
@@ -222,10 +227,18 @@ def main() -> None:
                 speed.append([name, f"{b['pp512']:.1f}", f"{b['tg128']:.1f}", f"{b['rss_mib']:.0f}",
                               f"{path.stat().st_size / 2**20:.1f}"])
                 print(" | ".join(speed[-1]), flush=True)
-    text = "\n\n".join(table(t) for t in (quality, speed) if len(t) > 1)
+    text = "\n\n".join([table(t) for t in (quality, speed) if len(t) > 1] + ["; ".join(types_checked)])
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
+
+
+def differing_types(ours: Path, theirs: Path) -> list[tuple[str, str, str]]:
+    """The tensors whose GGUF type differs between two files: (name, ours, theirs)."""
+    import gguf
+
+    a, b = ({t.name: t.tensor_type.name for t in gguf.GGUFReader(str(f)).tensors} for f in (ours, theirs))
+    return sorted((k, a.get(k, "-"), b.get(k, "-")) for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
 def table(rows: list[list[str]]) -> str:
