@@ -178,6 +178,8 @@ def main() -> None:
     ap.add_argument("--imatrix", action="store_true", help="also llama.cpp's own quantization with an importance "
                     "matrix computed on the text of the run's calibration windows")
     ap.add_argument("--bench", action="store_true", help="llama-bench speed and resident memory, F16 beside each")
+    ap.add_argument("--perplexity", action=argparse.BooleanOptionalAction, default=True,
+                    help="llama.cpp's perplexity of every file (--no-perplexity: the speed table only)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, help="write the tables here too")
     args = ap.parse_args()
@@ -214,7 +216,7 @@ def main() -> None:
                 types_checked.append(f"{label}: {'every tensor in the type llama.cpp chose' if not differ else differ}")
             for name, path, own in entries:
                 mib = path.stat().st_size / 2**20
-                for corpus in res["perplexity"]:
+                for corpus in res["perplexity"] if args.perplexity else ():
                     ppl, _ = llamacpp_perplexity(path, windows_of(run, res, corpus), args.threads)
                     ours = f"{own['perplexity'][corpus]['perplexity']:.4f}" if own else "-"
                     quality.append([name, label, corpus, ours, f"{ppl:.4f}", f"{mib:.1f}"])
