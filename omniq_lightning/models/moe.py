@@ -96,13 +96,13 @@ class MoEAdapter(LlamaAdapter):
     ``mlp_only_layers``) pair like LLaMA."""
 
     model_types = ("mixtral", "qwen2_moe", "qwen3_moe")
+    experts = True
+    fused_experts = True
 
     def gguf_layout(self, config: dict) -> None:
         """None yet: llama.cpp holds a layer's experts stacked in 3-D tensors (``ffn_gate_exps``, ...), which the
         GGUF exporter does not write."""
         return None
-    experts = True
-    fused_experts = True
 
     def prepare_block(self, block: nn.Module) -> nn.Module:
         mlp = block.mlp
