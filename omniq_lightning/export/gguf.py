@@ -120,7 +120,7 @@ def add_metadata(writer, config: dict, file_type: str, name: str) -> None:
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def tensor_data(name: str, t: torch.Tensor, codes: GGUFCodes | None, qtype: str | None):
+def tensor_data(t: torch.Tensor, codes: GGUFCodes | None, qtype: str | None):
     """(numpy data, GGML type) of one tensor: packed codes, a quantized 16-bit tensor, F16 or F32."""
     import gguf
 
@@ -187,7 +187,7 @@ class GGUFExporter(Exporter):
             if suffix is not None:
                 index = interleave_rotary_rows(t.shape[0], layout.permuted_rows[suffix])
                 codes, t = (None if codes is None else codes.map(lambda x, i=index: x[i])), t[index]
-            data, dtype = tensor_data(key, t, codes, qtype)
+            data, dtype = tensor_data(t, codes, qtype)
             writer.add_tensor(gname, data, raw_dtype=dtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()

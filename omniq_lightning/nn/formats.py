@@ -115,6 +115,8 @@ def _scalar_quantizer(fmt: WeightFormat, out_features: int, in_features: int, sp
 
 register_format_kind(FormatKind("scalar", WeightFormat, QuantizedWeight, _scalar_quantizer,
                                 frozenset({"quantizer", "grid", "columns"})))
+
+
 class GGUFQuantizer(WeightQuantizerBase):
     """A weight in a GGUF type: fake quantization on the type's exact grid, with LWC logits per group."""
 
