@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +30,7 @@ from omniq_lightning.calib.loop import run_samples
 from omniq_lightning.calib.phases import add_phases, phase, recording
 from omniq_lightning.data import calibration_windows, load_corpus, tokenize
 from omniq_lightning.eval import perplexity, placed_for_evaluation, zero_shot
+from omniq_lightning.eval.blockwise import blockwise_perplexity
 from omniq_lightning.eval.tasks import check_tasks, task_list
 from omniq_lightning.export import ExportRequest, check_export, export_dtype, save_fake_quant, write_export
 from omniq_lightning.export.online import online_inputs, online_kinds
@@ -116,6 +117,9 @@ def check_settings(cfg: DictConfig) -> None:
         integer(cfg, "calib.nsamples", minimum=1)
         integer(cfg, "calib.seqlen", minimum=2)
     check_tasks(task_list(cfg.eval.get("tasks")), cfg.eval.get("limit"), cfg.paths.data_dir)
+    if cfg.model.get("lazy") and task_list(cfg.eval.get("tasks")):
+        raise ValueError("eval.tasks (zero-shot) runs the model whole, and model.lazy=true holds it block by block: "
+                         "use eval.tasks=[] (perplexity is evaluated block by block) or model.lazy=false")
 
 
 def check_format_capabilities(method: Method, formats) -> None:
@@ -176,6 +180,9 @@ def prepare(cfg: DictConfig) -> Job:
     passes += getattr(spec.weight_format, "model_passes", list)()  # a format's per-linear plan (a GGUF mix)
     if mixed is not None:
         passes.append(MixedPrecisionPass(mixed))
+    if cfg.model.get("lazy") and passes:
+        raise ValueError(f"model.lazy=true holds the model block by block, and this run has whole-model passes "
+                         f"({', '.join(p.name for p in passes)}): use model.lazy=false")
     return Job(cfg, method, spec, mixed, export_format, dtype, device, precision, Path(cfg.output_dir), config,
                rotation, passes)
 
@@ -192,6 +199,7 @@ def load(cfg: DictConfig) -> LoadedModel:
         dtype=m.dtype,
         attn_implementation=m.attn_implementation,
         trust_remote_code=bool(m.trust_remote_code),
+        lazy=bool(m.get("lazy", False)),
     )
 
 
@@ -252,25 +260,28 @@ def calibration_data(cfg: DictConfig, loaded: LoadedModel) -> torch.Tensor:
     return calibration_windows(tokenize(corpus, loaded.tokenizer), n, seqlen, int(cfg.calib.seed))
 
 
-def evaluate(cfg: DictConfig, loaded: LoadedModel, device: torch.device) -> dict[str, dict[str, Any]]:
+def evaluate(cfg: DictConfig, loaded: LoadedModel, device: torch.device,
+             block_at: Callable[[int], torch.nn.Module] | None = None) -> dict[str, dict[str, Any]]:
     """Perplexity on every configured corpus (``perplexity``) and, when ``eval.tasks`` names any, zero-shot
-    accuracy through lm-evaluation-harness (``zero_shot``)."""
+    accuracy through lm-evaluation-harness (``zero_shot``). A lazily held model is evaluated block by block,
+    block ``i`` being ``block_at(i)`` (default: its full-precision weights from the checkpoint)."""
     seqlen = int(cfg.eval.seqlen)
     check_seqlen(seqlen, loaded, "eval")
+    if loaded.lazy:
+        if block_at is None:
+            block_at = lambda i: loaded.read_block(i).to(device)  # noqa: E731
+        with outside_blocks_on(loaded, device):
+            return {"perplexity": corpus_perplexities(
+                cfg, loaded, ["blockwise", str(device)],
+                lambda ids, name: blockwise_perplexity(loaded.model, loaded.adapter, block_at, ids, seqlen, corpus=name,
+                                                       max_windows=cfg.eval.max_windows, device=device))}
     max_memory = cfg.eval.get("max_memory")
     max_memory = None if max_memory is None else OmegaConf.to_container(max_memory, resolve=True)
-    results = {}
     with placed_for_evaluation(loaded.model, device, max_memory, cfg.eval.get("offload_dir")) as placement:
-        for name in cfg.eval.corpora:
-            corpus = load_corpus(name, "eval", cfg.paths.data_dir)
-            ids = tokenize(corpus, loaded.tokenizer)
-            t0 = time.perf_counter()
-            res = perplexity(loaded.model, ids, seqlen, corpus=name, max_windows=cfg.eval.max_windows,
-                             batch_size=int(cfg.eval.batch_size), device=placement.input_device)
-            results[name] = {**res.to_dict(), "source": corpus.origin, "placement": list(placement.devices),
-                             "seconds": round(time.perf_counter() - t0, 3)}
-            log.info("%s perplexity %.4f (%d windows of %d tokens)", name, res.perplexity, res.windows, seqlen)
-        out: dict[str, dict[str, Any]] = {"perplexity": results}
+        out: dict[str, dict[str, Any]] = {"perplexity": corpus_perplexities(
+            cfg, loaded, list(placement.devices),
+            lambda ids, name: perplexity(loaded.model, ids, seqlen, corpus=name, max_windows=cfg.eval.max_windows,
+                                         batch_size=int(cfg.eval.batch_size), device=placement.input_device))}
         tasks = task_list(cfg.eval.get("tasks"))
         if tasks:
             t0 = time.perf_counter()
@@ -280,6 +291,54 @@ def evaluate(cfg: DictConfig, loaded: LoadedModel, device: torch.device) -> dict
             log.info("zero-shot %s (%.0f s)", {t: r.get("acc") for t, r in out["zero_shot"].items()},
                      time.perf_counter() - t0)
     return out
+
+
+def corpus_perplexities(cfg: DictConfig, loaded: LoadedModel, placement: list[str],
+                        measure: Callable[[torch.Tensor, str], Any]) -> dict[str, dict[str, Any]]:
+    """``measure(ids, name)`` (a :class:`PerplexityResult`) on each corpus of ``eval.corpora``, with its record."""
+    results = {}
+    for name in cfg.eval.corpora:
+        corpus = load_corpus(name, "eval", cfg.paths.data_dir)
+        ids = tokenize(corpus, loaded.tokenizer)
+        t0 = time.perf_counter()
+        res = measure(ids, name)
+        results[name] = {**res.to_dict(), "source": corpus.origin, "placement": placement,
+                         "seconds": round(time.perf_counter() - t0, 3)}
+        log.info("%s perplexity %.4f (%d windows of %d tokens)", name, res.perplexity, res.windows, res.seqlen)
+    return results
+
+
+@contextlib.contextmanager
+def outside_blocks_on(loaded: LoadedModel, device: torch.device):
+    """While active, a lazily held model's parts outside its blocks are on ``device`` (then back on the CPU)."""
+    for m in loaded.outside_blocks():
+        m.to(device)
+    try:
+        yield
+    finally:
+        to_cpu(loaded)
+
+
+def to_cpu(loaded: LoadedModel) -> None:
+    """The model's real tensors on the CPU (a lazily held model's blocks stay on the meta device)."""
+    if not loaded.lazy:
+        loaded.model.to("cpu")
+        return
+    for m in loaded.outside_blocks():
+        m.to("cpu")
+
+
+def restored_blocks(loaded: LoadedModel, state: RunState, setup: BlockSetup, formats: Mapping[int, dict[str, Any]],
+                    device: torch.device) -> Callable[[int], torch.nn.Module]:
+    """``block_at(i)``: block ``i`` as the run finished it, rebuilt from the checkpoint and the run state, in the
+    model's dtype on ``device`` (how a lazily held model's quantized blocks are evaluated and exported)."""
+    def block_at(i: int) -> torch.nn.Module:
+        fp = loaded.read_block(i)
+        dtype = next(fp.parameters()).dtype
+        block = loaded.adapter.prepare_block(fp.to(device=device, dtype=torch.float32))
+        return to_model_dtype(restore_block(loaded.adapter, state, i, block, replace(setup, formats=formats[i])),
+                              dtype)
+    return block_at
 
 
 # --- the block loop ---------------------------------------------------------------------------------------------
@@ -455,7 +514,7 @@ def calibrate_blocks(loop_parts: dict[str, Any], windows: torch.Tensor) -> list[
     job, loaded = loop_parts["job"], loop_parts["loaded"]
     model, adapter = loaded.model, loaded.adapter
     n, seqlen = windows.shape
-    model.to("cpu")
+    to_cpu(loaded)
     for m in adapter.pre_block_modules(model):
         m.to(job.device)
     fp_in = new_cache(job, loaded, n, seqlen, "fp_in")
@@ -498,6 +557,9 @@ def calibrate_block_phases(loop: BlockLoop, i: int, t0: float) -> dict[str, Any]
     blocks, ctx, device = adapter.blocks(loop.loaded.model), loop.contexts[i], job.device
     setup = replace(loop.setup, formats=loop.formats[i])
     model_dtype = next(blocks[i].parameters()).dtype
+    held = blocks[i]  # a lazily held model's block stays on the meta device; its weights are read for the loop
+    with phase("load"):
+        blocks[i] = loop.loaded.read_block(i)
     block = adapter.prepare_block(blocks[i].to(device=device, dtype=torch.float32))
     finished = state.is_finished(i)
 
@@ -520,23 +582,35 @@ def calibrate_block_phases(loop: BlockLoop, i: int, t0: float) -> dict[str, Any]
         mse = run_samples(lambda x: adapter.call_block(folded, x, ctx), caches.q_in, out=caches.q_in,
                           target=caches.fp_out)
     caches.next_block()
-    for p in folded.parameters():  # parameters only: static activation ranges stay float32
-        p.data = p.data.to(model_dtype)
-    blocks[i] = folded.to("cpu") if device.type != "cpu" else folded  # offload: one block on the device
+    if loop.loaded.lazy:  # the finished block lives in the run state only
+        blocks[i] = held
+    else:
+        blocks[i] = to_model_dtype(folded, model_dtype).to("cpu")  # offload: one block on the device
     return {"block": i, "output_mse": mse, "seconds": round(time.perf_counter() - t0, 3), **block_stats}
 
 
+def to_model_dtype(block: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """A calibrated (float32) block's parameters in the model's dtype; static activation ranges stay float32."""
+    for p in block.parameters():
+        p.data = p.data.to(dtype)
+    return block
+
+
 def resume_block(loop: BlockLoop, i: int, block, setup: BlockSetup):
-    """A finished block, rebuilt and loaded from the run state (its layers built with 16-bit weights: the
-    quantized weights are in the state, whatever their format's kind)."""
-    adapter = loop.loaded.adapter
+    """A finished block from the run state (see :func:`restore_block`), on the run's device."""
+    return restore_block(loop.loaded.adapter, loop.state, i, block, setup).to(loop.job.device)
+
+
+def restore_block(adapter, state: RunState, i: int, block, setup: BlockSetup):
+    """A finished block, rebuilt from its prepared float32 full-precision ``block`` and loaded from the run state
+    (its layers built with 16-bit weights: the quantized weights are in the state, whatever their format's kind)."""
     shell = BlockSetup(replace(setup.spec, w_bits=16, w_vq=None, w_format=None, lwc=False), rotations=setup.rotations,
                        affine_locations=setup.affine_locations)
     folded = adapter.finish_block(adapter.build_quant_block(block, shell).fold())
-    saved = {k[len("block."):]: v for k, v in loop.state.load_block(i).items() if k.startswith("block.")}
+    saved = {k[len("block."):]: v for k, v in state.load_block(i).items() if k.startswith("block.")}
     restore_cluster_quantizers(folded, saved)  # RPTQ's per-cluster quantizers, saved with the block
     folded.load_state_dict(saved)
-    return folded.to(loop.job.device)
+    return folded
 
 
 def fit_block_and_save(loop: BlockLoop, i: int, block, setup: BlockSetup, stats, t0: float):
@@ -675,7 +749,7 @@ def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
     state = RunState.open(job.out_dir, job.config)
     ctx = PassContext(model, adapter, windows, job.device, job.out_dir, shapes)
     pass_results = run_passes(job.passes, ctx, state)
-    model.to("cpu")
+    to_cpu(loaded)
     planned = {}  # per linear: a pass's format (a bit plan), else the spec's
     for r in pass_results.values():
         planned.update(r.formats or {})
@@ -709,8 +783,9 @@ def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
     results["bits_per_weight"] = round(bits_per_weight(shapes, written), 4)
     for name, r in pass_results.items():
         results[name] = r.info
-    results.update(evaluate(cfg, loaded, job.device))
-    export_results(job, loaded, setup, state, written, results)
+    quantized = restored_blocks(loaded, state, setup, per_block, job.device) if loaded.lazy else None
+    results.update(evaluate(cfg, loaded, job.device, quantized))
+    export_results(job, loaded, setup, state, written, results, quantized)
     table = [{"corpus": c, "fp": results.get("perplexity_fp", {}).get(c, {}).get("perplexity"),
               job.method.name: r["perplexity"]} for c, r in results["perplexity"].items()]
     metrics = {f"ppl/{c}": r["perplexity"] for c, r in results["perplexity"].items()}
@@ -734,8 +809,9 @@ def phase_totals(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def export_results(job: Job, loaded: LoadedModel, setup: BlockSetup, state: RunState, written: Mapping[str, Any],
-                   results: dict[str, Any]) -> None:
-    """The fake-quant model (always), and the packed checkpoint ``export.format`` names, from the stored codes."""
+                   results: dict[str, Any], block_at: Callable[[int], torch.nn.Module] | None = None) -> None:
+    """The fake-quant model (always), and the packed checkpoint ``export.format`` names, from the stored codes;
+    a lazily held model's blocks come from ``block_at`` one at a time."""
     extra: dict[str, Any] = {"method": job.method.name, "model": job.cfg.model.name}
     if job.mixed is not None:  # the bits of each layer
         extra["formats"] = {n: f.to_dict() for n, f in sorted(written.items())}
@@ -745,7 +821,7 @@ def export_results(job: Job, loaded: LoadedModel, setup: BlockSetup, state: RunS
         extra["affine_locations"] = list(setup.affine_locations)
     fake_dir = job.out_dir / "model"
     results["export"] = str(save_fake_quant(loaded.model, loaded.tokenizer, job.spec, fake_dir, extra,
-                                            loaded.adapter, name=job.quant_name))
+                                            loaded.adapter, name=job.quant_name, block_at=block_at))
     if job.export_format != "fake":
         codes = stored_codes(state, loaded.adapter, loaded.model)
         packed = write_export(job.export_format, fake_dir, codes, job.spec,

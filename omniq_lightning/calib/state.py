@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 # The settings that decide a run's result; anything else (evaluation, logging, paths) may change on resume.
 RESULT_KEYS = ("model", "quant", "method", "rotation", "calib", "seed", "trainer.precision", "resolved")
 # (a bit plan file: what decides the blocks is its contents, which their fingerprints hold)
-IGNORED_KEYS = ("calib.cache", "calib.cache_dir", "calib.recalibrate_changed", "quant.mixed.plan")
+IGNORED_KEYS = ("calib.cache", "calib.cache_dir", "calib.recalibrate_changed", "quant.mixed.plan", "model.lazy")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from omniq_lightning.models.base import ModelAdapter
+from omniq_lightning.models.lazy import LazyWeights, build_lazily
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
@@ -30,6 +32,25 @@ class LoadedModel:
     tokenizer: object
     adapter: ModelAdapter
     source: ModelSource
+    weights: LazyWeights | None = None  # a lazily held model's checkpoint (``model.lazy``); None: loaded whole
+
+    @property
+    def lazy(self) -> bool:
+        return self.weights is not None
+
+    def read_block(self, i: int) -> nn.Module:
+        """Block ``i`` with real weights: the model's own block, or for a lazily held model a copy read from the
+        checkpoint's shards (the model's block stays on the meta device)."""
+        block = self.adapter.blocks(self.model)[i]
+        if self.weights is None:
+            return block
+        return self.weights.materialize(copy.deepcopy(block), f"{self.adapter.blocks_prefix(self.model)}.{i}.")
+
+    def outside_blocks(self) -> list[nn.Module]:
+        """The modules outside the blocks that the model's forward runs (embedding, positions, final norm, head)."""
+        sites = self.adapter.model_sites(self.model)
+        names = [sites.embedding, sites.final_norm, sites.head, *sites.extra]
+        return list(self.adapter.pre_block_modules(self.model)) + [self.model.get_submodule(n) for n in names if n]
 
 
 def resolve_source(path: str, gguf_file: str | None = None, models_dir: str | None = None) -> ModelSource:
@@ -89,8 +110,10 @@ def load_model(
     dtype: str = "float32",
     attn_implementation: str | None = "sdpa",
     trust_remote_code: bool = False,
+    lazy: bool = False,
 ) -> LoadedModel:
-    """Load model, tokenizer and the adapter of its family; unsupported families fail before any weights load."""
+    """Load model, tokenizer and the adapter of its family; unsupported families fail before any weights load.
+    ``lazy``: the model built on the meta device with only the parts outside its blocks read now (:mod:`lazy`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
@@ -103,16 +126,42 @@ def load_model(
         log.warning("model_type %s computes its attention correctly only with attn_implementation=%s: using it "
                     "instead of %s", model_type_of(source, trust_remote_code), required, attn_implementation)
         attn_implementation = required
-    model = AutoModelForCausalLM.from_pretrained(
-        source.location,
-        dtype=DTYPES[dtype],
-        attn_implementation=attn_implementation,
-        trust_remote_code=trust_remote_code,
-        **kw,
-    )
+    weights = None
+    if lazy:
+        model, weights = load_lazily(source, adapter, DTYPES[dtype], attn_implementation, trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            source.location,
+            dtype=DTYPES[dtype],
+            attn_implementation=attn_implementation,
+            trust_remote_code=trust_remote_code,
+            **kw,
+        )
     tokenizer = AutoTokenizer.from_pretrained(source.location, trust_remote_code=trust_remote_code, **kw)
     if source.gguf_file:
         forget_gguf_quantizer(model)
     model.eval()
     model.config.use_cache = False
-    return LoadedModel(model, tokenizer, adapter, source)
+    return LoadedModel(model, tokenizer, adapter, source, weights)
+
+
+def load_lazily(source: ModelSource, adapter: ModelAdapter, dtype, attn_implementation: str | None,
+                trust_remote_code: bool) -> tuple[nn.Module, LazyWeights]:
+    """The model on the meta device with the parts outside its blocks read from the checkpoint's shards."""
+    from transformers import AutoConfig
+
+    if source.gguf_file:
+        raise ValueError("model.lazy=true reads safetensors checkpoints, not GGUF files: use model.lazy=false for "
+                         f"{source.gguf_file}")
+    folder = Path(source.location)
+    if not source.local:
+        from huggingface_hub import snapshot_download
+
+        folder = Path(snapshot_download(source.location, allow_patterns=["*.json", "*.safetensors", "*.model",
+                                                                          "*.txt"]))
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    model = build_lazily(config, dtype, attn_implementation, trust_remote_code)
+    weights = LazyWeights(model, folder)
+    weights.materialize(model, "", exclude=adapter.blocks_prefix(model) + ".")
+    model.tie_weights()  # again: a tied head shares the embedding's new tensor
+    return model, weights
