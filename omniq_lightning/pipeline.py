@@ -36,10 +36,11 @@ from omniq_lightning.export import ExportRequest, check_export, export_dtype, sa
 from omniq_lightning.export.online import online_inputs, online_kinds
 from omniq_lightning.export.registry import exporter
 from omniq_lightning.io import OutputLock, write_json
+from omniq_lightning.memory import MemoryPlan, ModelSizes, PlanSettings, plan_memory, resident_bytes, shortfalls
 from omniq_lightning.methods import DataNeeds, Method, ModelTraits, build_method
 from omniq_lightning.mixed import MixedPrecisionPass, linear_shapes, quant_settings
 from omniq_lightning.mixed.plan import MixedSettings
-from omniq_lightning.models import BlockContext, LoadedModel, load_model
+from omniq_lightning.models import BlockContext, LoadedModel, load_model, meta_model
 from omniq_lightning.nn.act import restore_cluster_quantizers
 from omniq_lightning.nn.formats import for_shape, format_record, kind_of, read_codes
 from omniq_lightning.passes import ModelPass, PassContext, run_passes
@@ -150,6 +151,7 @@ class Job:
     config: dict[str, Any]
     rotation: RotationSettings | None = None
     passes: list[ModelPass] = field(default_factory=list)
+    memory_plan: MemoryPlan | None = None
 
     @property
     def quant_name(self) -> str:
@@ -364,13 +366,13 @@ def available_bytes(where: str, device: torch.device, cache_dir: Path) -> tuple[
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "CPU memory"
 
 
-def check_cache_memory(job: Job, loaded: LoadedModel) -> None:
+def check_cache_memory(job: Job, hidden: int, model_dtype: torch.dtype) -> None:
     """Refuse, before any work, a calibration whose activation caches cannot fit where they are to live."""
     cfg = job.cfg
     n, seqlen = int(cfg.calib.nsamples), int(cfg.calib.seqlen)
-    dtype = resolve_cache_dtype(str(cfg.calib.cache_dtype), next(loaded.model.parameters()).dtype)
+    dtype = resolve_cache_dtype(str(cfg.calib.cache_dtype), model_dtype)
     caches = CACHES + bool(job.method.data_needs().augmented_targets)
-    one = n * seqlen * loaded.adapter.hidden_size(loaded.model) * torch.empty(0, dtype=dtype).element_size()
+    one = n * seqlen * hidden * torch.empty(0, dtype=dtype).element_size()
     free, where = available_bytes(str(cfg.calib.cache), job.device, Path(cfg.calib.cache_dir))
     if caches * one > free:
         gib = 2**30
@@ -379,6 +381,55 @@ def check_cache_memory(job: Job, loaded: LoadedModel) -> None:
             f"({caches * one / gib:.2f} GiB) in {where}, where {free / gib:.2f} GiB is free: use fewer calib.nsamples "
             f"(at most {int(free // (caches * seqlen * (one // (n * seqlen))))}), a shorter calib.seqlen, or "
             "calib.cache=disk with calib.cache_dir on a disk with room")
+
+
+def plan_run(job: Job) -> MemoryPlan:
+    """The run's memory plan (``omniq_lightning.memory``) from the model's config alone: no weights are read."""
+    cfg, m = job.cfg, job.cfg.model
+    runtime = resident_bytes()  # before the meta model (whose structure the run does not keep)
+    model, adapter = meta_model(m.path, gguf_file=m.gguf_file, models_dir=cfg.paths.models_dir, dtype=m.dtype,
+                                trust_remote_code=bool(m.trust_remote_code))
+    sizes = ModelSizes.of(model, adapter)
+    model_dtype = next(model.parameters()).dtype
+    check_cache_memory(job, sizes.hidden, model_dtype)
+    needs = job.method.data_needs()
+    cache_dtype = resolve_cache_dtype(str(cfg.calib.cache_dtype), model_dtype)
+    windows = cfg.eval.max_windows or 200  # unknown before the corpus is read: about WikiText-2's at 2048 tokens
+    settings = PlanSettings(
+        nsamples=int(cfg.calib.nsamples), seqlen=int(cfg.calib.seqlen),
+        cache_bytes=torch.empty(0, dtype=cache_dtype).element_size(),
+        caches=CACHES + bool(needs.augmented_targets), cache_where=str(cfg.calib.cache), device=job.device.type,
+        lazy=bool(m.get("lazy", False)), batch_size=needs.batch_size, moment_bytes=needs.moment_bytes,
+        trains=needs.trains, eval_seqlen=int(cfg.eval.seqlen), eval_batch=int(cfg.eval.batch_size),
+        eval_windows=int(windows), fp_baseline=bool(cfg.eval.fp_baseline), export_packed=job.export_format != "fake",
+        runtime_bytes=runtime, corpus_chars=corpus_chars(cfg))
+    return plan_memory(sizes, settings)
+
+
+def corpus_chars(cfg: DictConfig) -> int:
+    """The characters of the calibration and evaluation corpora (read, not tokenized) for the memory plan."""
+    names = [("calib", str(cfg.calib.corpus))] + [("eval", str(c)) for c in cfg.eval.corpora]
+    return sum(sum(len(d) for d in load_corpus(name, role, cfg.paths.data_dir).documents) for role, name in names)
+
+
+def free_memory(job: Job) -> dict[str, int]:
+    """What the CPU (beyond this process's own memory, which the plan counts), the device and the output folder's
+    disk (with what a previous run of the folder already wrote) have free."""
+    free = {"cpu": available_bytes("cpu", torch.device("cpu"), job.out_dir)[0] + resident_bytes()}
+    if job.device.type == "cuda":
+        free["device"] = torch.cuda.mem_get_info(job.device)[0]
+    written = sum(f.stat().st_size for f in job.out_dir.rglob("*") if f.is_file()) if job.out_dir.exists() else 0
+    free["disk"] = available_bytes("disk", job.device, job.out_dir)[0] + written
+    return free
+
+
+def check_memory_plan(job: Job, plan: MemoryPlan) -> None:
+    """Refuse, before the model loads, a run whose planned peaks exceed what is free (``calib.check_memory=false``
+    runs it anyway)."""
+    short = shortfalls(plan, free_memory(job))
+    if short and job.cfg.calib.get("check_memory", True):
+        raise MemoryError("this run does not fit, by its memory plan: " + "; ".join(short)
+                          + ". (calib.dry_run=true prints the whole plan; calib.check_memory=false runs it anyway)")
 
 
 @contextlib.contextmanager
@@ -713,6 +764,12 @@ def finish(results: dict[str, Any], cfg: DictConfig, device: torch.device, out_d
 def run_calibration(cfg: DictConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     job = prepare(cfg)
+    job.memory_plan = plan = plan_run(job)
+    if cfg.calib.get("dry_run", False):
+        print(plan.describe())
+        return {"memory_plan": plan.to_dict()}
+    log.info("%s", plan.describe())
+    check_memory_plan(job, plan)
     torch.manual_seed(int(cfg.seed))
     loaded = load(cfg)
     model, adapter = loaded.model, loaded.adapter
@@ -734,7 +791,6 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
     if job.mixed is None:
         check_export(job.export_format, request)
     check_seqlen(int(cfg.eval.seqlen), loaded, "eval")
-    check_cache_memory(job, loaded)
     windows = calibration_data(cfg, loaded)
     with OutputLock(job.out_dir), run_log(job.out_dir):
         return calibrate_and_evaluate(job, loaded, setup, shapes, request, windows, t_start)
@@ -768,6 +824,8 @@ def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
 
     results: dict[str, Any] = {"model": model_record(cfg, loaded), "method": job.method.name,
                                "quant": {"name": job.quant_name, **job.spec.to_dict()}}
+    if job.memory_plan is not None:  # beside the measured peaks (``memory``)
+        results["memory_plan"] = job.memory_plan.to_dict()
     if cfg.eval.fp_baseline:
         results.update({f"{k}_fp": v for k, v in evaluate(cfg, loaded, job.device).items()})
     t_q0 = time.perf_counter()

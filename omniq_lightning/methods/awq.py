@@ -3,7 +3,7 @@ clipping search (``solvers/awq.py``), stored as LWC logits so that folding is Om
 
 from __future__ import annotations
 
-from omniq_lightning.methods.base import Method
+from omniq_lightning.methods.base import DataNeeds, Method
 from omniq_lightning.solvers import AWQ_LOCATIONS, awq_block
 from omniq_lightning.transforms import BlockSetup
 
@@ -25,6 +25,9 @@ class AWQ(Method):
 
     def format_needs(self) -> frozenset[str]:
         return frozenset({"quantizer", "grid"})
+
+    def data_needs(self) -> DataNeeds:
+        return DataNeeds(moment_bytes=4)  # float32 Gram matrices of the block's linear inputs
 
     def setup(self, spec, traits) -> BlockSetup:
         return BlockSetup(spec, scale_locations=AWQ_LOCATIONS, scale_shift=False)

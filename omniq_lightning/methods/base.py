@@ -38,10 +38,16 @@ class DataNeeds:
 
     augmented_targets: also the full-precision block's outputs on the quantized inputs (OmniQuant's aug_loss).
     batch_size: samples per training step.
+    moment_bytes: bytes per element of the input second-moment matrices (``in x in``) the method holds for every
+    quantized linear of a block at once: 8 for float64 Hessians (GPTQ, VPTQ), 4 for float32 Gram matrices (AWQ),
+    0 for none (the memory plan's figure; see ``omniq_lightning.memory``).
+    trains: the method back-propagates through the block (the memory plan counts gradients and saved activations).
     """
 
     augmented_targets: bool = False
     batch_size: int = 1
+    moment_bytes: int = 0
+    trains: bool = False
 
 
 class Method:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from omniq_lightning.methods.base import Method
+from omniq_lightning.methods.base import DataNeeds, Method
 from omniq_lightning.quant.gptq import check_damp
 from omniq_lightning.solvers import gptq_block
 from omniq_lightning.transforms import BlockSetup
@@ -23,6 +23,9 @@ class GPTQ(Method):
 
     def format_needs(self) -> frozenset[str]:
         return frozenset({"quantizer", "columns"})
+
+    def data_needs(self) -> DataNeeds:
+        return DataNeeds(moment_bytes=8)  # float64 input Hessians of the block's linears, all at once
 
     def setup(self, spec, traits) -> BlockSetup:
         return BlockSetup(replace(spec, lwc=False))

@@ -161,7 +161,7 @@ class OmniQuant(Method):
         return frozenset(needs)
 
     def data_needs(self) -> DataNeeds:
-        return DataNeeds(augmented_targets=bool(self.r.aug_loss), batch_size=self.batch_size)
+        return DataNeeds(augmented_targets=bool(self.r.aug_loss), batch_size=self.batch_size, trains=True)
 
     def setup(self, spec: QuantSpec, traits: ModelTraits) -> BlockSetup:
         let_lr, alpha = self.let_recipe(spec, traits.recipe_family)

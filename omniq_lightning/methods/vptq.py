@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 
 from omniq_lightning.calib.phases import phase
-from omniq_lightning.methods.base import Method
+from omniq_lightning.methods.base import DataNeeds, Method
 from omniq_lightning.quant.gptq import check_damp
 from omniq_lightning.quant.vq import vq_quantize
 from omniq_lightning.solvers import collect_hessians, weight_linears
@@ -36,6 +36,9 @@ class VPTQ(Method):
 
     def format_needs(self) -> frozenset[str]:
         return frozenset({"codebook"})
+
+    def data_needs(self) -> DataNeeds:
+        return DataNeeds(moment_bytes=8)  # float64 input Hessians of the block's linears, all at once
 
     def setup(self, spec, traits) -> BlockSetup:
         return BlockSetup(replace(spec, lwc=False))

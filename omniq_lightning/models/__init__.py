@@ -7,6 +7,7 @@ from omniq_lightning.models.gemma import Gemma2Adapter, GemmaAdapter
 from omniq_lightning.models.llama import LlamaAdapter
 from omniq_lightning.models.loading import LoadedModel, ModelSource, resolve_source
 from omniq_lightning.models.loading import load_model as _load_model
+from omniq_lightning.models.loading import meta_model as _meta_model
 from omniq_lightning.models.moe import MoEAdapter
 from omniq_lightning.models.opt import OPTAdapter
 from omniq_lightning.models.phi3 import Phi3Adapter
@@ -41,6 +42,12 @@ def load_model(path: str, **kwargs) -> LoadedModel:
     return _load_model(path, adapter_for=adapter_for, **kwargs)
 
 
+def meta_model(path: str, **kwargs):
+    """A model's structure from its config alone, on the meta device, and its adapter (see
+    :func:`omniq_lightning.models.loading.meta_model`)."""
+    return _meta_model(path, adapter_for=adapter_for, **kwargs)
+
+
 __all__ = [
     "ADAPTERS",
     "gguf_model_types",
@@ -58,6 +65,7 @@ __all__ = [
     "Phi3Adapter",
     "adapter_for",
     "load_model",
+    "meta_model",
     "resolve_source",
     "supported_model_types",
 ]

@@ -145,6 +145,21 @@ def load_model(
     return LoadedModel(model, tokenizer, adapter, source, weights)
 
 
+def meta_model(path: str, *, adapter_for, gguf_file: str | None = None, models_dir: str | None = None,
+               dtype: str = "float32", trust_remote_code: bool = False) -> tuple[nn.Module, ModelAdapter]:
+    """The model of ``path``'s config with its parameters on the meta device, and its adapter: no weights read
+    (what the memory plan measures)."""
+    from transformers import AutoConfig
+
+    if dtype not in DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    source = resolve_source(path, gguf_file, models_dir)
+    adapter = adapter_for(model_type_of(source, trust_remote_code))
+    kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
+    config = AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code, **kw)
+    return build_lazily(config, DTYPES[dtype], None, trust_remote_code), adapter
+
+
 def load_lazily(source: ModelSource, adapter: ModelAdapter, dtype, attn_implementation: str | None,
                 trust_remote_code: bool) -> tuple[nn.Module, LazyWeights]:
     """The model on the meta device with the parts outside its blocks read from the checkpoint's shards."""
