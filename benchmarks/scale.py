@@ -6,7 +6,7 @@ memory plan against measured peaks and for models too large for this machine.
     python benchmarks/scale.py lazy --model random        # a random 1.6B Llama (30 blocks, bfloat16) saved to disk
 
 ``lazy`` runs ``train.py`` (RTN w4a16, 8 x 256 calibration tokens, 4 WikiText-2 windows of 256) twice in fresh
-processes, the model whole and lazily held, and prints each run's peak resident memory (``ru_maxrss``), its
+processes, the model whole and lazily held, and prints each run's peak resident memory (VmHWM), its
 memory plan's CPU peak, the perplexities and whether the exported weights are identical. Models are written under
 ``outputs/scale/`` (the random model once: about 3.2 GB).
 """

@@ -35,9 +35,21 @@ def calibration_seconds(records: list[dict] | None) -> float | None:
     return round(sum(r["calibration_seconds"] for r in records), 3)
 
 
+def peak_rss_kib() -> int:
+    """This process's peak resident memory in KiB: Linux's VmHWM, which starts afresh at exec (``ru_maxrss``
+    keeps the parent's peak across fork and exec, so a run started by a large process would report that)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+
+
 def peak_memory(device: torch.device) -> dict[str, float]:
-    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    mem = {"cpu_peak_rss_gib": round(rss_kib / 2**20, 3)}
+    mem = {"cpu_peak_rss_gib": round(peak_rss_kib() / 2**20, 3)}
     if device.type == "cuda":
         mem["gpu_peak_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     return mem
