@@ -1,7 +1,7 @@
 """Beyond one machine's memory (issue 24): lazy loading's peak memory against loading the model whole, and the
 memory plan against measured peaks and for models too large for this machine.
 
-    python benchmarks/scale.py plan                       # llama2-70b / mixtral-8x7b / qwen3-30b-a3b plans
+    python benchmarks/scale.py plan [--device cuda]       # llama2-70b / mixtral-8x7b / qwen3-30b-a3b plans
     python benchmarks/scale.py lazy --model smollm2       # SmolLM2-135M (as safetensors), whole vs lazy
     python benchmarks/scale.py lazy --model random        # a random 1.6B Llama (30 blocks, bfloat16) saved to disk
 
@@ -105,9 +105,10 @@ def plan(args) -> None:
     for name in ("llama2-70b", "mixtral-8x7b", "qwen3-30b-a3b"):
         for flag in ("false", "true"):
             cmd = [sys.executable, "train.py", f"model={name}", f"model.path={CONFIGS / name}", f"method={args.method}",
-                   f"model.lazy={flag}", "calib.dry_run=true", f"eval.max_windows={args.windows}"]
+                   f"model.lazy={flag}", "calib.dry_run=true", f"eval.max_windows={args.windows}",
+                   "eval.corpora=[wikitext2]", f"device={args.device}"]
             out = subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, text=True).stdout
-            print(f"### {name}, method={args.method}, model.lazy={flag}\n```\n{out.strip()}\n```")
+            print(f"### {name}, method={args.method}, model.lazy={flag}, device={args.device}\n```\n{out.strip()}\n```")
 
 
 def main() -> None:
@@ -119,6 +120,7 @@ def main() -> None:
     b = sub.add_parser("plan")
     b.add_argument("--method", default="gptq")
     b.add_argument("--windows", type=int, default=40)
+    b.add_argument("--device", default="cuda", help="the device the plan is for (a dry run needs none)")
     b.set_defaults(fn=plan)
     args = p.parse_args()
     args.fn(args)

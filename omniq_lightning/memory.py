@@ -44,6 +44,8 @@ class ModelSizes:
     block_params: int
     moment_elements: int
     quantized_params: int
+    dtype: torch.dtype = torch.float32
+    head_params: int = 0  # an untied head's (a lazily held model reads it only to evaluate and export)
 
     @classmethod
     def of(cls, model: nn.Module, adapter) -> ModelSizes:
@@ -64,13 +66,15 @@ class ModelSizes:
             moments.append(sum(m.in_features**2 for m in linears))
             quantized += sum(m.in_features * m.out_features for m in linears)
             widest = max([widest, *(m.in_features for m in linears)])
+        head = model.get_submodule(adapter.model_sites(model).head)
+        head_params = 0 if adapter.model_sites(model).tied else sum(p.numel() for p in head.parameters())
         config = model.config.get_text_config()
         dtype = next(model.parameters()).dtype
         return cls(n_blocks=len(blocks), hidden=adapter.hidden_size(model), intermediate=widest,
                    heads=int(config.num_attention_heads), vocab=int(config.vocab_size),
                    dtype_bytes=torch.empty(0, dtype=dtype).element_size(), params=sum(p.numel() for p in named.values()),
                    outside_params=outside, block_params=max(per_block), moment_elements=max(moments),
-                   quantized_params=quantized)
+                   quantized_params=quantized, dtype=dtype, head_params=head_params)
 
     @property
     def weight_bytes(self) -> int:
@@ -147,6 +151,9 @@ class MemoryPlan:
                  f"  CPU    {self.cpu.describe()}"]
         if self.device is not None:
             lines.append(f"  device {self.device.describe()}")
+            if not self.settings.lazy:
+                lines.append(f"         evaluation: accelerate places the model ({size(self.sizes.weight_bytes)}) over "
+                             "the devices, what does not fit offloaded to the CPU, then the disk")
         lines.append(f"  disk   {self.disk.describe()}")
         return "\n".join(lines)
 
@@ -184,16 +191,16 @@ def plan_memory(sizes: ModelSizes, s: PlanSettings) -> MemoryPlan:
     where they live; then evaluation and export)."""
     caches = s.caches * s.nsamples * s.seqlen * sizes.hidden * s.cache_bytes
     one_block = sizes.block_params * sizes.dtype_bytes
-    held = (sizes.outside_params * sizes.dtype_bytes + one_block) if s.lazy else sizes.weight_bytes
+    held = ((sizes.outside_params - sizes.head_params) * sizes.dtype_bytes + one_block) if s.lazy else sizes.weight_bytes
     work = block_work(sizes, s)
-    evaluation = evaluation_work(sizes, s)
+    evaluation = evaluation_work(sizes, s) + (sizes.head_params * sizes.dtype_bytes if s.lazy else 0)
     cpu = Peak({"runtime": s.runtime_bytes, "model": held,
                 "tokenized corpora": s.corpus_chars * TOKENIZER_BYTES_PER_CHAR})  # kept by the allocator after
     device = None
     if s.device == "cuda":
         device = Peak({**work, **({"activation caches": caches} if s.caches_on_device else {})})
-        # evaluation: accelerate places the model on the device (what does not fit stays on the CPU or the disk)
-        device.terms["evaluation (beyond calibration)"] = max(0, held + evaluation - device.total)
+        if s.lazy:  # evaluated block by block: one block and the logits; a whole model is placed by accelerate
+            device.terms["evaluation (beyond calibration)"] = max(0, one_block + evaluation - device.total)
     else:
         work["evaluation (beyond calibration)"] = max(0, evaluation - sum(work.values()))
         cpu.terms.update(work)
@@ -238,7 +245,7 @@ def fixes_for(plan: MemoryPlan, where: str, peak: Peak, free: int) -> Iterable[s
     s, over = plan.settings, peak.total - free
     model = peak.terms.get("model", 0)
     if where == "cpu" and not s.lazy:
-        lazy = (plan.sizes.outside_params + plan.sizes.block_params) * plan.sizes.dtype_bytes
+        lazy = (plan.sizes.outside_params - plan.sizes.head_params + plan.sizes.block_params) * plan.sizes.dtype_bytes
         if model - lazy >= over:
             yield "model.lazy=true (blocks read from the checkpoint's shards in turn)"
     caches = peak.terms.get("activation caches", 0)

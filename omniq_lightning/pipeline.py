@@ -68,11 +68,12 @@ def resolve_cache_dtype(setting: str, model_dtype: torch.dtype) -> torch.dtype:
     return CACHE_DTYPES[setting]
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, planning_only: bool = False) -> torch.device:
+    """The run's device; ``planning_only`` (a dry run's memory plan) accepts a CUDA device this machine lacks."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
+    if device.type == "cuda" and not torch.cuda.is_available() and not planning_only:
         raise ValueError(f"device={name} was requested but CUDA is not available: use device=cpu or device=auto")
     return device
 
@@ -85,7 +86,7 @@ def resolve_precision(setting: str, device: torch.device) -> str:
     if setting == "auto":
         if device.type != "cuda":
             return "32-true"
-        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        return "bf16-mixed" if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else "16-mixed"
     if setting == "16-mixed" and device.type != "cuda":
         raise ValueError("trainer.precision=16-mixed needs a CUDA device; on CPU use 32, bf16-mixed or auto")
     return "32-true" if setting == "32" else setting
@@ -169,7 +170,7 @@ def prepare(cfg: DictConfig) -> Job:
     export_format = str(cfg.export.format)
     exporter(export_format)  # known
     dtype = export_dtype(str(cfg.export.get("dtype", "auto")), str(cfg.model.dtype))
-    device = resolve_device(cfg.device)
+    device = resolve_device(cfg.device, planning_only=bool(cfg.calib.get("dry_run", False)))
     precision = resolve_precision(str(cfg.trainer.precision), device)
     config = OmegaConf.to_container(cfg, resolve=True)
     # what "auto" settings became on this machine: a resume elsewhere must not silently change them
@@ -312,13 +313,15 @@ def corpus_perplexities(cfg: DictConfig, loaded: LoadedModel, placement: list[st
 
 @contextlib.contextmanager
 def outside_blocks_on(loaded: LoadedModel, device: torch.device):
-    """While active, a lazily held model's parts outside its blocks are on ``device`` (then back on the CPU)."""
-    for m in loaded.outside_blocks():
-        m.to(device)
-    try:
-        yield
-    finally:
-        to_cpu(loaded)
+    """While active, a lazily held model's parts outside its blocks (its head read) are on ``device`` (then back
+    on the CPU)."""
+    with loaded.head_loaded():
+        for m in loaded.outside_blocks():
+            m.to(device)
+        try:
+            yield
+        finally:
+            to_cpu(loaded)
 
 
 def to_cpu(loaded: LoadedModel) -> None:
@@ -327,7 +330,8 @@ def to_cpu(loaded: LoadedModel) -> None:
         loaded.model.to("cpu")
         return
     for m in loaded.outside_blocks():
-        m.to("cpu")
+        if not any(p.is_meta for p in m.parameters()):  # a head not read yet stays on the meta device
+            m.to("cpu")
 
 
 def restored_blocks(loaded: LoadedModel, state: RunState, setup: BlockSetup, formats: Mapping[int, dict[str, Any]],
@@ -390,8 +394,7 @@ def plan_run(job: Job) -> MemoryPlan:
     model, adapter = meta_model(m.path, gguf_file=m.gguf_file, models_dir=cfg.paths.models_dir, dtype=m.dtype,
                                 trust_remote_code=bool(m.trust_remote_code))
     sizes = ModelSizes.of(model, adapter)
-    model_dtype = next(model.parameters()).dtype
-    check_cache_memory(job, sizes.hidden, model_dtype)
+    model_dtype = sizes.dtype
     needs = job.method.data_needs()
     cache_dtype = resolve_cache_dtype(str(cfg.calib.cache_dtype), model_dtype)
     windows = cfg.eval.max_windows or 200  # unknown before the corpus is read: about WikiText-2's at 2048 tokens
@@ -406,10 +409,20 @@ def plan_run(job: Job) -> MemoryPlan:
     return plan_memory(sizes, settings)
 
 
+UNREAD_CORPUS_CHARS = 1_300_000  # a corpus the plan cannot read yet counts as WikiText-2's test text
+
+
 def corpus_chars(cfg: DictConfig) -> int:
-    """The characters of the calibration and evaluation corpora (read, not tokenized) for the memory plan."""
-    names = [("calib", str(cfg.calib.corpus))] + [("eval", str(c)) for c in cfg.eval.corpora]
-    return sum(sum(len(d) for d in load_corpus(name, role, cfg.paths.data_dir).documents) for role, name in names)
+    """The characters of the calibration and evaluation corpora (read, not tokenized) for the memory plan; one
+    that cannot be read yet (offline, not downloaded) counts as :data:`UNREAD_CORPUS_CHARS` (the run itself will
+    name what is missing)."""
+    total = 0
+    for role, name in [("calib", str(cfg.calib.corpus))] + [("eval", str(c)) for c in cfg.eval.corpora]:
+        try:
+            total += sum(len(d) for d in load_corpus(name, role, cfg.paths.data_dir).documents)
+        except (FileNotFoundError, ConnectionError, OSError):
+            total += UNREAD_CORPUS_CHARS
+    return total
 
 
 def free_memory(job: Job) -> dict[str, int]:
@@ -769,6 +782,7 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
         print(plan.describe())
         return {"memory_plan": plan.to_dict()}
     log.info("%s", plan.describe())
+    check_cache_memory(job, plan.sizes.hidden, plan.sizes.dtype)
     check_memory_plan(job, plan)
     torch.manual_seed(int(cfg.seed))
     loaded = load(cfg)
@@ -878,8 +892,9 @@ def export_results(job: Job, loaded: LoadedModel, setup: BlockSetup, state: RunS
     if setup.affine_locations:
         extra["affine_locations"] = list(setup.affine_locations)
     fake_dir = job.out_dir / "model"
-    results["export"] = str(save_fake_quant(loaded.model, loaded.tokenizer, job.spec, fake_dir, extra,
-                                            loaded.adapter, name=job.quant_name, block_at=block_at))
+    with loaded.head_loaded():
+        results["export"] = str(save_fake_quant(loaded.model, loaded.tokenizer, job.spec, fake_dir, extra,
+                                                loaded.adapter, name=job.quant_name, block_at=block_at))
     if job.export_format != "fake":
         codes = stored_codes(state, loaded.adapter, loaded.model)
         packed = write_export(job.export_format, fake_dir, codes, job.spec,

@@ -44,6 +44,32 @@ def sharded(stories_dir, tmp_path_factory) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def untied(stories_dir, tmp_path_factory) -> Path:
+    """stories260K with a head of its own (as most large models have), saved in shards."""
+    folder = tmp_path_factory.mktemp("stories-untied")
+    m = load_model(str(stories_dir))
+    m.model.config.tie_word_embeddings = False
+    head = m.model.model.embed_tokens.weight.detach().clone()
+    m.model.lm_head.weight = torch.nn.Parameter(head + 0.01 * torch.randn(head.shape, generator=torch.Generator().manual_seed(0)))
+    m.model.save_pretrained(folder, max_shard_size="200KB")
+    m.tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_an_untied_head_is_read_only_where_it_is_used(untied, tmp_path):
+    lazy = load_model(str(untied), lazy=True)
+    assert lazy.model.lm_head.weight.is_meta and not lazy.model.model.embed_tokens.weight.is_meta
+    with lazy.head_loaded():
+        assert not lazy.model.lm_head.weight.is_meta
+    assert lazy.model.lm_head.weight.is_meta
+    res = {flag: run(compose([f"model.path={untied}", "method=rtn", *QUICK, f"model.lazy={flag}",
+                              f"output_dir={tmp_path / flag}"])) for flag in ("false", "true")}
+    assert res["true"]["perplexity"]["tinystories"]["perplexity"] == res["false"]["perplexity"]["tinystories"]["perplexity"]
+    assert "lm_head.weight" in tensors(tmp_path / "true" / "model")
+    assert_same_export(tmp_path / "false", tmp_path / "true")
+
+
 def test_a_lazy_model_holds_no_block_weights_and_reads_them_exactly(sharded):
     eager, lazy = load_model(str(sharded)), load_model(str(sharded), lazy=True)
     blocks = lazy.adapter.blocks(lazy.model)

@@ -95,10 +95,10 @@ class LazyWeights:
         base = getattr(model, "base_model_prefix", "") or ""
         self.prefixes = (f"{base}.",) if base else ()
 
-    def materialize(self, module: nn.Module, prefix: str, exclude: str | None = None) -> nn.Module:
-        """Give every meta tensor of ``module`` (named ``prefix`` + its name in ``module``; ``exclude`` a name
-        prefix to leave on the meta device) its checkpoint value, in the tensor's dtype, on the CPU."""
-        wanted = {n: t for n, t in meta_tensors(module, prefix).items() if not (exclude and n.startswith(exclude))}
+    def materialize(self, module: nn.Module, prefix: str, exclude: tuple[str, ...] = ()) -> nn.Module:
+        """Give every meta tensor of ``module`` (named ``prefix`` + its name in ``module``; ``exclude``: name
+        prefixes to leave on the meta device) its checkpoint value, in the tensor's dtype, on the CPU."""
+        wanted = {n: t for n, t in meta_tensors(module, prefix).items() if not n.startswith(exclude)}
         names = {}
         for n in wanted:
             found = checkpoint_name(n, self.index, self.prefixes)

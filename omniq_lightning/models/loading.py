@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +47,21 @@ class LoadedModel:
         if self.weights is None:
             return block
         return self.weights.materialize(copy.deepcopy(block), f"{self.adapter.blocks_prefix(self.model)}.{i}.")
+
+    @contextlib.contextmanager
+    def head_loaded(self) -> Iterator[None]:
+        """While active, a lazily held model's head (untied) has its weights, read from the checkpoint and given
+        back to the meta device after."""
+        name = self.adapter.model_sites(self.model).head
+        head = self.model.get_submodule(name)
+        if self.weights is None or not any(p.is_meta for p in head.parameters()):
+            yield
+            return
+        self.weights.materialize(head, f"{name}.")
+        try:
+            yield
+        finally:
+            head.to("meta")
 
     def outside_blocks(self) -> list[nn.Module]:
         """The modules outside the blocks that the model's forward runs (embedding, positions, final norm, head)."""
@@ -177,6 +194,7 @@ def load_lazily(source: ModelSource, adapter: ModelAdapter, dtype, attn_implemen
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     model = build_lazily(config, dtype, attn_implementation, trust_remote_code)
     weights = LazyWeights(model, folder)
-    weights.materialize(model, "", exclude=adapter.blocks_prefix(model) + ".")
+    # the head is read only where it is used (evaluation, export): LoadedModel.head_loaded
+    weights.materialize(model, "", exclude=(adapter.blocks_prefix(model) + ".", adapter.model_sites(model).head + "."))
     model.tie_weights()  # again: a tied head shares the embedding's new tensor
     return model, weights
