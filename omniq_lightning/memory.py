@@ -98,7 +98,6 @@ class PlanSettings:
     eval_seqlen: int = 2048
     eval_batch: int = 1
     eval_windows: int = 1  # windows held at once by a block-by-block evaluation (lazy)
-    fp_baseline: bool = True
     export_packed: bool = False
     runtime_bytes: int = 0  # the process before the run (interpreter, libraries)
     corpus_chars: int = 0  # the text of the calibration and evaluation corpora (their tokenization's memory)

@@ -404,7 +404,7 @@ def plan_run(job: Job) -> MemoryPlan:
         caches=CACHES + bool(needs.augmented_targets), cache_where=str(cfg.calib.cache), device=job.device.type,
         lazy=bool(m.get("lazy", False)), batch_size=needs.batch_size, moment_bytes=needs.moment_bytes,
         trains=needs.trains, eval_seqlen=int(cfg.eval.seqlen), eval_batch=int(cfg.eval.batch_size),
-        eval_windows=int(windows), fp_baseline=bool(cfg.eval.fp_baseline), export_packed=job.export_format != "fake",
+        eval_windows=int(windows), export_packed=job.export_format != "fake",
         runtime_bytes=runtime, corpus_chars=corpus_chars(cfg))
     return plan_memory(sizes, settings)
 
@@ -420,7 +420,7 @@ def corpus_chars(cfg: DictConfig) -> int:
     for role, name in [("calib", str(cfg.calib.corpus))] + [("eval", str(c)) for c in cfg.eval.corpora]:
         try:
             total += sum(len(d) for d in load_corpus(name, role, cfg.paths.data_dir).documents)
-        except (FileNotFoundError, ConnectionError, OSError):
+        except OSError:  # FileNotFoundError, ConnectionError
             total += UNREAD_CORPUS_CHARS
     return total
 
