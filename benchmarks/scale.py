@@ -4,17 +4,23 @@ memory plan against measured peaks and for models too large for this machine.
     python benchmarks/scale.py plan [--device cuda]       # llama2-70b / mixtral-8x7b / qwen3-30b-a3b plans
     python benchmarks/scale.py lazy --model smollm2       # SmolLM2-135M (as safetensors), whole vs lazy
     python benchmarks/scale.py lazy --model random        # a random 1.6B Llama (30 blocks, bfloat16) saved to disk
+    python benchmarks/scale.py ranks --model smollm2      # one process against two torchrun ranks (gloo, CPU)
 
 ``lazy`` runs ``train.py`` (RTN w4a16, 8 x 256 calibration tokens, 4 WikiText-2 windows of 256) twice in fresh
 processes, the model whole and lazily held, and prints each run's peak resident memory (VmHWM), its
 memory plan's CPU peak, the perplexities and whether the exported weights are identical. Models are written under
 ``outputs/scale/`` (the random model once: about 3.2 GB).
+
+``ranks`` calibrates each method (RTN, GPTQ, AWQ, OmniQuant's default recipe with a global batch of 2) once in
+one process and once data-parallel under ``torchrun`` (threads shared out so both use the same cores), and prints
+the perplexities, their relative difference, the largest difference between the exported weights, and the times.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 import time
@@ -74,17 +80,20 @@ def run_cell(model_dir: Path, dtype: str, lazy: bool) -> dict:
     return res
 
 
-def same_export(a: Path, b: Path) -> bool:
-    import torch
+def export_tensors(run: Path) -> dict:
+    """The fake-quant export of a run folder, every tensor by name."""
     from safetensors.torch import load_file
 
-    def tensors(folder: Path) -> dict:
-        out = {}
-        for f in sorted(folder.glob("model*.safetensors")):
-            out.update(load_file(str(f)))
-        return out
+    out = {}
+    for f in sorted((run / "model").glob("model*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
 
-    ta, tb = tensors(a / "model"), tensors(b / "model")
+
+def same_export(a: Path, b: Path) -> bool:
+    import torch
+
+    ta, tb = export_tensors(a), export_tensors(b)
     return set(ta) == set(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
@@ -99,6 +108,48 @@ def lazy(args) -> None:
         print(f"| {flag} | {peak:.3f} | {plan:.3f} | {plan / peak:.2f} | {ppl} | {r['wall']:.0f} |")
     print(f"lazy / whole peak: {rows[1]['memory']['cpu_peak_rss_gib'] / rows[0]['memory']['cpu_peak_rss_gib']:.3f}; "
           f"exported weights identical: {same_export(rows[0]['out'], rows[1]['out'])}")
+
+
+RANK_MODELS = {"smollm2": ["model=smollm2-135m"], "stories260k": ["model=stories260k"]}
+
+
+def ranks_cell(args, method: str, ranks: int) -> dict:
+    """One calibration, by one process (2 threads) or by ``torchrun`` with ``ranks`` ranks (1 thread each)."""
+    out = OUT / "ranks" / f"{args.model}-{method}-{ranks}"
+    overrides = [*RANK_MODELS[args.model], f"method={method}", f"quant={args.quant}",
+                 f"calib.nsamples={args.nsamples}", f"calib.seqlen={args.seqlen}", f"eval.max_windows={args.windows}",
+                 "eval.fp_baseline=false", "trainer.enable_progress_bar=false", f"output_dir={out}"]
+    if method == "omniquant":  # a global batch two ranks can split (the same batch for both)
+        overrides += ["method.batch_size=2"] + ([f"method.epochs={args.epochs}"] if args.epochs else [])
+    launcher = [sys.executable, "train.py"] if ranks == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={ranks}", "train.py"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, args.threads // ranks))}
+    subprocess.run(["rm", "-rf", str(out)], check=True)
+    t0 = time.perf_counter()
+    subprocess.run([*launcher, *overrides], cwd=REPO, check=True, stdout=subprocess.DEVNULL, env=env)
+    res = json.loads((out / "results.json").read_text())
+    res["wall"], res["out"] = time.perf_counter() - t0, out
+    return res
+
+
+def max_export_difference(a: Path, b: Path) -> float:
+    ta, tb = export_tensors(a), export_tensors(b)
+    return max(float((ta[k].float() - tb[k].float()).abs().max()) for k in ta)
+
+
+def ranks(args) -> None:
+    print(f"| {args.model} {args.quant} | ranks | perplexity | relative difference | max export difference | "
+          "calibration s | wall s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for method in args.methods.split(","):
+        cells = {n: ranks_cell(args, method, n) for n in (1, args.ranks)}
+        base = cells[1]
+        for n, r in cells.items():
+            corpus = next(iter(r["perplexity"]))
+            ppl, ref = r["perplexity"][corpus]["perplexity"], base["perplexity"][corpus]["perplexity"]
+            diff = max_export_difference(base["out"], r["out"]) if n > 1 else 0.0
+            print(f"| {method} | {n} | {ppl:.4f} | {abs(ppl / ref - 1):.2e} | {diff:.2e} | "
+                  f"{r['wall_seconds']['quantize']:.0f} | {r['wall']:.0f} |", flush=True)
 
 
 def plan(args) -> None:
@@ -117,6 +168,17 @@ def main() -> None:
     a = sub.add_parser("lazy")
     a.add_argument("--model", choices=("smollm2", "random"), default="smollm2")
     a.set_defaults(fn=lazy)
+    r = sub.add_parser("ranks", help="one process against torchrun ranks (gloo on this CPU)")
+    r.add_argument("--model", choices=tuple(RANK_MODELS), default="smollm2")
+    r.add_argument("--methods", default="rtn,gptq,awq,omniquant")
+    r.add_argument("--quant", default="w4a16")
+    r.add_argument("--ranks", type=int, default=2)
+    r.add_argument("--threads", type=int, default=2, help="threads in all (each rank gets threads / ranks)")
+    r.add_argument("--nsamples", type=int, default=16)
+    r.add_argument("--seqlen", type=int, default=512)
+    r.add_argument("--windows", type=int, default=20)
+    r.add_argument("--epochs", type=int, default=0, help="omniquant epochs (0: the recipe's)")
+    r.set_defaults(fn=ranks)
     b = sub.add_parser("plan")
     b.add_argument("--method", default="gptq")
     b.add_argument("--windows", type=int, default=40)

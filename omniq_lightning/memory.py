@@ -101,6 +101,8 @@ class PlanSettings:
     export_packed: bool = False
     runtime_bytes: int = 0  # the process before the run (interpreter, libraries)
     corpus_chars: int = 0  # the text of the calibration and evaluation corpora (their tokenization's memory)
+    ranks: int = 1  # data-parallel ranks (torchrun): each holds nsamples / ranks samples' caches
+    ranks_per_node: int = 1  # ranks sharing one machine's CPU memory and disk
 
     @property
     def caches_on_device(self) -> bool:
@@ -146,7 +148,9 @@ class MemoryPlan:
 
     def describe(self) -> str:
         lines = [f"memory plan ({self.sizes.params / 1e9:.3g}B parameters, {self.sizes.n_blocks} blocks, "
-                 f"{'lazy' if self.settings.lazy else 'whole'} model, calibration on {self.settings.device}):",
+                 f"{'lazy' if self.settings.lazy else 'whole'} model, calibration on {self.settings.device}"
+                 + (f", {self.settings.ranks} ranks: CPU and disk per node of {self.settings.ranks_per_node}, device "
+                    "per rank" if self.settings.ranks > 1 else "") + "):",
                  f"  CPU    {self.cpu.describe()}"]
         if self.device is not None:
             lines.append(f"  device {self.device.describe()}")
@@ -188,7 +192,7 @@ def evaluation_work(sizes: ModelSizes, s: PlanSettings) -> int:
 def plan_memory(sizes: ModelSizes, s: PlanSettings) -> MemoryPlan:
     """The peaks of a calibration run (:func:`block_work` on the device, the model where it is held, the caches
     where they live; then evaluation and export)."""
-    caches = s.caches * s.nsamples * s.seqlen * sizes.hidden * s.cache_bytes
+    caches = s.caches * (s.nsamples // s.ranks) * s.seqlen * sizes.hidden * s.cache_bytes  # one rank's
     one_block = sizes.block_params * sizes.dtype_bytes
     held = ((sizes.outside_params - sizes.head_params) * sizes.dtype_bytes + one_block) if s.lazy else sizes.weight_bytes
     work = block_work(sizes, s)
@@ -210,7 +214,9 @@ def plan_memory(sizes: ModelSizes, s: PlanSettings) -> MemoryPlan:
     if s.export_packed:
         disk.terms["packed export"] = sizes.outside_params * sizes.dtype_bytes + sizes.quantized_params
     if s.cache_where == "disk":
-        disk.terms["activation caches"] = caches
+        disk.terms["activation caches"] = caches * s.ranks_per_node
+    if s.ranks_per_node > 1:  # every rank of a node is a process of its own, holding all of the above
+        cpu = Peak({k: v * s.ranks_per_node for k, v in cpu.terms.items()})
     return MemoryPlan(cpu, device, disk, sizes, s)
 
 
@@ -251,11 +257,18 @@ def fixes_for(plan: MemoryPlan, where: str, peak: Peak, free: int) -> Iterable[s
     if caches and where != "disk":
         if caches >= over:
             yield "calib.cache=disk (with calib.cache_dir on a disk with room)"
-        per_sample = caches // s.nsamples
-        fewer = s.nsamples - -(-over // per_sample)
+        per_sample = caches // (s.nsamples // s.ranks)  # of one rank's share
+        fewer = s.nsamples - s.ranks * -(-over // per_sample)
         if fewer >= 1:
             yield f"calib.nsamples={fewer} or fewer"
     if where == "device" and caches and caches >= over:
         yield "calib.cache=cpu"
+    if where == "device" and caches:  # each rank caches its share of the samples
+        per_rank = caches * s.ranks  # at one rank
+        for ranks in range(s.ranks + 1, s.nsamples + 1):
+            if s.nsamples % ranks == 0 and caches - per_rank // ranks >= over:
+                yield (f"more ranks: torchrun with {ranks} ranks (--nproc_per_node and --nnodes), each caching "
+                       f"{s.nsamples // ranks} samples")
+                break
     if where == "disk":
         yield "an output_dir on a disk with more room"

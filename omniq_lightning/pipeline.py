@@ -25,6 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from omniq_lightning import distributed
 from omniq_lightning.calib import ActivationCache, BlockDataModule, BlockRun, RunState, observe_linear_inputs
 from omniq_lightning.calib.loop import run_samples
 from omniq_lightning.calib.phases import add_phases, phase, recording
@@ -153,6 +154,7 @@ class Job:
     rotation: RotationSettings | None = None
     passes: list[ModelPass] = field(default_factory=list)
     memory_plan: MemoryPlan | None = None
+    world: distributed.World = field(default_factory=distributed.World)
 
     @property
     def quant_name(self) -> str:
@@ -170,7 +172,10 @@ def prepare(cfg: DictConfig) -> Job:
     export_format = str(cfg.export.format)
     exporter(export_format)  # known
     dtype = export_dtype(str(cfg.export.get("dtype", "auto")), str(cfg.model.dtype))
+    world = distributed.World.from_env()
     device = resolve_device(cfg.device, planning_only=bool(cfg.calib.get("dry_run", False)))
+    if device.type == "cuda" and device.index is None and world.size > 1:
+        device = torch.device("cuda", world.local_rank)  # one device per rank of a node
     precision = resolve_precision(str(cfg.trainer.precision), device)
     config = OmegaConf.to_container(cfg, resolve=True)
     # what "auto" settings became on this machine: a resume elsewhere must not silently change them
@@ -186,8 +191,37 @@ def prepare(cfg: DictConfig) -> Job:
     if cfg.model.get("lazy") and passes:
         raise ValueError(f"model.lazy=true holds the model block by block, and this run has whole-model passes "
                          f"({', '.join(p.name for p in passes)}): use model.lazy=false")
-    return Job(cfg, method, spec, mixed, export_format, dtype, device, precision, Path(cfg.output_dir), config,
-               rotation, passes)
+    job = Job(cfg, method, spec, mixed, export_format, dtype, device, precision, Path(cfg.output_dir), config,
+              rotation, passes, world=world)
+    check_world(job)
+    return job
+
+
+def check_world(job: Job) -> None:
+    """Refuse, before any work, a data-parallel run (``torchrun``) whose samples, batch, passes or method cannot be
+    shared by its ranks."""
+    w = job.world
+    if w.size == 1:
+        return
+    n = int(job.cfg.calib.nsamples)
+    distributed.shard_ids(n, w, max(1, n // w.size))  # the sample count divides
+    if job.passes:
+        raise ValueError(f"whole-model passes ({', '.join(p.name for p in job.passes)}) run in one process: start "
+                         "this run without torchrun (one process), or without the rotation / mixed-precision / GGUF "
+                         "mix settings")
+    job.method.check_world(w.size)
+    needs = job.method.data_needs()
+    if needs.trains:
+        distributed.check_batch(w, n, needs.batch_size)
+
+
+def shard(job: Job, n: int) -> list[int]:
+    """The calibration samples this rank holds: a trained method's ranks split every global batch evenly (so that
+    their averaged gradients are one process's batch gradient); closed forms take contiguous shares."""
+    w, needs = job.world, job.method.data_needs()
+    per_rank = n // w.size
+    chunk = distributed.check_batch(w, n, needs.batch_size) if needs.trains and w.size > 1 else per_rank
+    return distributed.shard_ids(n, w, chunk)
 
 
 # --- the model --------------------------------------------------------------------------------------------------
@@ -405,7 +439,8 @@ def plan_run(job: Job) -> MemoryPlan:
         lazy=bool(m.get("lazy", False)), batch_size=needs.batch_size, moment_bytes=needs.moment_bytes,
         trains=needs.trains, eval_seqlen=int(cfg.eval.seqlen), eval_batch=int(cfg.eval.batch_size),
         eval_windows=int(windows), export_packed=job.export_format != "fake",
-        runtime_bytes=runtime, corpus_chars=corpus_chars(cfg))
+        runtime_bytes=runtime, corpus_chars=corpus_chars(cfg), ranks=job.world.size,
+        ranks_per_node=job.world.local_size)
     return plan_memory(sizes, settings)
 
 
@@ -566,33 +601,38 @@ def check_finished_blocks(state: RunState, fingerprints: Mapping[int, dict[str, 
                      "calib.recalibrate_changed=true to calibrate the changed blocks (and those after them) again")
 
 
-def new_cache(job: Job, loaded: LoadedModel, n: int, seqlen: int, tag: str) -> ActivationCache:
+def new_cache(job: Job, loaded: LoadedModel, ids: list[int], total: int, seqlen: int, tag: str) -> ActivationCache:
+    """An activation cache of the calibration samples ``ids`` (this rank's, of ``total``)."""
     model = loaded.model
     dtype = resolve_cache_dtype(str(job.cfg.calib.cache_dtype), next(model.parameters()).dtype)
-    return ActivationCache(n, (seqlen, loaded.adapter.hidden_size(model)), dtype, job.device,
-                           where=job.cfg.calib.cache, path=Path(job.cfg.calib.cache_dir) / f"{tag}.bin")
+    name = f"{tag}.bin" if job.world.size == 1 else f"{tag}.rank{job.world.rank}.bin"
+    return ActivationCache(len(ids), (seqlen, loaded.adapter.hidden_size(model)), dtype, job.device,
+                           where=job.cfg.calib.cache, path=Path(job.cfg.calib.cache_dir) / name, ids=ids, total=total)
 
 
 def calibrate_blocks(loop_parts: dict[str, Any], windows: torch.Tensor) -> list[dict[str, Any]]:
     """Calibrate every block in order (resuming finished ones); returns the blocks' records."""
     job, loaded = loop_parts["job"], loop_parts["loaded"]
     model, adapter = loaded.model, loaded.adapter
-    n, seqlen = windows.shape
+    total, seqlen = windows.shape
+    ids = shard(job, total)  # all of them, in one process
     to_cpu(loaded)
     for m in adapter.pre_block_modules(model):
         m.to(job.device)
-    fp_in = new_cache(job, loaded, n, seqlen, "fp_in")
-    contexts = adapter.capture(model, (windows[i : i + 1] for i in range(n)), fp_in, job.device)
+    fp_in = new_cache(job, loaded, ids, total, seqlen, "fp_in")
+    contexts = adapter.capture(model, (windows[i : i + 1] for i in ids), fp_in, job.device)
     check_finite(fp_in, "block 0 inputs")
     needs = job.method.data_needs()
-    caches = Caches(fp_in, new_cache(job, loaded, n, seqlen, "fp_out"), new_cache(job, loaded, n, seqlen, "q_in"),
-                    new_cache(job, loaded, n, seqlen, "aug") if needs.augmented_targets else None)
+    caches = Caches(fp_in, new_cache(job, loaded, ids, total, seqlen, "fp_out"),
+                    new_cache(job, loaded, ids, total, seqlen, "q_in"),
+                    new_cache(job, loaded, ids, total, seqlen, "aug") if needs.augmented_targets else None)
     caches.q_in.data.copy_(fp_in.data)
     loop = BlockLoop(contexts=contexts, caches=caches, needs=needs, **loop_parts)
     records = []
     blocks = adapter.blocks(model)
     try:
-        for i in tqdm(range(len(blocks)), desc="blocks", disable=not job.cfg.trainer.enable_progress_bar):
+        for i in tqdm(range(len(blocks)), desc="blocks",
+                      disable=not job.cfg.trainer.enable_progress_bar or not job.world.main):
             records.append(calibrate_block(loop, i))
     finally:
         caches.close()
@@ -684,11 +724,14 @@ def fit_block_and_save(loop: BlockLoop, i: int, block, setup: BlockSetup, stats,
     with phase("setup"):
         qblock = adapter.build_quant_block(block, setup, stats).to(job.device)
         observe_static_ranges(qblock, caches.q_in, ctx)
+    resume = loop.state.begin_block(i, loop.fingerprints[i]) if job.world.main else None
     run = BlockRun(index=i, n_blocks=len(loop.contexts), ctx=ctx, device=job.device, precision=job.precision,
-                   checkpoint_dir=loop.state.checkpoint_dir(i),
-                   resume_checkpoint=loop.state.begin_block(i, loop.fingerprints[i]),
-                   logger=loop.logger, progress_bar=bool(job.cfg.trainer.enable_progress_bar))
-    data = BlockDataModule(caches.q_in, caches.fp_out, loop.needs.batch_size, caches.aug)
+                   checkpoint_dir=loop.state.checkpoint_dir(i), resume_checkpoint=distributed.broadcast_object(resume),
+                   logger=loop.logger, progress_bar=bool(job.cfg.trainer.enable_progress_bar) and job.world.main)
+    batch = loop.needs.batch_size
+    if loop.needs.trains:  # a rank's share of each global batch
+        batch = distributed.check_batch(job.world, caches.q_in.total, batch)
+    data = BlockDataModule(caches.q_in, caches.fp_out, batch, caches.aug)
     with phase("method, other"):  # what the method's own phases do not cover
         calibrated = job.method.calibrate(qblock, data, run) or {}
     with phase("fold and save"):
@@ -698,9 +741,12 @@ def fit_block_and_save(loop: BlockLoop, i: int, block, setup: BlockSetup, stats,
         codes = {k: v for name, q in qblock.codes.items() for k, v in q.tensors(f"qweight.{name}").items()}
         formats = {name: format_record(q.fmt) for name, q in qblock.codes.items()}
         block_stats = {**learned_stats, **calibrated, "calibration_seconds": round(time.perf_counter() - t0, 3)}
-        loop.state.save_block(i, {**{f"block.{k}": v for k, v in folded.state_dict().items()}, **learned, **codes},
-                              metadata={"formats": json.dumps(formats, sort_keys=True)},
-                              seconds=block_stats["calibration_seconds"], fingerprint=loop.fingerprints[i])
+        if job.world.main:
+            loop.state.save_block(i, {**{f"block.{k}": v for k, v in folded.state_dict().items()}, **learned,
+                                      **codes}, metadata={"formats": json.dumps(formats, sort_keys=True)},
+                                  seconds=block_stats["calibration_seconds"], fingerprint=loop.fingerprints[i])
+        # rank 0's block is the block: every rank goes on from the same weights and ranges
+        distributed.broadcast_tensors_(list(folded.state_dict().values()))
     return folded, block_stats
 
 
@@ -779,9 +825,11 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
     job = prepare(cfg)
     job.memory_plan = plan = plan_run(job)
     if cfg.calib.get("dry_run", False):
-        print(plan.describe())
+        if job.world.main:
+            print(plan.describe())
         return {"memory_plan": plan.to_dict()}
-    log.info("%s", plan.describe())
+    if job.world.main:
+        log.info("%s", plan.describe())
     check_cache_memory(job, plan.sizes.hidden, plan.sizes.dtype)
     check_memory_plan(job, plan)
     torch.manual_seed(int(cfg.seed))
@@ -806,8 +854,17 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
         check_export(job.export_format, request)
     check_seqlen(int(cfg.eval.seqlen), loaded, "eval")
     windows = calibration_data(cfg, loaded)
-    with OutputLock(job.out_dir), run_log(job.out_dir):
-        return calibrate_and_evaluate(job, loaded, setup, shapes, request, windows, t_start)
+    distributed.start(job.device, float(cfg.calib.get("dist_timeout_minutes", 60)))
+    try:
+        with main_only(lambda: OutputLock(job.out_dir), job), main_only(lambda: run_log(job.out_dir), job):
+            return calibrate_and_evaluate(job, loaded, setup, shapes, request, windows, t_start)
+    finally:
+        distributed.stop()
+
+
+def main_only(make: Callable[[], Any], job: Job):
+    """``make()`` on rank 0 (the rank that writes), nothing on the others."""
+    return make() if job.world.main else contextlib.nullcontext()
 
 
 def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
@@ -816,7 +873,7 @@ def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
     """The work of a checked run, in its locked output folder: the model-level stage, the block loop, evaluation,
     export, results."""
     cfg, model, adapter = job.cfg, loaded.model, loaded.adapter
-    state = RunState.open(job.out_dir, job.config)
+    state = open_state(job)
     ctx = PassContext(model, adapter, windows, job.device, job.out_dir, shapes)
     pass_results = run_passes(job.passes, ctx, state)
     to_cpu(loaded)
@@ -840,14 +897,17 @@ def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
                                "quant": {"name": job.quant_name, **job.spec.to_dict()}}
     if job.memory_plan is not None:  # beside the measured peaks (``memory``)
         results["memory_plan"] = job.memory_plan.to_dict()
-    if cfg.eval.fp_baseline:
+    if cfg.eval.fp_baseline and job.world.main:  # the other ranks wait at the block loop's first exchange
         results.update({f"{k}_fp": v for k, v in evaluate(cfg, loaded, job.device).items()})
     t_q0 = time.perf_counter()
     logger = build_logger(OmegaConf.to_container(cfg.logger, resolve=True), job.out_dir,
-                          f"{cfg.model.name}-{job.method.tag}", job.config)
+                          f"{cfg.model.name}-{job.method.tag}", job.config) if job.world.main else None
     loop_parts = dict(job=job, loaded=loaded, setup=setup, formats=per_block, fingerprints=fingerprints, state=state,
                       logger=logger)
-    results["blocks"] = calibrate_blocks(loop_parts, windows)
+    with distributed.guard("the block loop"):
+        results["blocks"] = calibrate_blocks(loop_parts, windows)
+    if not job.world.main:  # rank 0 evaluates, exports and writes the results
+        return {"rank": job.world.rank, "blocks": results["blocks"]}
     results["calibration_phases"] = phase_totals(results["blocks"])
     results["method_settings"] = job.method.describe()
     t_quant = time.perf_counter()
@@ -868,6 +928,15 @@ def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
     return finish(results, cfg, job.device, job.out_dir, job.config,
                   {"load": t_loaded - t_start, "evaluate_fp": t_q0 - t_loaded, "quantize": t_quant - t_q0,
                    "evaluate": t_done - t_quant, "total": t_done - t_start})
+
+
+def open_state(job: Job) -> RunState:
+    """The run state: rank 0 opens (or starts) it, the other ranks then read it (they never write)."""
+    if job.world.size == 1:
+        return RunState.open(job.out_dir, job.config)
+    state = RunState.open(job.out_dir, job.config) if job.world.main else None
+    distributed.barrier()
+    return state if state is not None else RunState.open(job.out_dir, job.config, write=False)
 
 
 def phase_totals(records: list[dict[str, Any]]) -> dict[str, Any]:

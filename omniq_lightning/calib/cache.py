@@ -1,6 +1,7 @@
 """`ActivationCache`: block inputs and targets, on the GPU, in pinned CPU memory or in a disk memmap.
 
-One object, one interface, wherever the tensors live: ``cache[i]`` returns sample ``i`` on the compute
+One object, one interface, wherever the tensors live (and whichever share of the calibration samples it holds:
+``ids``, of ``total``): ``cache[i]`` returns sample ``i`` on the compute
 device, ``cache[i] = x`` stores it, ``cache.batch(idx)`` gathers several samples. The disk backend maps
 a file (``torch.from_file``), so models whose calibration activations do not fit in memory still run.
 """
@@ -25,10 +26,17 @@ class ActivationCache:
         device: torch.device | str,
         where: str = "auto",
         path: str | os.PathLike | None = None,
+        ids: Sequence[int] | None = None,
+        total: int | None = None,
     ) -> None:
         if where not in LOCATIONS:
             raise ValueError(f"calib.cache must be one of {LOCATIONS}, got {where!r}")
         self.device = torch.device(device)
+        # which calibration samples these are, of how many (a rank of a data-parallel run holds a share)
+        self.ids = list(range(n)) if ids is None else list(ids)
+        self.total = n if total is None else int(total)
+        if len(self.ids) != n:
+            raise ValueError(f"an activation cache of {n} samples was given {len(self.ids)} sample ids")
         if where == "auto":
             where = "device" if self.device.type == "cuda" else "cpu"
         if where == "pinned" and not torch.cuda.is_available():

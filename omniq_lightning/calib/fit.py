@@ -14,7 +14,9 @@ import warnings
 from collections.abc import Iterator
 
 import lightning as L
+from lightning.pytorch.strategies import DDPStrategy
 
+from omniq_lightning import distributed
 from omniq_lightning.calib.checkpoint import AtomicCheckpointIO, EpochCheckpoint
 from omniq_lightning.calib.datamodule import BlockDataModule
 from omniq_lightning.calib.lightning import BlockLightningModule, KeepBest, TrainSettings, channel_energy
@@ -44,6 +46,20 @@ def quiet_lightning() -> Iterator[None]:
             lg.setLevel(level)
 
 
+def placement(run: BlockRun) -> dict:
+    """Where Lightning trains: the run's device; in a data-parallel run, Lightning's DDP over the ranks torchrun
+    started (their process group already joined; each rank's batches are its own share of every global batch, so
+    no sampler is added, and gradients are averaged over the ranks)."""
+    accelerator = "gpu" if run.device.type == "cuda" else "cpu"
+    w = distributed.world()
+    if w.size == 1:
+        return {"accelerator": accelerator, "devices": [run.device.index or 0] if run.device.type == "cuda" else 1}
+    strategy = DDPStrategy(process_group_backend="nccl" if run.device.type == "cuda" else "gloo",
+                           find_unused_parameters=True, broadcast_buffers=False)
+    return {"accelerator": accelerator, "devices": w.local_size, "num_nodes": w.nodes, "strategy": strategy,
+            "use_distributed_sampler": False}
+
+
 def fit_block(qblock, data: BlockDataModule, run: BlockRun, settings: TrainSettings, epochs: int) -> dict[str, float]:
     """Train ``qblock.quant_parameters()`` for ``epochs`` epochs on the block-output loss; resumes from
     ``run.resume_checkpoint``. Returns the calibration losses (start, best, best epoch) when the best iterate is
@@ -54,8 +70,7 @@ def fit_block(qblock, data: BlockDataModule, run: BlockRun, settings: TrainSetti
     with quiet_lightning(), phase("training"):
         trainer = L.Trainer(
             max_epochs=epochs,
-            accelerator="gpu" if run.device.type == "cuda" else "cpu",
-            devices=[run.device.index or 0] if run.device.type == "cuda" else 1,
+            **placement(run),
             precision=run.precision,
             logger=run.logger if run.logger is not None else False,
             callbacks=[*([best] if best else []), EpochCheckpoint(run.checkpoint_dir), *run.callbacks],

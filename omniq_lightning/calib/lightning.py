@@ -17,6 +17,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from omniq_lightning import distributed
 from omniq_lightning.calib.phases import phase
 from omniq_lightning.transforms import QuantBlock
 
@@ -89,6 +90,8 @@ def channel_energy(targets, eps_fraction: float = 1e-6) -> torch.Tensor:
         t = targets[i].float().reshape(-1, targets[i].shape[-1])
         total = t.pow(2).sum(0) if total is None else total + t.pow(2).sum(0)
         count += t.shape[0]
+    distributed.sum_(total)  # every rank's targets (a data-parallel run)
+    (count,) = distributed.sum_floats(count)
     energy = total / count
     return energy.clamp(min=eps_fraction * energy.mean().item())
 
@@ -176,7 +179,7 @@ class BlockLightningModule(L.LightningModule):
                 "method.let_lr, or check the block's inputs for overflow"
             )
         self.log(f"block_{self.block_index}/loss", loss.detach(), on_step=False, on_epoch=True, prog_bar=True,
-                 batch_size=batch[0].shape[0])
+                 batch_size=batch[0].shape[0], sync_dist=self.trainer.world_size > 1)
         return loss
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
@@ -234,6 +237,7 @@ class KeepBest(L.Callback):
                 batch = [t.to(module.device) for t in batch]
                 total += module.batch_loss(batch).item() * batch[0].shape[0]
                 n += batch[0].shape[0]
+        total, n = distributed.sum_floats(total, n)  # every rank's share: all ranks keep the same iterate
         return total / max(n, 1)
 
     def consider(self, trainer: L.Trainer, module: BlockLightningModule) -> None:

@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 # The settings that decide a run's result; anything else (evaluation, logging, paths) may change on resume.
 RESULT_KEYS = ("model", "quant", "method", "rotation", "calib", "seed", "trainer.precision", "resolved")
 # (a bit plan file: what decides the blocks is its contents, which their fingerprints hold)
-IGNORED_KEYS = ("calib.cache", "calib.cache_dir", "calib.recalibrate_changed", "quant.mixed.plan", "model.lazy")
+IGNORED_KEYS = ("calib.cache", "calib.cache_dir", "calib.recalibrate_changed", "quant.mixed.plan", "model.lazy",
+                "calib.dist_timeout_minutes")
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -93,8 +94,9 @@ class RunState:
         return self.dir / "state.json"
 
     @classmethod
-    def open(cls, out_dir: str | Path, cfg: dict[str, Any]) -> RunState:
-        """Start a run in ``out_dir`` or continue the one there; a different configuration is refused."""
+    def open(cls, out_dir: str | Path, cfg: dict[str, Any], write: bool = True) -> RunState:
+        """Start a run in ``out_dir`` or continue the one there; a different configuration is refused. With
+        ``write=False`` (a data-parallel rank other than 0, after rank 0 opened it) nothing is written."""
         out_dir = Path(out_dir)
         settings = result_settings(cfg)
         state_path, config_path = out_dir / "state.json", out_dir / "config.yaml"
@@ -109,6 +111,8 @@ class RunState:
                 )
             data = read_record(state_path, json.loads)
             return cls(out_dir, settings, data.get("finished", {}), data.get("passes", {}))
+        if not write:
+            return cls(out_dir, settings)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(config_path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(settings, sort_keys=True)))
         state = cls(out_dir, settings)

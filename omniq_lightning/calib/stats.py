@@ -8,13 +8,15 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from omniq_lightning import distributed
 from omniq_lightning.nn import LETRouter
 
 
 @contextmanager
 def observe_linear_inputs(block: nn.Module) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
     """While active, every forward of a linear inside ``block`` updates ``stats[name] = (min, max)``
-    over all tokens seen, per input channel as its weight sees them (after an online input transform; float32)."""
+    over all tokens seen, per input channel as its weight sees them (after an online input transform; float32).
+    On leaving, the ranges are combined over the ranks of a data-parallel run (every rank's samples seen)."""
     stats: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     handles = []
 
@@ -37,3 +39,4 @@ def observe_linear_inputs(block: nn.Module) -> Iterator[dict[str, tuple[torch.Te
     finally:
         for h in handles:
             h.remove()
+    distributed.merge_ranges(stats)

@@ -59,7 +59,7 @@ def blockwise_perplexity(
             wrap = isinstance(out, (tuple, list))
             hidden[j] = (out[0] if wrap else out)[0].to(dtype)
         del block
-    metric = Perplexity().to(device)
+    metric = Perplexity(sync_on_compute=False).to(device)  # one process evaluates (rank 0 of a data-parallel run)
     blocks = adapter.blocks(model)
     originals = list(blocks)
     try:

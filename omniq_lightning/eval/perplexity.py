@@ -42,7 +42,7 @@ def perplexity(
     """
     windows = eval_windows(ids, seqlen, max_windows)
     available = ids.numel() // seqlen
-    metric = Perplexity().to(device)
+    metric = Perplexity(sync_on_compute=False).to(device)  # one process evaluates (rank 0 of a data-parallel run)
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits

@@ -69,6 +69,10 @@ class Method:
     def check_model(self, traits: ModelTraits) -> None:
         """Refuse a model this method cannot quantize (called after loading, before any calibration)."""
 
+    def check_world(self, ranks: int) -> None:
+        """Refuse a data-parallel run of ``ranks`` ranks whose statistics this method cannot combine across them
+        (called before any model loads)."""
+
     def format_needs(self) -> frozenset[str]:
         """The capabilities every weight format of the run must have (``nn.formats.CAPABILITIES``)."""
         return frozenset({"quantizer"})

@@ -21,7 +21,7 @@ from torch import nn
 from omniq_lightning.calib import BlockDataModule, BlockRun, TrainSettings
 from omniq_lightning.calib.fit import fit_block
 from omniq_lightning.calib.phases import phase
-from omniq_lightning.methods.base import Method, ModelTraits
+from omniq_lightning.methods.base import DataNeeds, Method, ModelTraits
 from omniq_lightning.nn import ClusterActQuantizer, QuantLinear, QuantMatMul
 from omniq_lightning.nn.act import check_observer
 from omniq_lightning.quant import QuantSpec
@@ -88,6 +88,17 @@ class RPTQ(Method):
 
     def format_needs(self) -> frozenset[str]:
         return frozenset({"quantizer", "columns"} if self.weights == "gptq" else {"quantizer"})
+
+    def data_needs(self) -> DataNeeds:
+        return DataNeeds(trains=self.epochs > 0, moment_bytes=8 if self.weights == "gptq" else 0)
+
+    def check_world(self, ranks: int) -> None:
+        if self.observer == "ema_minmax":
+            raise ValueError("method.observer=ema_minmax averages the ranges in the order the samples come, which "
+                             f"{ranks} ranks cannot reproduce: use method.observer=minmax, or run one process")
+        if self.epochs > 0:
+            raise ValueError(f"RPTQ trains its clipping on one sample per step (method.epochs={self.epochs}), a step "
+                             f"{ranks} ranks cannot share: set method.epochs=0, or run one process")
 
     def setup(self, spec: QuantSpec, traits: ModelTraits) -> BlockSetup:
         self.spec = spec

@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import torch
 
+from omniq_lightning import distributed
 from omniq_lightning.calib import ActivationCache
+from omniq_lightning.calib.loop import current_sample
 from omniq_lightning.calib.phases import phase
 from omniq_lightning.nn import NO_CLIP_LOGIT, LETRouter, QuantLinear, clip_logit
 from omniq_lightning.solvers.hooks import run_with_input_hooks, weight_linears
@@ -33,23 +35,34 @@ def linear_inputs(qblock: QuantBlock, inputs: ActivationCache, ctx, max_rows: in
     ``max_rows`` tokens spread evenly over the calibration samples, each sample's stride starting at its own
     offset (so the first token, LLaMA's attention sink, is not over-represented). An MoE expert sees only the
     tokens routed to it; one that sees none has no entry."""
-    rows: dict[str, list[torch.Tensor]] = {}
-    per_sample = max(1, max_rows // len(inputs))
-    calls: dict[str, int] = {}
+    rows: dict[str, list[tuple[int, torch.Tensor]]] = {}
+    per_sample = max(1, max_rows // inputs.total)
 
     def keep(name: str):
         def fn(x: torch.Tensor) -> None:
             x = x.detach().reshape(-1, x.shape[-1]).float()
             step = max(1, x.shape[0] // per_sample)
-            j = calls[name] = calls.get(name, -1) + 1
-            rows.setdefault(name, []).append(x[(j * 7919) % step :: step][:per_sample])
+            j = current_sample()
+            rows.setdefault(name, []).append((j, x[(j * 7919) % step :: step][:per_sample]))
 
         return fn
 
     names = [*weight_linears(qblock), *(n for n, m in qblock.block.named_modules() if isinstance(m, LETRouter))]
     with phase("input sampling"):
         run_with_input_hooks(qblock, inputs, ctx, {n: keep(n) for n in names})
-    return {n: torch.cat(v) for n, v in rows.items()}
+    return gathered_rows(rows)
+
+
+def gathered_rows(rows: dict[str, list[tuple[int, torch.Tensor]]]) -> dict[str, torch.Tensor]:
+    """Per name, the sampled rows of every rank of a data-parallel run, in sample order (one process's: its own)."""
+    if distributed.active():
+        device = next((t.device for v in rows.values() for _, t in v), torch.device("cpu"))
+        merged: dict[str, list[tuple[int, torch.Tensor]]] = {}
+        for other in distributed.gather({n: [(j, t.cpu()) for j, t in v] for n, v in rows.items()}):
+            for n, v in other.items():
+                merged.setdefault(n, []).extend((j, t.to(device)) for j, t in v)
+        rows = merged
+    return {n: torch.cat([t for _, t in sorted(v, key=lambda jt: jt[0])]) for n, v in rows.items()}
 
 
 def quantized_targets(qblock: QuantBlock, pair) -> list[str]:

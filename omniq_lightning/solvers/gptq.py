@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from omniq_lightning import distributed
 from omniq_lightning.calib import ActivationCache
 from omniq_lightning.calib.phases import phase
 from omniq_lightning.nn import QuantLinear
@@ -27,6 +28,20 @@ def collect_hessians(qblock: QuantBlock, inputs: ActivationCache, ctx) -> dict[s
 
     with full_precision_weights(linears.values()):
         run_with_input_hooks(qblock, inputs, ctx, {n: record(n, m) for n, m in linears.items()})
+    return merge_hessians(accs)
+
+
+def merge_hessians(accs: dict[str, HessianAccumulator]) -> dict[str, HessianAccumulator]:
+    """Each Hessian over every rank's samples of a data-parallel run (the token-weighted mean of the ranks'), in
+    place; one process's are returned as they are."""
+    if not distributed.active():
+        return accs
+    for acc in accs.values():  # the same names in the same order on every rank
+        total = acc.H.mul_(acc.n)
+        distributed.sum_(total)
+        (n,) = distributed.sum_floats(acc.n)
+        acc.n = int(n)
+        acc.H = total.div_(acc.n) if acc.n else total
     return accs
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from omniq_lightning import distributed
 from omniq_lightning.calib import ActivationCache
 from omniq_lightning.nn import ActQuantizer, ClusterActQuantizer, QuantMatMul
 from omniq_lightning.solvers.hooks import (
@@ -33,6 +34,9 @@ def observe_static_ranges(qblock: QuantBlock, inputs: ActivationCache, ctx) -> N
     finally:
         for m in static:
             m.observing = False
+    for m in static:  # every rank's samples seen
+        distributed.min_(m.lo)
+        distributed.max_(m.hi)
 
 
 def _update(stats: Stats, key: str, lo: torch.Tensor, hi: torch.Tensor) -> None:
@@ -80,4 +84,4 @@ def site_statistics(qblock: QuantBlock, inputs: ActivationCache, ctx, sites: lis
         hooks |= {f"{name}.{tag}_quant": heads(tag) for tag in ("q", "k", "v")}
     with full_precision_weights(weight_linears(qblock).values()), activations_in_full_precision(qblock):
         run_with_input_hooks(qblock, inputs, ctx, hooks)
-    return stats
+    return distributed.merge_ranges(stats)  # every rank's samples seen
