@@ -240,6 +240,34 @@ def barrier() -> None:
         dist.barrier()
 
 
+def main_first(fn: Callable[[], T]) -> T | None:
+    """``fn()`` on rank 0 alone (what only rank 0 may do: lock and open the output folder), every rank told whether
+    it succeeded: when it raised, the other ranks raise too, naming rank 0's error, instead of waiting for rank 0 at
+    the next exchange. Returns ``fn()``'s result on rank 0, None on the others."""
+    if not active():
+        return fn()
+    result, error = None, None
+    if _WORLD.main:
+        try:
+            result = fn()
+        except Exception as exc:  # every rank must hear of it before rank 0 re-raises
+            error = exc
+    message = broadcast_object(None if error is None else f"{type(error).__name__}: {error}")
+    if error is not None:
+        raise error
+    if message is not None:
+        raise RuntimeError(f"rank 0 stopped the run: {message}")
+    return result
+
+
+def all_true(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (so that every rank raises the same error, not just the one that saw
+    it)."""
+    if not active():
+        return flag
+    return bool(min_(torch.tensor([1.0 if flag else 0.0])).item())
+
+
 def merge_ranges(stats: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-key ``(min, max)`` statistics combined over the ranks, in place (a key some rank never saw, such as an
     MoE expert no token of its share was routed to, takes the others' values)."""

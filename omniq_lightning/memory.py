@@ -214,7 +214,7 @@ def plan_memory(sizes: ModelSizes, s: PlanSettings) -> MemoryPlan:
     if s.export_packed:
         disk.terms["packed export"] = sizes.outside_params * sizes.dtype_bytes + sizes.quantized_params
     if s.cache_where == "disk":
-        disk.terms["activation caches"] = caches * s.ranks_per_node
+        disk.terms["activation caches"] = caches * s.ranks  # calib.cache_dir in the output folder all ranks share
     if s.ranks_per_node > 1:  # every rank of a node is a process of its own, holding all of the above
         cpu = Peak({k: v * s.ranks_per_node for k, v in cpu.terms.items()})
     return MemoryPlan(cpu, device, disk, sizes, s)
@@ -266,7 +266,8 @@ def fixes_for(plan: MemoryPlan, where: str, peak: Peak, free: int) -> Iterable[s
     if where == "device" and caches:  # each rank caches its share of the samples
         per_rank = caches * s.ranks  # at one rank
         for ranks in range(s.ranks + 1, s.nsamples + 1):
-            if s.nsamples % ranks == 0 and caches - per_rank // ranks >= over:
+            splits = s.nsamples % ranks == 0 and (not s.trains or s.batch_size % ranks == 0)
+            if splits and caches - per_rank // ranks >= over:
                 yield (f"more ranks: torchrun with {ranks} ranks (--nproc_per_node and --nnodes), each caching "
                        f"{s.nsamples // ranks} samples")
                 break

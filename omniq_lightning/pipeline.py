@@ -174,7 +174,10 @@ def prepare(cfg: DictConfig) -> Job:
     dtype = export_dtype(str(cfg.export.get("dtype", "auto")), str(cfg.model.dtype))
     world = distributed.World.from_env()
     device = resolve_device(cfg.device, planning_only=bool(cfg.calib.get("dry_run", False)))
-    if device.type == "cuda" and device.index is None and world.size > 1:
+    if device.type == "cuda" and world.size > 1:
+        if device.index is not None:
+            raise ValueError(f"device={cfg.device} would put every rank on one GPU: use device=cuda (or auto) with "
+                             "torchrun, each rank then takes cuda:LOCAL_RANK")
         device = torch.device("cuda", world.local_rank)  # one device per rank of a node
     precision = resolve_precision(str(cfg.trainer.precision), device)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -407,11 +410,16 @@ def available_bytes(where: str, device: torch.device, cache_dir: Path) -> tuple[
 def check_cache_memory(job: Job, hidden: int, model_dtype: torch.dtype) -> None:
     """Refuse, before any work, a calibration whose activation caches cannot fit where they are to live."""
     cfg = job.cfg
-    n, seqlen = int(cfg.calib.nsamples), int(cfg.calib.seqlen)
+    n, seqlen = int(cfg.calib.nsamples) // job.world.size, int(cfg.calib.seqlen)  # this rank's share
     dtype = resolve_cache_dtype(str(cfg.calib.cache_dtype), model_dtype)
     caches = CACHES + bool(job.method.data_needs().augmented_targets)
     one = n * seqlen * hidden * torch.empty(0, dtype=dtype).element_size()
     free, where = available_bytes(str(cfg.calib.cache), job.device, Path(cfg.calib.cache_dir))
+    setting = str(cfg.calib.cache)
+    if setting == "disk":  # the output folder's disk, which every rank shares
+        free //= job.world.size
+    elif not (setting in ("device", "auto") and job.device.type == "cuda"):  # the CPU memory of a node's ranks
+        free //= job.world.local_size
     if caches * one > free:
         gib = 2**30
         raise MemoryError(
@@ -500,7 +508,7 @@ def run_log(out_dir: Path):
 
 
 def check_finite(cache: ActivationCache, what: str) -> None:
-    if not torch.isfinite(cache.data).all():
+    if not distributed.all_true(bool(torch.isfinite(cache.data).all())):  # every rank's share
         raise FloatingPointError(
             f"{what} contain NaN or Inf in the {cache.dtype} activation cache: the hidden states overflow it. "
             "Use calib.cache_dtype=bfloat16 or float32"
@@ -856,15 +864,12 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
     windows = calibration_data(cfg, loaded)
     distributed.start(job.device, float(cfg.calib.get("dist_timeout_minutes", 60)))
     try:
-        with main_only(lambda: OutputLock(job.out_dir), job), main_only(lambda: run_log(job.out_dir), job):
+        with contextlib.ExitStack() as held:  # rank 0 alone locks the folder and writes the run's log
+            distributed.main_first(lambda: (held.enter_context(OutputLock(job.out_dir)),
+                                            held.enter_context(run_log(job.out_dir))))
             return calibrate_and_evaluate(job, loaded, setup, shapes, request, windows, t_start)
     finally:
         distributed.stop()
-
-
-def main_only(make: Callable[[], Any], job: Job):
-    """``make()`` on rank 0 (the rank that writes), nothing on the others."""
-    return make() if job.world.main else contextlib.nullcontext()
 
 
 def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
@@ -895,6 +900,8 @@ def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
 
     results: dict[str, Any] = {"model": model_record(cfg, loaded), "method": job.method.name,
                                "quant": {"name": job.quant_name, **job.spec.to_dict()}}
+    if job.world.size > 1:  # how many ranks calibrated (not a result-deciding setting: any world size resumes)
+        results["ranks"] = {"world_size": job.world.size, "per_node": job.world.local_size}
     if job.memory_plan is not None:  # beside the measured peaks (``memory``)
         results["memory_plan"] = job.memory_plan.to_dict()
     if cfg.eval.fp_baseline and job.world.main:  # the other ranks wait at the block loop's first exchange
@@ -931,12 +938,11 @@ def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
 
 
 def open_state(job: Job) -> RunState:
-    """The run state: rank 0 opens (or starts) it, the other ranks then read it (they never write)."""
-    if job.world.size == 1:
-        return RunState.open(job.out_dir, job.config)
-    state = RunState.open(job.out_dir, job.config) if job.world.main else None
-    distributed.barrier()
-    return state if state is not None else RunState.open(job.out_dir, job.config, write=False)
+    """The run state: rank 0 opens (or starts) it; the other ranks hold rank 0's record of the finished blocks (so
+    that every rank resumes the same blocks) and never write."""
+    state = distributed.main_first(lambda: RunState.open(job.out_dir, job.config))
+    record = distributed.broadcast_object((state.finished, state.passes) if job.world.main else None)
+    return state if job.world.main else RunState.follow(job.out_dir, job.config, record)
 
 
 def phase_totals(records: list[dict[str, Any]]) -> dict[str, Any]:

@@ -196,6 +196,29 @@ def test_a_rank_that_dies_is_named_and_the_run_resumes_in_one_process(tmp_path):
     assert_same_result(tmp_path / "one", out, 1e-3)
 
 
+def test_rank_0s_refusal_reaches_every_rank_at_once(tmp_path):
+    """A folder holding another configuration's run: rank 0 refuses it, and rank 1 stops naming rank 0's error
+    instead of waiting for rank 0 at the first exchange."""
+    run(compose(["method=rtn", "quant=w4a16", *QUICK, f"output_dir={tmp_path}"]))
+    done = torchrun(["--standalone", "--nproc_per_node=2"],
+                    ["method=rtn", "quant=w3a16", *QUICK, f"output_dir={tmp_path}"], timeout=120)
+    assert done.returncode != 0
+    assert "holds a run with a different configuration" in done.stderr
+    assert "rank 0 stopped the run: ValueError" in done.stderr, done.stderr[-3000:]
+
+
+def test_a_followers_run_state_never_writes(tmp_path):
+    from omniq_lightning.calib import RunState
+
+    cfg = {"model": {"name": "m"}, "quant": {"w_bits": 4}}
+    state = RunState.follow(tmp_path, cfg, ({"0": {"file": "blocks/block_000.safetensors", "sha256": "x"}}, {}))
+    assert state.is_finished(0) and not state.is_finished(1)
+    state.forget_blocks(0)
+    assert not state.is_finished(0) and not any(tmp_path.iterdir())
+    with pytest.raises(RuntimeError, match="only rank 0 writes"):
+        state.save_block(1, {"w": torch.zeros(1)})
+
+
 def test_one_process_is_its_own_world():
     assert not distributed.active()
     t = torch.ones(3)

@@ -172,7 +172,7 @@ class BlockLightningModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         loss = self.batch_loss(batch)
-        if not torch.isfinite(loss):
+        if not distributed.all_true(bool(torch.isfinite(loss))):  # every rank stops with the same error
             raise FloatingPointError(
                 f"block {self.block_index}: the calibration loss became {loss.item()} at step {self.global_step}. "
                 "Remedies: trainer.precision=32 (or bf16-mixed instead of 16-mixed), lower method.lwc_lr / "

@@ -83,20 +83,20 @@ def sha256(path: Path) -> str:
 
 class RunState:
     def __init__(self, out_dir: str | Path, settings: dict[str, Any], finished: dict[str, dict] | None = None,
-                 passes: dict[str, dict] | None = None):
+                 passes: dict[str, dict] | None = None, write: bool = True):
         self.dir = Path(out_dir)
         self.settings = settings
         self.finished: dict[str, dict] = finished or {}
         self.passes: dict[str, dict] = passes or {}
+        self.write = write  # False: a follower's in-memory copy (a data-parallel rank other than 0)
 
     @property
     def state_path(self) -> Path:
         return self.dir / "state.json"
 
     @classmethod
-    def open(cls, out_dir: str | Path, cfg: dict[str, Any], write: bool = True) -> RunState:
-        """Start a run in ``out_dir`` or continue the one there; a different configuration is refused. With
-        ``write=False`` (a data-parallel rank other than 0, after rank 0 opened it) nothing is written."""
+    def open(cls, out_dir: str | Path, cfg: dict[str, Any]) -> RunState:
+        """Start a run in ``out_dir`` or continue the one there; a different configuration is refused."""
         out_dir = Path(out_dir)
         settings = result_settings(cfg)
         state_path, config_path = out_dir / "state.json", out_dir / "config.yaml"
@@ -111,15 +111,25 @@ class RunState:
                 )
             data = read_record(state_path, json.loads)
             return cls(out_dir, settings, data.get("finished", {}), data.get("passes", {}))
-        if not write:
-            return cls(out_dir, settings)
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(config_path, lambda tmp: Path(tmp).write_text(yaml.safe_dump(settings, sort_keys=True)))
         state = cls(out_dir, settings)
         state._write()
         return state
 
+    @classmethod
+    def follow(cls, out_dir: str | Path, cfg: dict[str, Any], record: tuple[dict, dict]) -> RunState:
+        """A data-parallel rank's copy of the state rank 0 opened (``record``: its finished blocks and passes): it
+        reads finished blocks from the folder and never writes."""
+        return cls(out_dir, result_settings(cfg), *record, write=False)
+
+    def check_writer(self) -> None:
+        if not self.write:
+            raise RuntimeError("only rank 0 writes the run state (this is a follower's copy)")
+
     def _write(self) -> None:
+        if not self.write:
+            return
         write_json(self.state_path, {"finished": self.finished, "passes": self.passes})
 
     def block_path(self, i: int) -> Path:
@@ -132,6 +142,7 @@ class RunState:
         """The checkpoint block ``i`` resumes from: its in-progress checkpoint when that was written under this run's
         settings and this block fingerprint, else none (a checkpoint another run left here, say with other epochs,
         is removed). Records whom the block's new checkpoints belong to."""
+        self.check_writer()
         folder = self.checkpoint_dir(i)
         ckpt, owner_path = folder / "last.ckpt", folder / "owner.json"
         owner = json.loads(json.dumps({"settings": self.settings, "fingerprint": fingerprint}, sort_keys=True,
@@ -156,6 +167,7 @@ class RunState:
                    seconds: float | None = None, fingerprint: dict[str, Any] | None = None) -> Path:
         """Store a finished block (tensors, and string metadata), record it with the seconds its calibration took
         and the fingerprint of what decided it, and drop its in-progress checkpoints."""
+        self.check_writer()
         path = self.block_path(i)
         data = {k: v.detach().cpu().contiguous().clone() for k, v in tensors.items()}  # one module may sit in several
         # places (an affine transform shared by q, k and v): each key gets its own copy
@@ -190,8 +202,11 @@ class RunState:
         """Forget finished blocks ``first`` and later (they will be calibrated again)."""
         for key in [k for k in self.finished if int(k) >= first]:
             del self.finished[key]
-            self.block_path(int(key)).unlink(missing_ok=True)
+            if self.write:
+                self.block_path(int(key)).unlink(missing_ok=True)
         self._write()
+        if not self.write:
+            return
         for folder in (self.dir / "checkpoints").glob("block_*"):  # in progress under the settings they replace
             if int(folder.name.split("_")[1]) >= first:
                 shutil.rmtree(folder, ignore_errors=True)
@@ -216,6 +231,7 @@ class RunState:
 
     def save_pass(self, name: str, result: PassResult) -> None:
         """Record a pass's decision (its record, tensors and digest)."""
+        self.check_writer()
         entry: dict[str, Any] = {"record": result.record, "digest": result.digest()}
         if result.formats is not None:
             entry["formats"] = {n: {**f.to_dict(), "kind": f.kind} for n, f in sorted(result.formats.items())}
