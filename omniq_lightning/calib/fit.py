@@ -22,6 +22,7 @@ from omniq_lightning.calib.datamodule import BlockDataModule
 from omniq_lightning.calib.lightning import BlockLightningModule, KeepBest, TrainSettings, channel_energy
 from omniq_lightning.calib.phases import phase
 from omniq_lightning.calib.run import BlockRun
+from omniq_lightning.nn import LETRouter
 
 _LIGHTNING_INFO_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
                            "lightning_utilities.core.rank_zero", "lightning.pytorch.accelerators.cuda")
@@ -46,16 +47,18 @@ def quiet_lightning() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def placement(run: BlockRun) -> dict:
+def placement(run: BlockRun, qblock) -> dict:
     """Where Lightning trains: the run's device; in a data-parallel run, Lightning's DDP over the ranks torchrun
     started (their process group already joined; each rank's batches are its own share of every global batch, so
-    no sampler is added, and gradients are averaged over the ranks)."""
+    no sampler is added, and gradients are averaged over the ranks). In an MoE block an expert may get no token
+    of one rank's share: DDP is told to look for such unused parameters there."""
     accelerator = "gpu" if run.device.type == "cuda" else "cpu"
     w = distributed.world()
     if w.size == 1:
         return {"accelerator": accelerator, "devices": [run.device.index or 0] if run.device.type == "cuda" else 1}
+    routed = any(isinstance(m, LETRouter) for m in qblock.modules())
     strategy = DDPStrategy(process_group_backend="nccl" if run.device.type == "cuda" else "gloo",
-                           find_unused_parameters=True, broadcast_buffers=False)
+                           find_unused_parameters=routed)
     return {"accelerator": accelerator, "devices": w.local_size, "num_nodes": w.nodes, "strategy": strategy,
             "use_distributed_sampler": False}
 
@@ -70,7 +73,7 @@ def fit_block(qblock, data: BlockDataModule, run: BlockRun, settings: TrainSetti
     with quiet_lightning(), phase("training"):
         trainer = L.Trainer(
             max_epochs=epochs,
-            **placement(run),
+            **placement(run, qblock),
             precision=run.precision,
             logger=run.logger if run.logger is not None else False,
             callbacks=[*([best] if best else []), EpochCheckpoint(run.checkpoint_dir), *run.callbacks],
