@@ -203,28 +203,28 @@ def prepare(cfg: DictConfig) -> Job:
 def check_world(job: Job) -> None:
     """Refuse, before any work, a data-parallel run (``torchrun``) whose samples, batch, passes or method cannot be
     shared by its ranks."""
-    w = job.world
-    if w.size == 1:
+    if job.world.size == 1:
         return
-    n = int(job.cfg.calib.nsamples)
-    distributed.shard_ids(n, w, max(1, n // w.size))  # the sample count divides
     if job.passes:
         raise ValueError(f"whole-model passes ({', '.join(p.name for p in job.passes)}) run in one process: start "
                          "this run without torchrun (one process), or without the rotation / mixed-precision / GGUF "
                          "mix settings")
-    job.method.check_world(w.size)
+    job.method.check_world(job.world.size)
+    shard(job, int(job.cfg.calib.nsamples))  # the samples and a trained method's batch split over the ranks
+
+
+def rank_batch(job: Job, n: int) -> int:
+    """A rank's samples per training step: a trained method's global batch (``method.batch_size``) split over the
+    ranks (refused when it does not split, or ``n`` samples are no whole number of global batches)."""
     needs = job.method.data_needs()
-    if needs.trains:
-        distributed.check_batch(w, n, needs.batch_size)
+    return distributed.check_batch(job.world, n, needs.batch_size) if needs.trains else needs.batch_size
 
 
 def shard(job: Job, n: int) -> list[int]:
-    """The calibration samples this rank holds: a trained method's ranks split every global batch evenly (so that
-    their averaged gradients are one process's batch gradient); closed forms take contiguous shares."""
-    w, needs = job.world, job.method.data_needs()
-    per_rank = n // w.size
-    chunk = distributed.check_batch(w, n, needs.batch_size) if needs.trains and w.size > 1 else per_rank
-    return distributed.shard_ids(n, w, chunk)
+    """The calibration samples this rank holds, of ``n``: a trained method's ranks split every global batch evenly
+    (so that their averaged gradients are one process's batch gradient); closed forms take contiguous shares."""
+    chunk = rank_batch(job, n) if job.method.data_needs().trains else n // job.world.size
+    return distributed.shard_ids(n, job.world, chunk)
 
 
 # --- the model --------------------------------------------------------------------------------------------------
@@ -736,10 +736,7 @@ def fit_block_and_save(loop: BlockLoop, i: int, block, setup: BlockSetup, stats,
     run = BlockRun(index=i, n_blocks=len(loop.contexts), ctx=ctx, device=job.device, precision=job.precision,
                    checkpoint_dir=loop.state.checkpoint_dir(i), resume_checkpoint=distributed.broadcast_object(resume),
                    logger=loop.logger, progress_bar=bool(job.cfg.trainer.enable_progress_bar) and job.world.main)
-    batch = loop.needs.batch_size
-    if loop.needs.trains:  # a rank's share of each global batch
-        batch = distributed.check_batch(job.world, caches.q_in.total, batch)
-    data = BlockDataModule(caches.q_in, caches.fp_out, batch, caches.aug)
+    data = BlockDataModule(caches.q_in, caches.fp_out, rank_batch(job, caches.q_in.total), caches.aug)
     with phase("method, other"):  # what the method's own phases do not cover
         calibrated = job.method.calibrate(qblock, data, run) or {}
     with phase("fold and save"):
