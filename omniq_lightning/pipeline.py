@@ -854,9 +854,9 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
     request = ExportRequest(job.spec, frozenset(for_shape(job.spec.weight_format, *shape) for shape in shapes.values()),
                             adapter.fused_experts,
                             frozenset(shapes.values()), online_transforms(job.spec, setup, job.rotation, traits),
-                            config.get("model_type"), None if layout is None else layout.arch)
-    if job.mixed is None:
-        check_export(job.export_format, request)
+                            config.get("model_type"), layout)
+    # a mixed plan's formats are its candidates: one the export cannot hold is refused before the plan is made
+    check_export(job.export_format, request if job.mixed is None else replace(request, formats=frozenset(job.mixed.candidates)))
     check_seqlen(int(cfg.eval.seqlen), loaded, "eval")
     windows = calibration_data(cfg, loaded)
     distributed.start(job.device, float(cfg.calib.get("dist_timeout_minutes", 60)))

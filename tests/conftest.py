@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -77,3 +78,25 @@ def quick_run(tmp_path_factory):
         return done[key]
 
     return get
+
+
+def llama_cpp_perplexity(path, windows: torch.Tensor, threads: int = 2) -> float | None:
+    """llama.cpp's perplexity (llama-cpp-python) of the GGUF file at ``path`` over ``windows`` (each window's
+    tokens fed as they are, every next token scored); None where llama-cpp-python is not installed."""
+    try:
+        import llama_cpp
+    except ImportError:
+        return None
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=windows.shape[1], logits_all=True, verbose=False,
+                          n_threads=threads)
+    nll, n = 0.0, 0
+    try:
+        for w in windows.tolist():
+            llm.reset()
+            llm.eval(w)
+            logits = torch.from_numpy(np.array(llm.scores[: len(w) - 1], dtype=np.float32))
+            nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(w[1:]), reduction="sum"))
+            n += len(w) - 1
+    finally:
+        llm.close()
+    return float(np.exp(nll / n))

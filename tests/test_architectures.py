@@ -24,12 +24,13 @@ from transformers import (
 
 from omniq_lightning.calib import ActivationCache, observe_linear_inputs
 from omniq_lightning.data import load_corpus, tokenize
+from omniq_lightning.data.windows import eval_windows
 from omniq_lightning.eval import perplexity
 from omniq_lightning.models import adapter_for
 from omniq_lightning.nn import LETRouter, QuantLinear
 from omniq_lightning.quant import QuantSpec
 from omniq_lightning.transforms import LOCATIONS, BlockSetup
-from tests.conftest import replay
+from tests.conftest import llama_cpp_perplexity, replay
 
 COMMON = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=256)
@@ -355,7 +356,7 @@ def test_opt_takes_the_rotations_that_need_no_rmsnorm():
     rotate_and_compare(model, adapter_for("opt"), ids, RotationSettings(residual=False, seed=3))
 
 
-@pytest.mark.parametrize("family", ["phi3", "gemma2"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_a_family_without_a_gguf_layout_is_refused_before_calibration(family, saved_models, tmp_path):
     from omniq_lightning.config import compose
     from omniq_lightning.export import UnsupportedFormat
@@ -364,6 +365,74 @@ def test_a_family_without_a_gguf_layout_is_refused_before_calibration(family, sa
     cfg = compose([f"model.path={saved_models[family]}", f"model.name={family}",
                    f"model.attn_implementation={attn_of(family)}", "method=rtn", "quant=gguf", "export.format=gguf",
                    *QUICK, f"output_dir={tmp_path / 'out'}"])
-    with pytest.raises(UnsupportedFormat, match=f"no GGUF layout for model_type '{family}'.*llama, mistral, qwen2"):
+    with pytest.raises(UnsupportedFormat, match="export.format=gguf cannot hold this quantization: this model's experts"):
         run(cfg)
     assert not (tmp_path / "out").exists()
+
+
+GGUF_ARCHS = {"gemma2": "gemma2", "gemma3_text": "gemma3", "gemma3": "gemma3", "phi3": "phi3"}
+
+
+@pytest.mark.parametrize("family", list(GGUF_ARCHS))
+def test_each_family_gguf_file_holds_its_codes_and_computes_the_model(family, saved_models, tmp_path, data_dir):
+    """A Q4_0 file (hidden 64, MLP 128: every linear's rows a multiple of 32) in llama.cpp's architecture for the
+    family: transformers (``gguf_file=``) reads every linear's stored weights equal to the fake-quant checkpoint's
+    and computes its function (given the model's configuration: its GGUF reader drops Gemma's query scale and
+    layer types and Phi-3's partial rotary); where llama-cpp-python is installed, llama.cpp's perplexity over
+    the run's windows (longer than the sliding windows) is ours."""
+    import gguf
+
+    from omniq_lightning.config import compose
+    from omniq_lightning.pipeline import run
+
+    out = tmp_path / "out"
+    res = run(compose([f"model.path={saved_models[family]}", f"model.name={family}",
+                       f"model.attn_implementation={attn_of(family)}", "method=rtn", "quant=gguf",
+                       "quant.w_format.type=Q4_0", "export.format=gguf", *QUICK, f"output_dir={out}"]))
+    path = out / "model-gguf" / "model.gguf"
+    field = gguf.GGUFReader(str(path)).fields["general.architecture"]
+    assert field.contents() == GGUF_ARCHS[family]
+    fake = AutoModelForCausalLM.from_pretrained(out / "model", dtype=torch.float32,
+                                                attn_implementation=attn_of(family)).eval()
+    text = fake.config.get_text_config()
+    loaded = AutoModelForCausalLM.from_pretrained(out / "model-gguf", gguf_file="model.gguf", dtype=torch.float32,
+                                                  config=text, attn_implementation=attn_of(family)).eval()
+    theirs = loaded.state_dict()
+    linears = 0
+    for k, v in fake.state_dict().items():
+        name = k.replace("model.language_model.", "model.")
+        if name.startswith("model.layers.") and k.endswith("proj.weight"):
+            assert torch.equal(theirs[name], v), k
+            linears += 1
+        elif "norm" in k and name in theirs:  # Gemma's 1 + w stored and read back
+            torch.testing.assert_close(theirs[name], v)
+    assert linears == text.num_hidden_layers * (4 if family == "phi3" else 7)
+    ids = torch.randint(3, 500, (1, SEQLEN), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = fake(ids).logits.log_softmax(-1), loaded(ids).logits.log_softmax(-1)
+    assert (a - b).abs().max() < 0.3  # measured 0.005-0.08: the embedding and head in Q8_0 / Q4_0, as llama.cpp's
+    ppl = res["perplexity"]["tinystories"]["perplexity"]
+    windows = eval_windows(tokenize(load_corpus("tinystories", "eval", data_dir), AutoTokenizer.from_pretrained(out / "model")),
+                           SEQLEN, 3)
+    theirs_ppl = llama_cpp_perplexity(path, windows)
+    if theirs_ppl is not None:
+        assert abs(theirs_ppl / ppl - 1) < 0.01, (theirs_ppl, ppl)
+
+
+def test_gguf_layouts_refuse_what_llama_cpp_would_compute_otherwise():
+    """llama.cpp fixes Gemma's query scale by model size and writes no long-context rotary factors: such models
+    are refused by export.format=gguf before calibration, naming why."""
+    from omniq_lightning.export import UnsupportedFormat, check_export
+    from omniq_lightning.export.registry import ExportRequest
+    from omniq_lightning.quant.gguf import GGUFFormat
+
+    spec = QuantSpec.from_config({"w_format": {"kind": "gguf", "type": "Q4_0"}, "a_bits": 16, "kv_bits": 16})
+    gemma = Gemma2Config(**COMMON, head_dim=16, query_pre_attn_scalar=256).to_dict()
+    phi = Phi3Config(**COMMON, rope_parameters={"rope_type": "longrope", "rope_theta": 1e4, "short_factor": [1.0] * 8,
+                                                "long_factor": [2.0] * 8, "original_max_position_embeddings": 64}).to_dict()
+    for config, why in ((gemma, r"scales this Gemma's queries by 1/sqrt\(16\), the model by 1/sqrt\(query_pre_attn_scalar=256"),
+                        (phi, "'longrope' rope scaling is not written yet")):
+        layout = adapter_for(config["model_type"]).gguf_layout(config)
+        req = ExportRequest(spec, frozenset({GGUFFormat("Q4_0")}), model_type=config["model_type"], gguf_layout=layout)
+        with pytest.raises(UnsupportedFormat, match=why):
+            check_export("gguf", req)

@@ -16,12 +16,14 @@ from omniq_lightning.quant.gguf import (
     gguf_column_quantizer,
     gguf_fake_quant,
     gguf_quantize,
+    gguf_type,
     mix_type,
     pack_rows,
     type_for_width,
     use_more_bits,
 )
 from omniq_lightning.quant.gptq import gptq_quantize
+from tests.conftest import llama_cpp_perplexity
 
 gguf = pytest.importorskip("gguf")
 from gguf.quants import dequantize as gguf_dequantize  # noqa: E402
@@ -257,7 +259,7 @@ def test_llama_cpp_computes_our_perplexity(quick_run, method, quant, setting):
     """llama.cpp itself (llama-cpp-python) over the run's evaluation windows: measured 0.03-0.17% above our
     fake-quant perplexity for rtn/gptq/awq/omniquant files and a Q3_K_M mix (the file's Q8_0 embedding and head,
     llama.cpp's float arithmetic); asserted within 1%."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    pytest.importorskip("llama_cpp")
     from omniq_lightning.config import compose
     from omniq_lightning.data.corpora import load_corpus
     from omniq_lightning.data.windows import eval_windows, tokenize
@@ -268,15 +270,62 @@ def test_llama_cpp_computes_our_perplexity(quick_run, method, quant, setting):
     tok = load_model(str(out / "model"), dtype="float32").tokenizer
     ids = tokenize(load_corpus("tinystories", "eval", compose([]).paths.data_dir), tok)
     windows = eval_windows(ids, entry["seqlen"], entry["windows"])
-    llm = llama_cpp.Llama(model_path=str(out / "model-gguf" / "model.gguf"), n_ctx=entry["seqlen"], logits_all=True,
-                          verbose=False, n_threads=2)
-    nll, n = 0.0, 0
-    for w in windows.tolist():
-        llm.reset()
-        llm.eval(w)
-        logits = torch.from_numpy(np.array(llm.scores[: len(w) - 1], dtype=np.float32))
-        nll += float(torch.nn.functional.cross_entropy(logits, torch.tensor(w[1:]), reduction="sum"))
-        n += len(w) - 1
-    llm.close()
-    theirs = float(np.exp(nll / n))
+    theirs = llama_cpp_perplexity(out / "model-gguf" / "model.gguf", windows)
     assert abs(theirs / ppl - 1) < 0.01, (theirs, ppl)
+
+
+# ---- a mixed plan over GGUF types (quant=gguf_mixed) ---------------------------------------------------------------
+
+
+def test_mixed_candidates_name_gguf_types():
+    from omniq_lightning.mixed import parse_candidate
+    from omniq_lightning.mixed.sensitivity import rounded
+    from omniq_lightning.quant import WeightFormat
+
+    assert parse_candidate("q4_k") == GGUFFormat("Q4_K") and parse_candidate("F16") == WeightFormat(16)
+    assert parse_candidate({"kind": "gguf", "type": "Q2_K"}) == GGUFFormat("Q2_K")
+    assert GGUFFormat("Q4_K").fits(512) and not GGUFFormat("Q4_K").fits(576) and GGUFFormat("Q4_0").fits(576)
+    w = weights()
+    assert torch.equal(rounded(w, GGUFFormat("Q3_K")), gguf_fake_quant(w, gguf_type("Q3_K")))
+    assert torch.equal(rounded(w, WeightFormat(16)), w)
+
+
+def test_a_mixed_plan_writes_each_linear_in_its_gguf_type(quick_run):
+    """stories260K (64- and 172-wide rows: Q4_0 / Q5_0 / Q8_0 fit the first, only F16 the down projections) at
+    8 bits per weight: the plan's type for every linear is the file's, its codes the fake-quant weights."""
+    import json
+
+    from safetensors.torch import load_file
+
+    _, res, out = quick_run("gptq", "gguf_mixed", "quant.mixed.avg_bits=8", "export.format=gguf")
+    plan = json.loads((out / "bit_plan.json").read_text())
+    assert plan["avg_bits"] <= 8.0
+    reader = gguf.GGUFReader(str(out / "model-gguf" / "model.gguf"))
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    names = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+             "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}
+    fake = load_file(str(out / "model" / "model.safetensors"))
+    ours = read_gguf_weights(out / "model-gguf" / "model.gguf")
+    seen = set()
+    for linear, fmt in plan["linears"].items():
+        layer, hf = int(linear.split(".")[2]), linear.split(".")[-1]
+        gname = f"blk.{layer}.{names[hf]}.weight"
+        expected = fmt["type"] if fmt.get("kind") == "gguf" else "F16"
+        assert types[gname] == expected, (linear, fmt)
+        seen.add(expected)
+        if hf == "v_proj":  # no row permutation: the stored weights are the fake-quant checkpoint's
+            assert torch.equal(torch.from_numpy(ours[gname].astype(np.float32)), fake[f"{linear}.weight"].float())
+    assert "F16" in seen and len(seen) >= 2  # the down projections, and at least one quantized type
+    assert res["export_packed"]["format"] == "gguf"
+
+
+def test_a_mixed_plan_over_types_the_export_cannot_hold_is_refused_before_work(tmp_path):
+    from omniq_lightning.config import compose
+    from omniq_lightning.export import UnsupportedFormat
+    from omniq_lightning.pipeline import run
+
+    with pytest.raises(UnsupportedFormat, match="export.format=gguf cannot hold.*not scalar"):
+        run(compose(["method=rtn", "quant=mixed", "export.format=gguf", f"output_dir={tmp_path / 'a'}"]))
+    with pytest.raises(UnsupportedFormat, match="export.format=gptq cannot hold.*not gguf"):
+        run(compose(["method=rtn", "quant=gguf_mixed", "export.format=gptq", f"output_dir={tmp_path / 'b'}"]))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()

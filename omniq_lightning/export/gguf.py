@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -38,19 +39,30 @@ def head_type(base: str, rows_width: int) -> str:
     return "Q6_K"
 
 
-def rope_theta(config: dict) -> float | None:
-    params = config.get("rope_parameters") or {}
-    return config.get("rope_theta", params.get("rope_theta"))
+def rope_metadata(rope: dict) -> dict:
+    """The rotary settings of a layout (``GGUFLayout.rope``) as GGUF metadata (the writer's ``add_<name>``): plain
+    or linearly scaled rotary embeddings; other scalings are refused."""
+    import gguf
 
-
-def check_config(config: dict) -> None:
-    scaling = config.get("rope_scaling") or {}
-    kind = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
-    params = config.get("rope_parameters") or {}
-    kind = params.get("rope_type", kind)
-    if kind not in ("default", None):
-        raise UnsupportedFormat(f"this GGUF exporter writes models with plain rotary embeddings; {kind!r} rope "
+    kind = rope.get("rope_type") or "default"
+    out = {} if rope.get("rope_theta") is None else {"rope_freq_base": float(rope["rope_theta"])}
+    if kind == "linear":
+        return out | {"rope_scaling_type": gguf.RopeScalingType.LINEAR, "rope_scaling_factor": float(rope["factor"])}
+    if kind != "default":
+        raise UnsupportedFormat(f"this GGUF exporter writes plain and linearly scaled rotary embeddings; {kind!r} rope "
                                 "scaling is not written yet: use export.format=fake, compressed-tensors or gptq")
+    return out
+
+
+def layout_problem(layout) -> str | None:
+    """Why a family's layout cannot be written as a file llama.cpp runs as this model (None: it can)."""
+    if layout.unsupported:
+        return layout.unsupported
+    try:
+        rope_metadata(layout.rope)
+    except UnsupportedFormat as exc:
+        return str(exc)
+    return None
 
 
 def read_tensors(fake_dir: Path) -> dict[str, torch.Tensor]:
@@ -97,27 +109,23 @@ def add_vocab(writer, folder: Path, vocab_size: int) -> None:
     SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=vocab_size).add_to_gguf(writer, quiet=True)
 
 
-def add_metadata(writer, config: dict, file_type: str, name: str) -> None:
+def add_metadata(writer, layout, file_type: str, name: str) -> None:
+    """The model's hyperparameters as llama.cpp reads them: those every family has, then the family's own
+    (``GGUFLayout.hparams``, which win)."""
     import gguf
 
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    writer.add_name(name)
-    writer.add_context_length(config["max_position_embeddings"])
-    writer.add_embedding_length(config["hidden_size"])
-    writer.add_block_count(config["num_hidden_layers"])
-    writer.add_feed_forward_length(config["intermediate_size"])
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(config.get("num_key_value_heads") or heads)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_dimension_count(head_dim)
-    if rope_theta(config) is not None:
-        writer.add_rope_freq_base(float(rope_theta(config)))
-    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
-    writer.add_vocab_size(config["vocab_size"])
-    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[file_type]))
-    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    text = layout.config
+    heads = text["num_attention_heads"]
+    head_dim = text.get("head_dim") or text["hidden_size"] // heads
+    values = {"name": name, "context_length": text["max_position_embeddings"], "embedding_length": text["hidden_size"],
+              "block_count": text["num_hidden_layers"], "feed_forward_length": text["intermediate_size"],
+              "head_count": heads, "head_count_kv": text.get("num_key_value_heads") or heads, "key_length": head_dim,
+              "value_length": head_dim, "rope_dimension_count": head_dim,
+              "layer_norm_rms_eps": float(text["rms_norm_eps"]), "vocab_size": text["vocab_size"],
+              "file_type": getattr(gguf.LlamaFileType, FILE_TYPES[file_type]),
+              "quantization_version": gguf.GGML_QUANT_VERSION}
+    for key, value in (values | rope_metadata(layout.rope) | layout.hparams).items():
+        getattr(writer, f"add_{key}")(value)
 
 
 def tensor_data(t: torch.Tensor, codes: GGUFCodes | None, qtype: str | None):
@@ -143,38 +151,47 @@ class GGUFExporter(Exporter):
             return "llama.cpp runs weight-only quantized files (its activations and KV cache are its own settings)"
         if req.fused_experts:
             return "this model's experts are fused 3-D tensors, which the GGUF exporter does not split yet"
-        if req.model_type is not None and req.gguf_arch is None:
+        if req.model_type is not None and req.gguf_layout is None:
             return (f"no GGUF layout for model_type {req.model_type!r} (its adapter declares none, "
                     f"ModelAdapter.gguf_layout); the families with one: {', '.join(gguf_model_types())}")
-        return None
+        return None if req.gguf_layout is None else layout_problem(req.gguf_layout)
 
     def write(self, job: ExportJob) -> Path:
         import gguf
 
         config = json.loads((job.fake_dir / "config.json").read_text())
-        check_config(config)
         layout = adapter_for(config["model_type"]).gguf_layout(config)
         if layout is None:
             raise UnsupportedFormat(f"no GGUF layout for model_type {config['model_type']!r}: its adapter declares "
                                     f"none (ModelAdapter.gguf_layout); the families with one: {', '.join(gguf_model_types())}")
-        base = job.spec.weight_format.type
-        blocks = config["num_hidden_layers"]
-        names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, layout.arch.upper()), blocks)
+        problem = layout_problem(layout)
+        if problem:
+            raise UnsupportedFormat(f"export.format=gguf cannot hold this model: {problem}")
         tensors = read_tensors(job.fake_dir)
+        if "lm_head.weight" in tensors and not layout.separate_head:
+            raise UnsupportedFormat(f"llama.cpp's {layout.arch} reads its output head from the token embedding, and "
+                                    "this run's head is untied from it (a residual rotation unties them): use "
+                                    "rotation.residual=false, or export.format=fake / compressed-tensors")
+        base = file_base_type(job)
+        names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, layout.arch.upper()), layout.config["num_hidden_layers"])
         tied = "lm_head.weight" not in tensors
+        codes_of = {layout.source_name(m): c for m, c in job.codes.items()}  # the checkpoint may name modules otherwise
         job.path.mkdir(parents=True, exist_ok=True)
         final = job.path / GGUF_FILE
         tmp = final.with_name(final.name + ".partial")
         writer = gguf.GGUFWriter(str(tmp), layout.arch)
-        file_type = job.spec.weight_format.mix or base
-        add_metadata(writer, config, file_type, str(config.get("_name_or_path") or "omniq-lightning"))
-        add_vocab(writer, job.fake_dir, config["vocab_size"])
+        add_metadata(writer, layout, getattr(job.spec.weight_format, "mix", None) or base,
+                     str(config.get("_name_or_path") or "omniq-lightning"))
+        add_vocab(writer, job.fake_dir, layout.config["vocab_size"])
         for key, t in tensors.items():
-            gname = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            source = layout.source_name(key)
+            if source is None:
+                continue  # another tower of a multimodal checkpoint (llama.cpp's projector file holds it)
+            gname = names.get_name(source, try_suffixes=(".weight", ".bias"))
             if gname is None:
                 raise UnsupportedFormat(f"tensor {key} has no GGUF name for architecture {layout.arch}")
-            module = key[: -len(".weight")] if key.endswith(".weight") else None
-            codes = job.codes.get(module)
+            module = source[: -len(".weight")] if source.endswith(".weight") else None
+            codes = codes_of.get(module)
             qtype = None
             if t.dim() == 2 and codes is None:  # embedding, head, or a linear left 16-bit
                 if key == "lm_head.weight" or (tied and gname == "token_embd.weight"):
@@ -183,6 +200,8 @@ class GGUFExporter(Exporter):
                     qtype = type_for_width(base, t.shape[1])
                 else:
                     qtype = "F16"
+            elif t.dim() == 1 and layout.norm_shift and key.endswith("norm.weight"):
+                t = t.float() + layout.norm_shift
             suffix = next((s for s in layout.permuted_rows if module and module.endswith(s)), None)
             if suffix is not None:
                 index = interleave_rotary_rows(t.shape[0], layout.permuted_rows[suffix])
@@ -195,6 +214,21 @@ class GGUFExporter(Exporter):
         writer.close()
         os.replace(tmp, final)
         return job.path
+
+
+def file_base_type(job: ExportJob) -> str:
+    """The file's base type (its embedding's, and its ``general.file_type``): the run's GGUF type, or for a mixed
+    plan the type that holds the most weights."""
+    fmt = job.spec.weight_format
+    if fmt.kind == "gguf":
+        return fmt.type
+    weights = Counter()
+    for c in job.codes.values():
+        if c.fmt.kind == "gguf":
+            weights[c.fmt.type] += c.shape[0] * c.shape[1]
+    if not weights:
+        raise UnsupportedFormat("export.format=gguf holds GGUF types, and no linear of this run is in one")
+    return weights.most_common(1)[0][0]
 
 
 register_exporter(GGUFExporter())

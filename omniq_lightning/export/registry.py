@@ -30,7 +30,7 @@ class ExportRequest:
     linear), the linears' shapes, whether the model's checkpoint holds its experts as fused 3-D tensors (what
     per-linear packed formats cannot express), the kinds of transform that run online beside the weights
     (``export.online.ONLINE_KINDS``: folded transforms are in the weights already), and, for a request made from a
-    loaded model, its ``model_type`` and GGUF architecture (``ModelAdapter.gguf_layout``; None: the family has none)."""
+    loaded model, its ``model_type`` and GGUF layout (``ModelAdapter.gguf_layout``; None: the family has none)."""
 
     spec: QuantSpec
     formats: frozenset
@@ -38,7 +38,7 @@ class ExportRequest:
     shapes: frozenset[tuple[int, int]] = field(default_factory=frozenset)
     online_transforms: tuple[str, ...] = ()
     model_type: str | None = None
-    gguf_arch: str | None = None
+    gguf_layout: Any = None
 
 
 @dataclass(frozen=True)

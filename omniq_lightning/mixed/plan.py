@@ -23,21 +23,29 @@ from typing import Any
 
 from omniq_lightning.io import write_json
 from omniq_lightning.quant import WeightFormat
-from omniq_lightning.quant.spec import format_from_dict
+from omniq_lightning.quant.gguf import GGUF_TYPES, GGUFFormat
+from omniq_lightning.quant.spec import NO_QUANT_BITS, format_from_dict
 
 ESTIMATORS = ("measured", "proxy", "kfac", "kfac-gptq", "local", "local-gptq")
 SEARCH_PENALTIES = (64.0, 32.0, 16.0, 8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.0)
 _CANDIDATE = re.compile(r"^w?(\d+)(?:g(\d+))?(sym)?$")
 
 
-def parse_candidate(c: str | Mapping[str, Any], symmetric: bool = False) -> WeightFormat:
-    """A candidate format: a mapping of WeightFormat fields, or a name like ``w3g64``, ``w4``, ``w8sym``."""
+def parse_candidate(c: str | Mapping[str, Any], symmetric: bool = False):
+    """A candidate format: a mapping of a format's fields (with its ``kind``: a scalar ``WeightFormat`` without), a
+    name like ``w3g64``, ``w4``, ``w8sym``, ``w16`` (left 16-bit), or one of llama.cpp's GGUF types (``Q4_K``,
+    ``Q2_K``, ``Q8_0``; ``F16``: 16-bit)."""
     if isinstance(c, Mapping):
-        return WeightFormat(**dict(c))
-    m = _CANDIDATE.match(str(c).strip())
+        return format_from_dict(c)
+    name = str(c).strip()
+    if name.upper() in GGUF_TYPES:
+        return GGUFFormat(name.upper())
+    if name.upper() == "F16":  # a 16-bit linear, as llama.cpp keeps rows no type's block divides
+        return WeightFormat(NO_QUANT_BITS)
+    m = _CANDIDATE.match(name)
     if not m:
         raise ValueError(f"quant.mixed.candidates entry {c!r} is not a weight format: use names like w2g64, w3g64, w4, "
-                         "w8 (bits, optional group size, optional sym)")
+                         f"w8 (bits, optional group size, optional sym) or GGUF types ({', '.join(GGUF_TYPES)})")
     bits, group, sym = m.groups()
     return WeightFormat(int(bits), int(group) if group else None, bool(sym) or symmetric)
 
@@ -135,7 +143,7 @@ class BitPlan:
             raise ValueError(f"bit plan {p} cannot be read ({type(exc).__name__}: {exc}): it needs a 'linears' "
                              "mapping of module name -> {bits, group_size, symmetric, grid, grid_exponent}") from exc
         return cls(formats, data.get("budget"), data.get("sensitivity"),
-                   tuple(WeightFormat(**c) for c in data.get("candidates", [])))
+                   tuple(format_from_dict(c) for c in data.get("candidates", [])))
 
     def check_covers(self, shapes: Mapping[str, tuple[int, int]]) -> None:
         """Every quantized linear has a format that fits it, and the plan names no other module."""

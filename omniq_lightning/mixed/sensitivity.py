@@ -42,8 +42,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from omniq_lightning.io import write_json
-from omniq_lightning.quant import WeightFormat, fake_quant_weight
-from omniq_lightning.quant.gptq import format_column_quantizer, gptq_quantize
+from omniq_lightning.nn.formats import make_quantizer
+from omniq_lightning.quant import QuantSpec, WeightFormat
+from omniq_lightning.quant.gptq import gptq_quantize
+
+NEAREST = QuantSpec(lwc=False)  # a candidate's quantizer without learned clipping: round to nearest on full ranges
 
 
 def linear_shapes(model: nn.Module, adapter) -> dict[str, tuple[int, int]]:
@@ -138,10 +141,13 @@ def input_moments(model: nn.Module, windows: torch.Tensor, names: Sequence[str],
 def rounded(w: torch.Tensor, fmt: WeightFormat, H: torch.Tensor | None = None) -> torch.Tensor:
     """``w`` in format ``fmt``: round-to-nearest, or GPTQ's rounding given the input second moment ``H`` (GPTQ's
     default dampening and block size)."""
+    quantizer = make_quantizer(fmt, *w.shape, NEAREST, device=w.device)  # any kind with the grid capability
+    if quantizer is None:  # a 16-bit candidate (where no quantized one fits, as llama.cpp leaves such rows)
+        return w.clone()
     if H is None:
-        return fake_quant_weight(w, fmt)
+        return quantizer.fake_quant_with(w)
     w32 = w.detach().float()
-    quantize, _ = format_column_quantizer(w32, fmt)
+    quantize, _ = quantizer.column_quantizer(w32)
     return gptq_quantize(w32, H.double(), quantize).to(w.dtype)
 
 
@@ -282,7 +288,7 @@ def sensitivities(model: nn.Module, shapes: Mapping[str, tuple[int, int]], candi
         for n in missing:
             w = model.get_submodule(n).weight.detach().float().cpu()
             for c in fits[n]:
-                err = fake_quant_weight(w, c) - w
+                err = rounded(w, c) - w
                 store.put(n, c, 0.5 * float((fisher[n] * err.pow(2)).sum()))
         store.seconds += time.perf_counter() - t0
         store.save()
@@ -301,7 +307,7 @@ def sensitivities(model: nn.Module, shapes: Mapping[str, tuple[int, int]], candi
             H, S = factors.pop(n)
             w = model.get_submodule(n).weight.detach().float().cpu()
             for c in fits[n]:
-                err = gptq_error(w, H, c) if estimator == "kfac-gptq" else fake_quant_weight(w, c) - w
+                err = gptq_error(w, H, c) if estimator == "kfac-gptq" else rounded(w, c) - w
                 store.put(n, c, kfac_score(err, H, S))
             if k % 40 == 0:
                 progress(f"sensitivity ({estimator}): {k + 1}/{len(missing)} linears")
@@ -314,7 +320,7 @@ def sensitivities(model: nn.Module, shapes: Mapping[str, tuple[int, int]], candi
             w0 = lin.weight.detach().clone()
             try:
                 for c in fits[n]:
-                    lin.weight.data = fake_quant_weight(w0, c)
+                    lin.weight.data = rounded(w0, c)
                     store.put(n, c, nll(model, windows, device) - base)
             finally:
                 lin.weight.data = w0

@@ -21,9 +21,8 @@ def supported_model_types() -> list[str]:
 
 
 def gguf_model_types() -> list[str]:
-    """The model types whose adapters name a GGUF layout (``ModelAdapter.gguf_layout``)."""
-    return [t for cls in ADAPTERS for t in cls.model_types
-            if cls().gguf_layout({"model_type": t, "num_attention_heads": 1}) is not None]
+    """The model types whose adapters name a GGUF layout (``ModelAdapter.gguf_archs``)."""
+    return [t for cls in ADAPTERS for t in cls.model_types if t in cls.gguf_archs]
 
 
 def adapter_for(model_type: str) -> ModelAdapter:

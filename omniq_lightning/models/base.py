@@ -152,12 +152,49 @@ class _Recorder(nn.Module):
 
 @dataclass(frozen=True)
 class GGUFLayout:
-    """A family as llama.cpp holds it: its GGUF architecture (``general.architecture``, the ``gguf`` package's
-    tensor-name map), and the linears whose output rows llama.cpp orders differently from Hugging Face (LLaMA's
-    query and key rows: ``{name suffix: number of heads}``, rotary halves interleaved per head)."""
+    """A family as llama.cpp holds it.
+
+    ``arch``: its GGUF architecture (``general.architecture``, the ``gguf`` package's tensor-name map);
+    ``permuted_rows``: the linears whose output rows llama.cpp orders differently from Hugging Face (LLaMA's query
+    and key rows: ``{name suffix: number of heads}``, rotary halves interleaved per head); ``norm_shift``: added to
+    every norm weight (Gemma computes ``x * (1 + w)`` and llama.cpp stores ``1 + w``); ``text_prefixes``: where
+    the text model's tensors are, in memory and in the checkpoint transformers saves (a multimodal checkpoint's
+    other towers are not written: llama.cpp reads them from a separate projector file); ``config``: the text model's configuration (the metadata's source); ``rope``: the
+    rotary parameters of its global-attention layers (``rope_type``, ``rope_theta``, ``factor``);
+    ``separate_head``: whether llama.cpp reads an untied output head; ``hparams``: the family's own metadata, by
+    the name of the ``gguf`` writer's ``add_<name>`` method; ``unsupported``: why llama.cpp would compute another
+    function than this model's (None: it computes this one)."""
 
     arch: str
+    config: dict[str, Any]
     permuted_rows: dict[str, int] = field(default_factory=dict)
+    norm_shift: float = 0.0
+    text_prefixes: tuple[str, ...] = ("model",)
+    rope: dict[str, Any] = field(default_factory=dict)
+    separate_head: bool = True
+    hparams: dict[str, Any] = field(default_factory=dict)
+    unsupported: str | None = None
+
+    def source_name(self, key: str) -> str | None:
+        """A tensor's or module's name as the ``gguf`` name map reads it (the text model under ``model.``), or
+        None for one outside the text model."""
+        if key == "lm_head" or key.startswith("lm_head."):
+            return key
+        for prefix in self.text_prefixes:
+            if key.startswith(prefix + "."):
+                return "model." + key[len(prefix) + 1:]
+        return None
+
+
+def flat_rope(config: dict) -> dict[str, Any]:
+    """A Hugging Face config's rotary parameters as one mapping (transformers 5's ``rope_parameters``, or the older
+    ``rope_theta`` with ``rope_scaling``)."""
+    params = dict(config.get("rope_parameters") or {})
+    if not params:
+        params = {"rope_theta": config.get("rope_theta"), **(config.get("rope_scaling") or {})}
+    if "type" in params and "rope_type" not in params:
+        params["rope_type"] = params["type"]
+    return params
 
 
 def interleave_rotary_rows(rows: int, heads: int) -> torch.Tensor:
@@ -178,6 +215,7 @@ class ModelAdapter:
     experts: bool = False  # its blocks hold mixture-of-experts MLPs
     residual_norm: str = "rms"  # the norms reading the residual stream: "rms" (x * w) or "layer" (mean, bias)
     fused_experts: bool = False  # its checkpoint holds the experts as fused 3-D tensors (no per-linear packing)
+    gguf_archs: dict[str, str] = {}  # model type -> llama.cpp's architecture (``gguf_layout``; none: no GGUF file)
 
     # --- structure -------------------------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -333,8 +371,10 @@ class ModelAdapter:
 
     # --- export layouts ----------------------------------------------------------------------------------------
     def gguf_layout(self, config: dict) -> GGUFLayout | None:
-        """How llama.cpp names and lays out this family's tensors (None: no GGUF layout for it)."""
-        return None
+        """How llama.cpp names and lays out this family's tensors (None: no GGUF layout for it): the architecture
+        ``gguf_archs`` names for the model type; families add their own tensor order, norms and metadata."""
+        arch = self.gguf_archs.get(config["model_type"])
+        return None if arch is None else GGUFLayout(arch, config, rope=flat_rope(config))
 
     # --- helpers for subclasses --------------------------------------------------------------------------------
     @classmethod

@@ -3,9 +3,18 @@ global attention (each block replays with its own mask and, on Gemma-3, its own 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
-from omniq_lightning.models.base import ModelAdapter, ModelSites, ResidualWriters, tied_embeddings
+from omniq_lightning.models.base import (
+    GGUFLayout,
+    ModelAdapter,
+    ModelSites,
+    ResidualWriters,
+    flat_rope,
+    tied_embeddings,
+)
 from omniq_lightning.models.llama import attention_sites, gated_mlp_sites
 from omniq_lightning.transforms import TransformSite
 
@@ -47,8 +56,67 @@ class GemmaAdapter(ModelAdapter):
     def sites(self, block: nn.Module) -> list[TransformSite]:
         return attention_sites(block, "input_layernorm") + gated_mlp_sites("pre_feedforward_layernorm")
 
+    # --- export layouts ----------------------------------------------------------------------------------------
+    gguf_archs = {"gemma3_text": "gemma3", "gemma3": "gemma3"}
+    largest_layers = 62  # llama.cpp scales queries by 1/sqrt(hidden / heads) in the family's 27B (this many layers)
+
+    def gguf_layout(self, config: dict) -> GGUFLayout | None:
+        """llama.cpp's ``gemma3``: norms stored as ``1 + w``, the sliding-window layers by position, their own
+        rotary base; a multimodal checkpoint's text model alone (the vision tower is llama.cpp's projector file)."""
+        layout = super().gguf_layout(config)
+        if layout is None:
+            return None
+        text = config.get("text_config") or config
+        params = text.get("rope_parameters") or {}
+        if "full_attention" in params:  # transformers 5: rotary settings per attention type
+            rope, local = dict(params["full_attention"]), params.get("sliding_attention", {}).get("rope_theta")
+        else:
+            rope, local = flat_rope(text), text.get("rope_local_base_freq")
+        hparams = self.window_hparams(text) | {"rope_freq_base_swa": float(local or 10000.0)}
+        if text.get("final_logit_softcapping"):
+            hparams["final_logit_softcapping"] = float(text["final_logit_softcapping"])
+        return replace(layout, config=text, rope=rope, hparams=hparams, norm_shift=self.norm_offset,
+                       text_prefixes=("model.language_model", "language_model.model") if "text_config" in config
+                       else ("model",),
+                       unsupported=self.query_scale_problem(text))
+
+    def window_hparams(self, text: dict) -> dict:
+        hparams: dict = {"add_space_prefix": False}  # Gemma's SentencePiece adds no leading space
+        if text.get("sliding_window"):
+            hparams["sliding_window"] = int(text["sliding_window"])
+            if text.get("layer_types"):
+                hparams["sliding_window_pattern"] = [t == "sliding_attention" for t in text["layer_types"]]
+        return hparams
+
+    def query_scale_problem(self, text: dict) -> str | None:
+        """llama.cpp scales Gemma's queries by ``1/sqrt(head_dim)`` (``1/sqrt(hidden / heads)`` for its 27B); a
+        model whose ``query_pre_attn_scalar`` says otherwise would compute another function there."""
+        heads = text["num_attention_heads"]
+        head_dim = text.get("head_dim") or text["hidden_size"] // heads
+        theirs = text["hidden_size"] // heads if text["num_hidden_layers"] == self.largest_layers else head_dim
+        ours = text.get("query_pre_attn_scalar", head_dim)
+        if ours != theirs:
+            return (f"llama.cpp scales this Gemma's queries by 1/sqrt({theirs}), the model by 1/sqrt(query_pre_attn_scalar"
+                    f"={ours})")
+        return None
+
 
 class Gemma2Adapter(GemmaAdapter):
     model_types = ("gemma2",)
     # Gemma-2 soft-caps its attention logits: transformers refuses sdpa for it (5.24) or silently drops the cap (5.17)
     required_attn_implementation = "eager"
+    gguf_archs = {"gemma2": "gemma2"}
+    largest_layers = 46
+
+    def gguf_layout(self, config: dict) -> GGUFLayout | None:
+        """llama.cpp's ``gemma2``: norms stored as ``1 + w``, attention and final logit soft-capping, the sliding
+        layers by position; its output head is always the embedding."""
+        layout = ModelAdapter.gguf_layout(self, config)
+        if layout is None:
+            return None
+        hparams = self.window_hparams(config)
+        for cap in ("attn_logit_softcapping", "final_logit_softcapping"):
+            if config.get(cap):
+                hparams[cap] = float(config[cap])
+        return replace(layout, hparams=hparams, norm_shift=self.norm_offset, separate_head=False,
+                       unsupported=self.query_scale_problem(config))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
 from omniq_lightning.models.base import GGUFLayout, ModelAdapter, ModelSites, ResidualWriters, tied_embeddings
@@ -64,10 +66,13 @@ class LlamaAdapter(DecoderLayersAdapter):
         """RMSNorm -> q/k/v and -> gate/up (no shifts: RMSNorm has no bias to absorb them), v -> o, q/k, up -> down."""
         return attention_sites(block, "input_layernorm") + gated_mlp_sites("post_attention_layernorm")
 
-    def gguf_layout(self, config: dict) -> GGUFLayout:
+    gguf_archs = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+
+    def gguf_layout(self, config: dict) -> GGUFLayout | None:
         """LLaMA and Mistral are llama.cpp's ``llama`` (query/key rows interleaved per head); Qwen2/3 their own."""
-        if config["model_type"] in ("qwen2", "qwen3"):
-            return GGUFLayout(config["model_type"])
+        layout = super().gguf_layout(config)
+        if layout is None or layout.arch != "llama":
+            return layout
         heads = config["num_attention_heads"]
-        return GGUFLayout("llama", {"self_attn.q_proj": heads,
-                                    "self_attn.k_proj": config.get("num_key_value_heads") or heads})
+        return replace(layout, permuted_rows={"self_attn.q_proj": heads,
+                                              "self_attn.k_proj": config.get("num_key_value_heads") or heads})

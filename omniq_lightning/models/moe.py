@@ -99,10 +99,7 @@ class MoEAdapter(LlamaAdapter):
     experts = True
     fused_experts = True
 
-    def gguf_layout(self, config: dict) -> None:
-        """None yet: llama.cpp holds a layer's experts stacked in 3-D tensors (``ffn_gate_exps``, ...), which the
-        GGUF exporter does not write."""
-        return None
+    gguf_archs: dict[str, str] = {}  # none yet: llama.cpp stacks a layer's experts (ffn_gate_exps, ...), not written
 
     def prepare_block(self, block: nn.Module) -> nn.Module:
         mlp = block.mlp

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch import nn
 
+from omniq_lightning.models.base import GGUFLayout
 from omniq_lightning.models.heads import heads_of
 from omniq_lightning.models.llama import DecoderLayersAdapter
 from omniq_lightning.transforms import TransformSite
@@ -29,3 +32,20 @@ class Phi3Adapter(DecoderLayersAdapter):
             TransformSite("mlp_in", "norm", "post_attention_layernorm", (GATE_UP,)),
             TransformSite("up_down", "up_down", GATE_UP, (DOWN,), source_rows=(inter, 2 * inter)),
         ]
+
+    gguf_archs = {"phi3": "phi3"}
+
+    def gguf_layout(self, config: dict) -> GGUFLayout | None:
+        """llama.cpp's ``phi3``: the fused projections as they are; partial rotary as a rotary width; the context
+        the rotary factors were trained for."""
+        layout = super().gguf_layout(config)
+        if layout is None:
+            return None
+        heads, hidden = config["num_attention_heads"], config["hidden_size"]
+        partial = layout.rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+        hparams = {"rope_dimension_count": int(partial * hidden) // heads,
+                   "sliding_window": int(config.get("sliding_window") or 0)}  # llama.cpp runs Phi-3 without it
+        original = layout.rope.get("original_max_position_embeddings", config.get("original_max_position_embeddings"))
+        if original:
+            hparams["rope_scaling_orig_ctx_len"] = int(original)
+        return replace(layout, hparams=hparams)

@@ -17,17 +17,19 @@ from omniq_lightning.quant.gguf import GGUFFormat, mix_type
 BLOCK_TENSOR = re.compile(r"^blk\.(\d+)\.(\w+)$")
 
 
-def gguf_roles(linears, config: dict, arch: str) -> dict[str, tuple[str, int]]:
-    """``{linear name in the model: (its GGUF tensor role, its layer)}`` for a family of GGUF architecture ``arch``."""
+def gguf_roles(linears, layout) -> dict[str, tuple[str, int]]:
+    """``{linear name in the model: (its GGUF tensor role, its layer)}`` for a family of GGUF ``layout``
+    (``ModelAdapter.gguf_layout``)."""
     import gguf
 
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), config["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, layout.arch.upper()), layout.config["num_hidden_layers"])
     roles = {}
     for linear in linears:
-        gname = names.get_name(linear)
+        source = layout.source_name(linear)
+        gname = None if source is None else names.get_name(source)
         match = BLOCK_TENSOR.match(gname or "")
         if match is None:
-            raise ValueError(f"linear {linear} has no GGUF block tensor name for architecture {arch}")
+            raise ValueError(f"linear {linear} has no GGUF block tensor name for architecture {layout.arch}")
         roles[linear] = (match.group(2), int(match.group(1)))
     return roles
 
@@ -51,11 +53,12 @@ class GGUFMixPass(ModelPass):
         if layout is None:
             raise ValueError(f"no GGUF layout for model_type {config.get('model_type')!r} (ModelAdapter.gguf_layout): "
                              "its GGUF tensor names, which a mix's rules read, are unknown")
-        heads = config["num_attention_heads"]
-        n_gqa = heads // (config.get("num_key_value_heads") or heads)
-        n_layers = config["num_hidden_layers"]
+        text = layout.config
+        heads = text["num_attention_heads"]
+        n_gqa = heads // (text.get("num_key_value_heads") or heads)
+        n_layers = text["num_hidden_layers"]
         seventy_b = n_layers == 80 and ((layout.arch == "llama" and n_gqa > 1) or layout.arch == "qwen2")
-        roles = gguf_roles(sorted(ctx.shapes), config, layout.arch)
+        roles = gguf_roles(sorted(ctx.shapes), layout)
         types = {n: mix_type(self.mix, role, layer, n_layers, n_gqa, seventy_b) for n, (role, layer) in roles.items()}
         return PassResult(record={"mix": self.mix, "types": types},
                           formats={n: GGUFFormat(t) for n, t in types.items()},

@@ -333,6 +333,8 @@ def mix_type(mix: str, role: str, layer: int, n_layers: int, n_gqa: int, seventy
             return "Q5_K"
     if role == "attn_output":
         return {"Q2_K": "Q3_K", "Q3_K_M": "Q4_K", "Q3_K_L": "Q5_K"}.get(mix, base)
+    if role == "attn_qkv":  # a fused query/key/value projection (Phi-3)
+        return {"Q3_K_M": "Q4_K", "Q3_K_L": "Q4_K", "Q4_K_M": "Q5_K", "Q5_K_M": "Q6_K"}.get(mix, base)
     return base
 
 
@@ -387,6 +389,10 @@ class GGUFFormat:
             raise ValueError(f"GGUF {self.type} stores blocks of {t.block} weights, which do not divide the input "
                              f"width {in_features}; types that fit: {', '.join(fits) or 'none (F16)'} (llama.cpp's "
                              f"own fallback for {self.type} is {type_for_width(self.type, in_features)})")
+
+    def fits(self, in_features: int) -> bool:
+        """Whether this type's block divides a row of ``in_features`` (a mixed plan only offers such types)."""
+        return in_features % gguf_type(self.type).block == 0
 
     def for_shape(self, out_features: int, in_features: int):
         """The format a ``[out, in]`` weight takes: this type, or llama.cpp's fallback (a 16-bit weight for F16)."""
