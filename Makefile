@@ -2,11 +2,17 @@
 # make demo   - set up and run the main job on the embedded default (stories260K)
 # make test   - set up and run the test suite
 # make lint   - ruff
+# make llama-cpp - build llama.cpp (llama-cpp-python, from source: about 10 minutes on 2 cores) into .venv, so
+#                  that the tests also run our GGUF files in llama.cpp itself (they are skipped without it)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+LLAMA_CPP_VERSION ?= 0.3.36
+# portable x86 flags (a native build may use instructions a virtual machine refuses, e.g. AMX), no multimodal
+# library; --no-cache-dir: pip's wheel cache does not key on CMAKE_ARGS, so a wheel built otherwise is never reused
+LLAMA_CPP_CMAKE ?= -DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 
-.PHONY: setup demo test lint
+.PHONY: setup demo test lint llama-cpp
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -25,3 +31,7 @@ test: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+llama-cpp: setup
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PY) -m pip install -q --no-cache-dir \
+		-c $(VENV)/torch-constraint.txt llama-cpp-python==$(LLAMA_CPP_VERSION)

@@ -26,8 +26,9 @@ def test_every_model_and_quant_config_composes():
     for preset in sorted(p.stem for p in (REPO / "configs" / "quant").glob("*.yaml")):
         quant = compose([f"quant={preset}"]).quant
         spec, mixed = quant_settings(quant)
-        if preset == "mixed":
+        if preset in ("mixed", "gguf_mixed"):
             assert mixed is not None and mixed.avg_bits > 2
+            assert {c.kind for c in mixed.candidates if c.quantized} == {"scalar" if preset == "mixed" else "gguf"}
         else:  # the name a preset declares (gguf's names its type or mix) is the one its settings give
             assert mixed is None and spec.name == quant.name and (spec.name == preset or preset.startswith("gguf"))
 
