@@ -854,7 +854,7 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
     request = ExportRequest(job.spec, frozenset(for_shape(job.spec.weight_format, *shape) for shape in shapes.values()),
                             adapter.fused_experts,
                             frozenset(shapes.values()), online_transforms(job.spec, setup, job.rotation, traits),
-                            config.get("model_type"), layout)
+                            config.get("model_type"), layout, bool(adapter.checkpoint_prefixes(config)))
     # a mixed plan's formats are its candidates: one the export cannot hold is refused before the plan is made
     check_export(job.export_format, request if job.mixed is None else replace(request, formats=frozenset(job.mixed.candidates)))
     check_seqlen(int(cfg.eval.seqlen), loaded, "eval")

@@ -436,3 +436,19 @@ def test_gguf_layouts_refuse_what_llama_cpp_would_compute_otherwise():
         req = ExportRequest(spec, frozenset({GGUFFormat("Q4_0")}), model_type=config["model_type"], gguf_layout=layout)
         with pytest.raises(UnsupportedFormat, match=why):
             check_export("gguf", req)
+
+
+@pytest.mark.parametrize("fmt", ["compressed-tensors", "gptq"])
+def test_packed_exports_of_a_renamed_checkpoint_are_refused_before_calibration(fmt, saved_models, tmp_path):
+    """transformers saves a multimodal Gemma-3's text model as ``language_model.model``, the loaded model holds it
+    as ``model.language_model``: the packed writers (which rewrite the saved checkpoint) are refused before any
+    work instead of failing after calibration; GGUF maps both names (above)."""
+    from omniq_lightning.config import compose
+    from omniq_lightning.export import UnsupportedFormat
+    from omniq_lightning.pipeline import run
+
+    cfg = compose([f"model.path={saved_models['gemma3']}", "model.name=gemma3", "method=rtn", "quant=w4a16",
+                   f"export.format={fmt}", *QUICK, f"output_dir={tmp_path / 'out'}"])
+    with pytest.raises(UnsupportedFormat, match="names this model's text model otherwise.*export.format=fake"):
+        run(cfg)
+    assert not (tmp_path / "out").exists()

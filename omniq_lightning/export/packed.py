@@ -84,9 +84,15 @@ def rewrite_checkpoint(job: ExportJob, linear_tensors: Callable[[str, Any], dict
     return path
 
 
+RENAMED = ("the checkpoint transformers saves names this model's text model otherwise than the loaded model (a "
+           "multimodal checkpoint), which the packed writers do not map yet: use export.format=fake (or gguf)")
+
+
 def serving_limits(req: ExportRequest) -> str | None:
     """What the integer-grid serving formats (compressed-tensors, GPTQ) share: uniform grids, per-linear weights
-    (no fused experts), the KV cache left to the serving stack."""
+    (no fused experts), the KV cache left to the serving stack, a checkpoint named as the loaded model."""
+    if req.renamed_checkpoint:
+        return RENAMED
     if any(f.grid != "uniform" for f in req.formats if f.quantized):
         return "it holds uniform integer grids only (this run uses a non-uniform grid)"
     if req.fused_experts:

@@ -39,6 +39,7 @@ class ExportRequest:
     online_transforms: tuple[str, ...] = ()
     model_type: str | None = None
     gguf_layout: Any = None
+    renamed_checkpoint: bool = False  # the saved checkpoint names modules otherwise (ModelAdapter.checkpoint_prefixes)
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 
 from omniq_lightning.export.bits import pack_bits, unpack_bits
-from omniq_lightning.export.packed import rewrite_checkpoint
+from omniq_lightning.export.packed import RENAMED, rewrite_checkpoint
 from omniq_lightning.export.registry import Exporter, ExportJob, ExportRequest, register_exporter
 from omniq_lightning.quant.spec import VectorFormat
 from omniq_lightning.quant.vq import Codebook, VectorQuantizedWeight
@@ -69,7 +69,7 @@ class VQExporter(Exporter):
             return "mixture-of-experts checkpoints are exported in the fake-quant format only for now"
         if not req.spec.weight_only:
             return "it holds weight-only quantization"
-        return None
+        return RENAMED if req.renamed_checkpoint else None
 
     def write(self, job: ExportJob) -> Path:
         return rewrite_checkpoint(job, lambda name, q: vq_tensors(q, name), vq_config(job.codes))

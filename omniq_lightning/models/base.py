@@ -370,6 +370,11 @@ class ModelAdapter:
         return QuantBlock(block, {p.name: LETPair(p) for p in specs}, self.call_block, sites, affine)
 
     # --- export layouts ----------------------------------------------------------------------------------------
+    def checkpoint_prefixes(self, config: dict) -> dict[str, str]:
+        """Where the checkpoint transformers saves names a part otherwise than the loaded model does:
+        ``{prefix in the checkpoint: prefix in memory}`` (none for most families)."""
+        return {}
+
     def gguf_layout(self, config: dict) -> GGUFLayout | None:
         """How llama.cpp names and lays out this family's tensors (None: no GGUF layout for it): the architecture
         ``gguf_archs`` names for the model type; families add their own tensor order, norms and metadata."""

@@ -76,9 +76,16 @@ class GemmaAdapter(ModelAdapter):
         if text.get("final_logit_softcapping"):
             hparams["final_logit_softcapping"] = float(text["final_logit_softcapping"])
         return replace(layout, config=text, rope=rope, hparams=hparams, norm_shift=self.norm_offset,
-                       text_prefixes=("model.language_model", "language_model.model") if "text_config" in config
-                       else ("model",),
+                       text_prefixes=(self.text_prefix(config), *self.checkpoint_prefixes(config)),
                        unsupported=self.query_scale_problem(text))
+
+    @staticmethod
+    def text_prefix(config: dict) -> str:
+        return "model.language_model" if "text_config" in config else "model"  # multimodal: beside the vision tower
+
+    def checkpoint_prefixes(self, config: dict) -> dict[str, str]:
+        """transformers saves a multimodal Gemma-3's text model as ``language_model.model``."""
+        return {"language_model.model": "model.language_model"} if "text_config" in config else {}
 
     def window_hparams(self, text: dict) -> dict:
         hparams: dict = {"add_space_prefix": False}  # Gemma's SentencePiece adds no leading space
