@@ -33,5 +33,6 @@ lint: setup
 	$(VENV)/bin/ruff check .
 
 llama-cpp: setup
-	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" $(PY) -m pip install -q --no-cache-dir \
+	$(PY) -c "import llama_cpp" 2>/dev/null || CMAKE_ARGS="$(LLAMA_CPP_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+		$(PY) -m pip install -q --no-cache-dir \
 		-c $(VENV)/torch-constraint.txt llama-cpp-python==$(LLAMA_CPP_VERSION)

@@ -855,8 +855,8 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
                             adapter.fused_experts,
                             frozenset(shapes.values()), online_transforms(job.spec, setup, job.rotation, traits),
                             config.get("model_type"), layout, bool(adapter.checkpoint_prefixes(config)))
-    # a mixed plan's formats are its candidates: one the export cannot hold is refused before the plan is made
-    check_export(job.export_format, request if job.mixed is None else replace(request, formats=frozenset(job.mixed.candidates)))
+    for formats in export_checks(job, request):
+        check_export(job.export_format, replace(request, formats=formats))
     check_seqlen(int(cfg.eval.seqlen), loaded, "eval")
     windows = calibration_data(cfg, loaded)
     distributed.start(job.device, float(cfg.calib.get("dist_timeout_minutes", 60)))
@@ -867,6 +867,19 @@ def run_calibration(cfg: DictConfig) -> dict[str, Any]:
             return calibrate_and_evaluate(job, loaded, setup, shapes, request, windows, t_start)
     finally:
         distributed.stop()
+
+
+def export_checks(job: Job, request: ExportRequest) -> list[frozenset]:
+    """The sets of weight formats the export is asked to hold before any work. A plan still to be allocated
+    (sensitivities cost minutes to hours) may pick any candidate, so each quantized one is asked alone (a float
+    candidate such as F16 beside them needs no asking); a plan the user gives, and any plan's mix of formats, is
+    checked once it is known, before calibration."""
+    if job.mixed is None:
+        return [request.formats]
+    if job.mixed.plan:
+        return []
+    quantized = [c for c in job.mixed.candidates if c.quantized]
+    return [frozenset({c}) for c in quantized] or [frozenset(job.mixed.candidates)]
 
 
 def calibrate_and_evaluate(job: Job, loaded: LoadedModel, setup: BlockSetup,
