@@ -158,13 +158,15 @@ def high_water_kib(pid: int) -> int:
     return 0
 
 
-def file_type(res: dict) -> tuple[str, bool]:
+def file_type(res: dict) -> tuple[str | None, bool]:
     """llama.cpp's file type for a run's file, and whether llama.cpp must keep every linear in its base type
     (``--pure``): a named mix is its own file type; a single type is the file type named after it (``Q4_K`` ->
-    ``Q4_K_S``), pure."""
+    ``Q4_K_S``), pure; a mixed plan (``quant=gguf_mixed``) has none (None: llama.cpp makes no such file)."""
     from omniq_lightning.export.gguf import FILE_TYPES
 
-    fmt = res["quant"]["w_format"]
+    fmt = res["quant"].get("w_format")
+    if not isinstance(fmt, dict) or "mixed" in res["quant"]:
+        return None, False
     if fmt.get("mix"):
         return fmt["mix"], False
     return FILE_TYPES[fmt["type"]][len("MOSTLY_"):], fmt["type"] not in ("Q8_0", "Q5_0", "Q5_1", "Q4_0", "Q4_1")
@@ -200,10 +202,10 @@ def main() -> None:
         for run in args.runs:
             res = json.loads((run / "results.json").read_text())
             ftype, pure = file_type(res)
-            label = f"{ftype}{' (pure)' if pure else ''}"
+            label = f"{ftype}{' (pure)' if pure else ''}" if ftype else "mixed plan"
             entries = [(f"ours: {res['method']} {res['quant']['name']}", run / "model-gguf" / "model.gguf", res)]
             for name, im in [("llama.cpp", None), ("llama.cpp + imatrix", imatrix)]:
-                if args.source is None or (name.endswith("imatrix") and im is None):
+                if args.source is None or ftype is None or (name.endswith("imatrix") and im is None):
                     continue
                 key = f"{name} {label}"
                 if key not in files:
